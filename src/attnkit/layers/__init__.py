@@ -1,0 +1,1 @@
+"""nn.Modules that own weights: attention layers and rotary embeddings."""
