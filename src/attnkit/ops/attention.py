@@ -1,0 +1,90 @@
+"""`attention()`: the one entry point, and how `backend="auto"` chooses."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attnkit.ops.backends import Backend, TiledBackend, get_backend
+from attnkit.ops.masks import Mask
+from attnkit.ops.problem import AttentionProblem, make_problem
+
+# `auto` sends a masked problem to `tiled` when block skipping leaves at most this share
+# of the tiles and the problem is big enough for tiling overhead not to dominate (measured
+# in benchmarks/attention.py: a 512 window at 4k keys keeps ~25% of tiles, tiled wins).
+SPARSE_MAX_DENSITY = 0.3
+SPARSE_MIN_PAIRS = 1024 * 1024
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Mask | Tensor | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    backend: str | Backend = "auto",
+    return_lse: bool = False,
+    q_offset: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention for every variant, through one call.
+
+    Shapes: q `(batch, heads, n_q, head_dim)`, k `(batch, kv_heads, n_k, head_dim)`,
+    v `(batch, kv_heads, n_k, v_head_dim)`; `heads % kv_heads == 0` (MHA, GQA, MQA).
+    Query row i sits at position `q_offset + i`, by default `n_k - n_q + i` (bottom-right
+    alignment), which positional masks use. `softcap` applies `cap · tanh(s / cap)` to the
+    scaled scores (Gemma 2). Returns the output `(batch, heads, n_q, v_head_dim)` and, with
+    `return_lse=True`, also the natural-log log-sum-exp `(batch, heads, n_q)` of each row's
+    scores. A row that sees no key gives zeros and lse -inf. Keys that no query may see
+    never reach the arithmetic, so NaN stored there cannot leak into the output.
+    """
+    problem = make_problem(q, k, v, mask, scale, softcap, q_offset, return_lse)
+    chosen = _resolve(backend, problem)
+    runnable = _drop_trivial_mask(problem)
+    # None: no query sees any key (or there are no keys), so every row is the empty answer.
+    out, lse = problem.empty_result() if runnable is None else chosen.run(runnable)
+    return (out, lse) if return_lse else out
+
+
+def choose_backend(problem: AttentionProblem) -> Backend:
+    """The backend `auto` uses: torch SDPA unless block skipping or a feature needs `tiled`."""
+    sdpa, tiled = get_backend("sdpa"), get_backend("tiled")
+    if sdpa.unsupported(problem) is not None:
+        return tiled
+    if problem.mask is not None and problem.n_q * problem.n_k >= SPARSE_MIN_PAIRS:
+        blocks = tiled if isinstance(tiled, TiledBackend) else TiledBackend()
+        summary = problem.mask.block_summary(
+            problem.n_q, problem.n_k, blocks.block_q, blocks.block_k, problem.q_offset
+        )
+        if summary.density <= SPARSE_MAX_DENSITY:
+            return tiled
+    return sdpa
+
+
+def _resolve(backend: str | Backend, problem: AttentionProblem) -> Backend:
+    if isinstance(backend, Backend):
+        chosen = backend
+    elif isinstance(backend, str):
+        if backend == "auto":
+            return choose_backend(problem)
+        chosen = get_backend(backend)
+    else:
+        raise TypeError(f"backend must be a name or a Backend, got {type(backend).__name__}")
+    reason = chosen.unsupported(problem)
+    if reason is not None:
+        raise ValueError(f"backend {chosen.name!r} cannot serve this request: {reason}")
+    return chosen
+
+
+def _drop_trivial_mask(p: AttentionProblem) -> AttentionProblem | None:
+    """Drop a mask that hides nothing (causal decode); None if nothing is visible at all."""
+    if p.n_q == 0 or p.n_k == 0:
+        return None
+    if p.mask is None:
+        return p
+    whole = p.mask.block_summary(p.n_q, p.n_k, p.n_q, p.n_k, p.q_offset, device=p.q.device)
+    if not whole.nonempty.any():
+        return None
+    if whole.full.all():
+        return AttentionProblem(p.q, p.k, p.v, None, p.scale, p.softcap, p.q_offset, p.return_lse)
+    return p

@@ -1,0 +1,20 @@
+"""Attention backends: `reference`, `tiled`, `sdpa` always; others register if importable."""
+
+from attnkit.ops.backends.base import Backend, available_backends, get_backend, register
+from attnkit.ops.backends.reference import ReferenceBackend
+from attnkit.ops.backends.sdpa import SdpaBackend
+from attnkit.ops.backends.tiled import TiledBackend
+
+register(ReferenceBackend())
+register(TiledBackend())
+register(SdpaBackend())
+
+__all__ = [
+    "Backend",
+    "ReferenceBackend",
+    "SdpaBackend",
+    "TiledBackend",
+    "available_backends",
+    "get_backend",
+    "register",
+]

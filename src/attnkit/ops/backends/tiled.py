@@ -1,0 +1,133 @@
+"""FlashAttention's algorithm in plain PyTorch: tiles, online softmax, block skipping.
+
+Dao et al. 2022 (FlashAttention) and Dao 2023 (FlashAttention-2): for each tile of
+queries, walk the tiles of keys keeping a running row maximum `m`, a running sum of
+exponentials `l` and an unnormalised output `acc`; rescale both when the maximum grows.
+Extra memory is O(N): one score tile at a time, never the N×N matrix. The mask's block
+summary says which tiles to skip (empty), which to compute without a mask (full) and
+which need the mask evaluated on the tile (partial).
+
+GQA is handled by folding each KV head's query group into the tile's rows, so one matmul
+per KV head serves the whole group and K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from attnkit.ops.backends.base import Backend
+from attnkit.ops.backends.common import compute_dtype
+from attnkit.ops.problem import AttentionProblem
+
+
+class TiledBackend(Backend):
+    """Online-softmax attention over `block_q x block_k` tiles; returns lse."""
+
+    name = "tiled"
+
+    def __init__(self, block_q: int = 256, block_k: int = 512) -> None:
+        for arg, value in (("block_q", block_q), ("block_k", block_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+        self.block_q, self.block_k = block_q, block_k
+
+    def run(self, p: AttentionProblem) -> tuple[Tensor, Tensor]:
+        dtype = compute_dtype(p.q.dtype)
+        b, kv_heads, group = p.batch, p.kv_heads, p.group
+        # (B, H_kv, G, n_q, d): query head h = kv_head * G + g uses KV head h // G.
+        q = (p.q.to(dtype) * p.scale).view(b, kv_heads, group, p.n_q, -1)
+        k, v = p.k.to(dtype), p.v.to(dtype)
+        out = torch.empty(b, kv_heads, group, p.n_q, v.shape[-1], dtype=dtype, device=q.device)
+        lse = torch.empty(b, kv_heads, group, p.n_q, dtype=dtype, device=q.device)
+
+        tiles = _TilePlan(p, self.block_q, self.block_k)
+        for qi, (q0, q1) in enumerate(tiles.q_ranges):
+            q_tile = q[:, :, :, q0:q1].reshape(b, kv_heads, group * (q1 - q0), -1)
+            o, s = _attend_tile_row(p, q_tile, k, v, tiles, qi, group)
+            out[:, :, :, q0:q1] = o.view(b, kv_heads, group, q1 - q0, -1)
+            lse[:, :, :, q0:q1] = s.view(b, kv_heads, group, q1 - q0)
+
+        out = out.view(b, p.heads, p.n_q, -1).to(p.q.dtype)
+        return out, lse.view(b, p.heads, p.n_q).to(torch.promote_types(dtype, torch.float32))
+
+
+class _TilePlan:
+    """Tile ranges and, per (query tile, key tile), whether to skip, mask or go unmasked."""
+
+    def __init__(self, p: AttentionProblem, block_q: int, block_k: int) -> None:
+        self.q_ranges = [(s, min(s + block_q, p.n_q)) for s in range(0, p.n_q, block_q)]
+        self.k_ranges = [(s, min(s + block_k, p.n_k)) for s in range(0, p.n_k, block_k)]
+        if p.mask is None:
+            self.nonempty = self.full = None
+            return
+        summary = p.mask.block_summary(
+            p.n_q, p.n_k, block_q, block_k, p.q_offset, device=p.q.device
+        )
+        # A tile is skipped only if it is empty for every sequence in the batch, and goes
+        # unmasked only if it is full for every one; per-batch detail lives in `allowed`.
+        self.nonempty = summary.nonempty.any(0).tolist()
+        self.full = summary.full.all(0).tolist()
+
+    def key_tiles(self, qi: int) -> list[tuple[int, int, bool]]:
+        """(k0, k1, needs_mask) for every key tile query tile `qi` must visit."""
+        if self.nonempty is None:
+            return [(k0, k1, False) for k0, k1 in self.k_ranges]
+        return [
+            (k0, k1, not self.full[qi][ki])
+            for ki, (k0, k1) in enumerate(self.k_ranges)
+            if self.nonempty[qi][ki]
+        ]
+
+
+def _attend_tile_row(
+    p: AttentionProblem, q_tile: Tensor, k: Tensor, v: Tensor, tiles: _TilePlan, qi: int, group: int
+) -> tuple[Tensor, Tensor]:
+    """Online softmax of one query tile (rows folded as G·tq) over its key tiles."""
+    b, kv_heads, rows, _ = q_tile.shape
+    q0, q1 = tiles.q_ranges[qi]
+    row_max = q_tile.new_full((b, kv_heads, rows), -math.inf)
+    row_sum = q_tile.new_zeros((b, kv_heads, rows))
+    acc = q_tile.new_zeros((b, kv_heads, rows, v.shape[-1]))
+
+    for k0, k1, needs_mask in tiles.key_tiles(qi):
+        k_tile, v_tile = k[:, :, k0:k1], v[:, :, k0:k1]
+        scores = q_tile @ k_tile.transpose(-1, -2)  # (B, H_kv, G·tq, tk)
+        if p.softcap is not None:
+            scores = p.softcap * torch.tanh(scores / p.softcap)
+        if needs_mask:
+            allowed = _tile_allowed(p, q0, q1, k0, k1)  # (B or 1, tq, tk)
+            # Keys no row of this tile may see are zeroed: 0 · NaN would still be NaN.
+            unseen = ~allowed.any(1)
+            if unseen.any():
+                v_tile = v_tile.masked_fill(unseen[:, None, :, None], 0)
+            blocked = ~allowed[:, None, None]  # (B or 1, 1, 1, tq, tk) against G rows
+            scores = scores.view(b, kv_heads, group, q1 - q0, k1 - k0).masked_fill(
+                blocked, -math.inf
+            )
+            scores = scores.view(b, kv_heads, rows, k1 - k0)
+
+        new_max = torch.maximum(row_max, scores.amax(-1))
+        # Rows that have seen nothing yet keep max -inf; use 0 there so exp() gives 0, not NaN.
+        safe_max = torch.where(torch.isinf(new_max), 0.0, new_max)
+        weights = torch.exp(scores - safe_max.unsqueeze(-1))
+        rescale = torch.exp(row_max - safe_max)
+        row_sum = row_sum * rescale + weights.sum(-1)
+        acc = acc * rescale.unsqueeze(-1) + weights @ v_tile
+        row_max = new_max
+
+    seen = row_sum > 0
+    out = acc / torch.where(seen, row_sum, 1.0).unsqueeze(-1)
+    lse = torch.where(seen, row_max + torch.log(torch.where(seen, row_sum, 1.0)), -math.inf)
+    return out, lse
+
+
+def _tile_allowed(p: AttentionProblem, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+    device = p.q.device
+    rows = torch.arange(q0, q1, device=device).view(1, -1, 1)
+    cols = torch.arange(k0, k1, device=device).view(1, 1, -1)
+    batch = torch.arange(p.mask.batch_size or 1, device=device).view(-1, 1, 1)
+    allowed = p.mask.allowed(batch, rows, cols, p.geometry)
+    return allowed.expand(p.mask.batch_size or 1, q1 - q0, k1 - k0)
