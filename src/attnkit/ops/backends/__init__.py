@@ -18,3 +18,8 @@ __all__ = [
     "get_backend",
     "register",
 ]
+
+from attnkit.ops.backends import flex  # noqa: E402
+
+if flex.flex_attention is not None:
+    register(flex.FlexBackend())

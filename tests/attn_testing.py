@@ -1,0 +1,88 @@
+"""Helpers shared by the attention tests: random inputs, the tolerance rule, peak memory."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
+
+import attnkit
+
+# Representation noise of each dtype at O(1) values: the floor under the 2x rule, so that
+# a float64 candidate is not asked to beat an error of exactly zero.
+NOISE_FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 4 * torch.finfo(torch.float32).eps,
+    torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps,
+    torch.float16: 4 * torch.finfo(torch.float16).eps,
+}
+
+
+def random_qkv(
+    gen: torch.Generator,
+    batch: int = 2,
+    heads: int = 9,
+    kv_heads: int = 3,
+    n_q: int = 7,
+    n_k: int = 7,
+    head_dim: int = 16,
+    v_head_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fresh normal q, k, v drawn from `gen` (shapes as `attnkit.attention` takes them)."""
+
+    def draw(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    return (
+        draw(batch, heads, n_q, head_dim),
+        draw(batch, kv_heads, n_k, head_dim),
+        draw(batch, kv_heads, n_k, v_head_dim or head_dim),
+    )
+
+
+def max_err(a: Tensor, b: Tensor) -> float:
+    """Max abs difference in float64, treating equal infinities (lse -inf) as equal."""
+    a, b = a.double(), b.double()
+    same_inf = torch.isinf(a) & (a == b)
+    return (a - b).masked_fill(same_inf, 0).abs().max().item() if a.numel() else 0.0
+
+
+def assert_matches_reference(
+    backend: str | attnkit.ops.backends.Backend, q: Tensor, k: Tensor, v: Tensor, **kwargs
+) -> None:
+    """The tolerance rule: error vs float64 reference <= 2x plain PyTorch's in q's dtype.
+
+    "Plain PyTorch" is the `reference` backend run in the candidate's dtype. Checks the
+    output and, when the candidate returns it, the log-sum-exp. Any NaN fails.
+    """
+    want, want_lse = attnkit.attention(
+        q.double(), k.double(), v.double(), backend="reference", return_lse=True, **kwargs
+    )
+    plain, plain_lse = attnkit.attention(q, k, v, backend="reference", return_lse=True, **kwargs)
+    wants_lse = kwargs.get("softcap") is not None or backend not in ("sdpa",)
+    got = attnkit.attention(q, k, v, backend=backend, return_lse=wants_lse, **kwargs)
+    got, got_lse = got if wants_lse else (got, None)
+
+    assert got.dtype == q.dtype and got.shape == want.shape
+    assert not torch.isnan(got).any(), "NaN in output"
+    floor = NOISE_FLOOR[q.dtype]
+    err, plain_err = max_err(got, want), max_err(plain, want)
+    assert err <= 2 * plain_err + floor, f"output error {err:.3g} > 2 x {plain_err:.3g} + {floor}"
+    if got_lse is not None:
+        assert not torch.isnan(got_lse).any(), "NaN in lse"
+        assert torch.equal(torch.isinf(got_lse), torch.isinf(want_lse)), "lse -inf rows differ"
+        err, plain_err = max_err(got_lse, want_lse), max_err(plain_lse, want_lse)
+        assert err <= 2 * plain_err + floor, f"lse error {err:.3g} > 2 x {plain_err:.3g}"
+
+
+def peak_bytes(fn) -> int:
+    """Peak bytes of CPU memory allocated (net of frees) while `fn()` runs."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -1,0 +1,217 @@
+"""Properties every backend keeps: causality, GQA = expanded MHA, lse merging, empty rows,
+NaN isolation, determinism, strided inputs, O(N) memory for `tiled`, and `auto`'s choices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnkit
+from attn_testing import max_err, peak_bytes, random_qkv
+from attnkit import masks
+from attnkit.ops.backends import TiledBackend
+
+ALL = ["reference", "tiled", TiledBackend(5, 7), "sdpa"] + (
+    ["flex"] if "flex" in attnkit.available_backends() else []
+)
+ALL_IDS = ["reference", "tiled", "tiled-5x7", "sdpa"] + (
+    ["flex"] if "flex" in attnkit.available_backends() else []
+)
+WITH_LSE = [b for b in ALL if b != "sdpa"]
+WITH_LSE_IDS = [i for i in ALL_IDS if i != "sdpa"]
+
+
+@pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize("mask", [masks.causal(), masks.sliding_window(4) | masks.sinks(2)])
+def test_causality_future_tokens_do_not_change_the_past(backend, mask):
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = random_qkv(gen, n_q=23, n_k=23)
+    t = 13
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[:, :, t:] = torch.randn(q2[:, :, t:].shape, generator=gen)
+    k2[:, :, t:] = torch.randn(k2[:, :, t:].shape, generator=gen) * 5
+    v2[:, :, t:] = torch.randn(v2[:, :, t:].shape, generator=gen) * 5
+    before = attnkit.attention(q, k, v, mask, backend=backend)
+    after = attnkit.attention(q2, k2, v2, mask, backend=backend)
+    assert torch.equal(before[:, :, :t], after[:, :, :t])
+    assert not torch.equal(before[:, :, t:], after[:, :, t:])  # the test can fail
+
+
+@pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize("kv_heads", [1, 3])
+def test_gqa_equals_mha_with_repeated_kv(backend, kv_heads):
+    gen = torch.Generator().manual_seed(kv_heads)
+    q, k, v = random_qkv(gen, heads=9, kv_heads=kv_heads, n_q=17, n_k=30, dtype=torch.float64)
+    grouped = attnkit.attention(q, k, v, masks.causal(), backend=backend)
+    group = 9 // kv_heads  # query head i uses KV head i // group
+    expanded = attnkit.attention(
+        q,
+        k.repeat_interleave(group, 1),
+        v.repeat_interleave(group, 1),
+        masks.causal(),
+        backend=backend,
+    )
+    assert max_err(grouped, expanded) < 1e-12
+
+
+@pytest.mark.parametrize("backend", WITH_LSE, ids=WITH_LSE_IDS)
+@pytest.mark.parametrize("split", [1, 20, 39])
+def test_lse_merge_of_two_key_halves_equals_all_keys(backend, split):
+    gen = torch.Generator().manual_seed(split)
+    q, k, v = random_qkv(gen, n_q=11, n_k=40, dtype=torch.float64)
+    dense = torch.rand(2, 1, 11, 40, generator=gen) < 0.5  # any mask, split by columns
+    dense[0, 0, 3] = False  # one row sees nothing at all
+    dense[1, 0, 4, split:] = False  # one row sees only the first part
+
+    def part(lo: int, hi: int):
+        return attnkit.attention(
+            q,
+            k[:, :, lo:hi],
+            v[:, :, lo:hi],
+            dense[..., lo:hi],
+            backend=backend,
+            return_lse=True,
+            softcap=4.0,
+        )
+
+    out, lse = attnkit.merge_attention([part(0, split), part(split, 40)])
+    want, want_lse = attnkit.attention(
+        q, k, v, dense, backend="reference", return_lse=True, softcap=4.0
+    )
+    assert max_err(out, want) < 1e-12 and max_err(lse, want_lse) < 1e-12
+    assert lse[0, :, 3].eq(-math.inf).all() and out[0, :, 3].eq(0).all()
+
+
+def test_merge_attention_rejects_no_parts():
+    with pytest.raises(ValueError, match="at least one"):
+        attnkit.merge_attention([])
+
+
+@pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
+def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradient(backend):
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = random_qkv(gen, n_q=6, n_k=4, dtype=torch.float64)
+    q.requires_grad_(backend != "flex")  # FlexAttention has no backward on CPU
+    # 6 queries over 4 keys, bottom-right aligned: rows 0 and 1 sit before key 0.
+    wants_lse = backend != "sdpa"
+    result = attnkit.attention(q, k, v, masks.causal(), backend=backend, return_lse=wants_lse)
+    out = result[0] if wants_lse else result
+    assert out[:, :, :2].eq(0).all() and not torch.isnan(out).any()
+    if wants_lse:
+        assert result[1][:, :, :2].eq(-math.inf).all() and torch.isfinite(result[1][:, :, 2:]).all()
+    if not q.requires_grad:
+        return
+    out.sum().backward()
+    assert q.grad[:, :, :2].eq(0).all() and torch.isfinite(q.grad).all()
+    assert q.grad[:, :, 2:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
+def test_zero_length_queries_and_keys_have_defined_results(backend):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = random_qkv(gen, n_q=0, n_k=5, v_head_dim=3)
+    assert attnkit.attention(q, k, v, masks.causal(), backend=backend).shape == (2, 9, 0, 3)
+    q, k, v = random_qkv(gen, n_q=4, n_k=0, v_head_dim=3)
+    out = attnkit.attention(q, k, v, backend=backend)
+    assert out.shape == (2, 9, 4, 3) and out.eq(0).all()
+    # One sequence of the batch has no keys at all, the other has all of them.
+    q, k, v = random_qkv(gen, n_q=4, n_k=6)
+    out = attnkit.attention(q, k, v, masks.padding([0, 6]), backend=backend)
+    assert out[0].eq(0).all() and max_err(out[1:], attnkit.attention(q[1:], k[1:], v[1:])) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", TiledBackend(3, 4), "sdpa"])
+@pytest.mark.parametrize("left", [False, True])
+def test_nan_in_padded_key_slots_does_not_leak(backend, left):
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = random_qkv(gen, n_q=5, n_k=12)
+    lengths = torch.tensor([7, 12])
+    pad = masks.padding(lengths, left=left)
+    clean = attnkit.attention(q, k, v, pad, backend=backend)
+    k_bad, v_bad = k.clone(), v.clone()
+    padded = slice(0, 5) if left else slice(7, 12)
+    k_bad[0, :, padded], v_bad[0, :, padded] = math.nan, math.inf
+    dirty = attnkit.attention(q, k_bad, v_bad, pad, backend=backend)
+    assert torch.equal(clean, dirty)
+
+
+@pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
+def test_repeated_runs_are_bitwise_identical(backend):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = random_qkv(gen, n_q=50, n_k=70)
+    mask = masks.sliding_window(16)
+    assert torch.equal(
+        attnkit.attention(q, k, v, mask, backend=backend),
+        attnkit.attention(q, k, v, mask, backend=backend),
+    )
+
+
+@pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
+def test_non_contiguous_inputs_work(backend):
+    gen = torch.Generator().manual_seed(6)
+    # (batch, seq, heads, dim) storage viewed as (batch, heads, seq, dim), as projections give.
+    q = torch.randn(2, 19, 9, 24, generator=gen).transpose(1, 2)
+    k = torch.randn(2, 19, 3, 24, generator=gen).transpose(1, 2)
+    v = torch.randn(2, 19, 3, 48, generator=gen)[..., ::2].transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    got = attnkit.attention(q, k, v, masks.causal(), backend=backend)
+    want = attnkit.attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), masks.causal(), backend="reference"
+    )
+    assert max_err(got, want) < 1e-5
+
+
+def test_tiled_float16_does_not_overflow_where_a_naive_softmax_would():
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = random_qkv(gen, n_q=16, n_k=16, head_dim=64)
+    q, k, v = (q * 60).half(), (k * 60).half(), v.half()  # |q·k| reaches past 65504
+    naive = q @ k.repeat_interleave(3, 1).transpose(-1, -2)
+    assert torch.isinf(naive).any()  # the inputs really overflow a float16 softmax
+    got = attnkit.attention(q, k, v, masks.causal(), backend="tiled")
+    want = attnkit.attention(q.double(), k.double(), v.double(), masks.causal())
+    assert torch.isfinite(got).all()
+    assert max_err(got, want) < 2e-2  # float16 output resolution at values of order 1-3
+
+
+def test_tiled_peak_memory_grows_linearly_while_reference_grows_quadratically():
+    def peak(backend, n: int) -> int:
+        q = torch.randn(1, 4, n, 32)
+        return peak_bytes(lambda: attnkit.attention(q, q, q, masks.causal(), backend=backend))
+
+    small, large = 1024, 4096  # 4x the length
+    tiled_growth = peak("tiled", large) / peak("tiled", small)
+    reference_growth = peak("reference", large) / peak("reference", small)
+    assert tiled_growth <= 4.0, f"tiled peak grew {tiled_growth:.1f}x for 4x the length"
+    assert reference_growth >= 10.0  # the measurement does see quadratic growth
+    scores_bytes = 4 * large * large * 4  # one float32 score matrix, 4 heads
+    assert peak("tiled", large) < scores_bytes / 8
+
+
+def test_auto_picks_tiled_for_sparse_masks_and_lse_and_sdpa_for_dense():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = random_qkv(gen, batch=1, n_q=4096, n_k=4096, head_dim=8)
+    problem = attnkit.ops.problem.make_problem
+
+    def chosen(mask, **kw):
+        args = dict(scale=None, softcap=None, q_offset=None, return_lse=False) | kw
+        return attnkit.choose_backend(problem(q, k, v, mask, **args)).name
+
+    assert chosen(masks.sliding_window(512)) == "tiled"
+    assert chosen(masks.causal()) == "sdpa"
+    assert chosen(None) == "sdpa"
+    assert chosen(masks.causal(), return_lse=True) == "tiled"
+    assert chosen(masks.causal(), softcap=20.0) == "tiled"
+    small = problem(
+        q[:, :, :64], k[:, :, :64], v[:, :, :64], masks.sliding_window(8), None, None, None, False
+    )
+    assert attnkit.choose_backend(small).name == "sdpa"  # too small for tiling to pay
+
+
+def test_flex_declines_gradients_on_cpu_when_named():
+    if "flex" not in attnkit.available_backends():
+        pytest.skip("this torch has no FlexAttention")
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="'flex' cannot serve.*no backward pass on CPU"):
+        attnkit.attention(q, q, q, backend="flex")
