@@ -28,11 +28,13 @@ class TiledBackend(Backend):
 
     name = "tiled"
 
-    def __init__(self, block_q: int = 256, block_k: int = 512) -> None:
-        for arg, value in (("block_q", block_q), ("block_k", block_k)):
+    def __init__(self, block_q: int = 256, block_k: int = 128, max_span: int = 2048) -> None:
+        for arg, value in (("block_q", block_q), ("block_k", block_k), ("max_span", max_span)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
-        self.block_q, self.block_k = block_q, block_k
+        # block_k is the granularity of skipping; runs of key tiles of the same kind are
+        # merged into one matmul of up to max(max_span, block_k) keys.
+        self.block_q, self.block_k, self.max_span = block_q, block_k, max(max_span, block_k)
 
     def run(self, p: AttentionProblem) -> tuple[Tensor, Tensor]:
         dtype = compute_dtype(p.q.dtype)
@@ -43,7 +45,7 @@ class TiledBackend(Backend):
         out = torch.empty(b, kv_heads, group, p.n_q, v.shape[-1], dtype=dtype, device=q.device)
         lse = torch.empty(b, kv_heads, group, p.n_q, dtype=dtype, device=q.device)
 
-        tiles = _TilePlan(p, self.block_q, self.block_k)
+        tiles = _TilePlan(p, self.block_q, self.block_k, self.max_span)
         for qi, (q0, q1) in enumerate(tiles.q_ranges):
             q_tile = q[:, :, :, q0:q1].reshape(b, kv_heads, group * (q1 - q0), -1)
             o, s = _attend_tile_row(p, q_tile, k, v, tiles, qi, group)
@@ -57,7 +59,8 @@ class TiledBackend(Backend):
 class _TilePlan:
     """Tile ranges and, per (query tile, key tile), whether to skip, mask or go unmasked."""
 
-    def __init__(self, p: AttentionProblem, block_q: int, block_k: int) -> None:
+    def __init__(self, p: AttentionProblem, block_q: int, block_k: int, max_span: int) -> None:
+        self.max_span = max_span
         self.q_ranges = [(s, min(s + block_q, p.n_q)) for s in range(0, p.n_q, block_q)]
         self.k_ranges = [(s, min(s + block_k, p.n_k)) for s in range(0, p.n_k, block_k)]
         if p.mask is None:
@@ -72,14 +75,24 @@ class _TilePlan:
         self.full = summary.full.all(0).tolist()
 
     def key_tiles(self, qi: int) -> list[tuple[int, int, bool]]:
-        """(k0, k1, needs_mask) for every key tile query tile `qi` must visit."""
+        """(k0, k1, needs_mask) spans query tile `qi` must visit, adjacent tiles merged."""
         if self.nonempty is None:
-            return [(k0, k1, False) for k0, k1 in self.k_ranges]
-        return [
-            (k0, k1, not self.full[qi][ki])
-            for ki, (k0, k1) in enumerate(self.k_ranges)
-            if self.nonempty[qi][ki]
-        ]
+            tiles = [(k0, k1, False) for k0, k1 in self.k_ranges]
+        else:
+            tiles = [
+                (k0, k1, not self.full[qi][ki])
+                for ki, (k0, k1) in enumerate(self.k_ranges)
+                if self.nonempty[qi][ki]
+            ]
+        spans: list[tuple[int, int, bool]] = []
+        for k0, k1, masked in tiles:
+            if spans:
+                s0, s1, s_masked = spans[-1]
+                if s1 == k0 and s_masked == masked and k1 - s0 <= self.max_span:
+                    spans[-1] = (s0, k1, masked)
+                    continue
+            spans.append((k0, k1, masked))
+        return spans
 
 
 def _attend_tile_row(
@@ -96,7 +109,7 @@ def _attend_tile_row(
         k_tile, v_tile = k[:, :, k0:k1], v[:, :, k0:k1]
         scores = q_tile @ k_tile.transpose(-1, -2)  # (B, H_kv, G·tq, tk)
         if p.softcap is not None:
-            scores = p.softcap * torch.tanh(scores / p.softcap)
+            scores = torch.tanh(scores / p.softcap) * p.softcap
         if needs_mask:
             allowed = _tile_allowed(p, q0, q1, k0, k1)  # (B or 1, tq, tk)
             # Keys no row of this tile may see are zeroed: 0 · NaN would still be NaN.
@@ -104,15 +117,15 @@ def _attend_tile_row(
             if unseen.any():
                 v_tile = v_tile.masked_fill(unseen[:, None, :, None], 0)
             blocked = ~allowed[:, None, None]  # (B or 1, 1, 1, tq, tk) against G rows
-            scores = scores.view(b, kv_heads, group, q1 - q0, k1 - k0).masked_fill(
-                blocked, -math.inf
-            )
-            scores = scores.view(b, kv_heads, rows, k1 - k0)
+            scores.view(b, kv_heads, group, q1 - q0, k1 - k0).masked_fill_(blocked, -math.inf)
 
         new_max = torch.maximum(row_max, scores.amax(-1))
         # Rows that have seen nothing yet keep max -inf; use 0 there so exp() gives 0, not NaN.
         safe_max = torch.where(torch.isinf(new_max), 0.0, new_max)
-        weights = torch.exp(scores - safe_max.unsqueeze(-1))
+        if scores.requires_grad:  # amax and exp save tensors for backward: no in-place
+            weights = torch.exp(scores - safe_max.unsqueeze(-1))
+        else:  # in place on the big tile, saving two tile-sized allocations
+            weights = scores.sub_(safe_max.unsqueeze(-1)).exp_()
         rescale = torch.exp(row_max - safe_max)
         row_sum = row_sum * rescale + weights.sum(-1)
         acc = acc * rescale.unsqueeze(-1) + weights @ v_tile
