@@ -1,10 +1,9 @@
-"""Helpers shared by the attention tests: random inputs, the tolerance rule, peak memory."""
+"""Helpers shared by the attention tests: random inputs and the tolerance rule."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
 
 import attnkit
 
@@ -74,15 +73,3 @@ def assert_matches_reference(
         assert torch.equal(torch.isinf(got_lse), torch.isinf(want_lse)), "lse -inf rows differ"
         err, plain_err = max_err(got_lse, want_lse), max_err(plain_lse, want_lse)
         assert err <= 2 * plain_err + floor, f"lse error {err:.3g} > 2 x {plain_err:.3g}"
-
-
-def peak_bytes(fn) -> int:
-    """Peak bytes of CPU memory allocated (net of frees) while `fn()` runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak

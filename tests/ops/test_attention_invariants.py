@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import attnkit
-from attn_testing import max_err, peak_bytes, random_qkv
+from attn_testing import max_err, random_qkv
 from attnkit import masks
 from attnkit.ops.backends import TiledBackend
+from attnkit.tools.measure import peak_bytes
 
 ALL = ["reference", "tiled", TiledBackend(5, 7), "sdpa"] + (
     ["flex"] if "flex" in attnkit.available_backends() else []

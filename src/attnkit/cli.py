@@ -1,0 +1,94 @@
+"""The `attnkit` command: thin parsing and printing over attnkit.tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import attnkit
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from attnkit.tools.demo import run_demo
+
+    console = Console(stderr=True)
+    rows = []
+    with console.status("timing backends…"):
+        for row in run_demo(seq_len=args.seq_len, window=args.window, repeats=args.repeats):
+            rows.append(row)
+            console.log(f"{row.mask:>22}  {row.backend:<16} {row.milliseconds:9.1f} ms")
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    table = Table(
+        title=f"attnkit.attention: prefill of {args.seq_len} tokens, 9 query / 3 KV heads, "
+        f"head dim 64, float32, torch {torch.__version__}"
+    )
+    for column in (
+        "mask",
+        "backend",
+        "time (ms)",
+        "speed vs sdpa",
+        "max |err| vs fp64",
+        "peak MiB",
+    ):
+        table.add_column(column, justify="left" if column in ("mask", "backend") else "right")
+    for r in rows:
+        table.add_row(
+            r.mask,
+            r.backend,
+            f"{r.milliseconds:.1f}",
+            f"{r.speed_vs_sdpa:.2f}x",
+            f"{r.max_abs_error:.1e}",
+            f"{r.peak_mib:.1f}",
+        )
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnkit",
+        description="The attention family for transformers: one API, masks, backends, RoPE, "
+        "and tools that measure each variant's memory, speed and quality.",
+    )
+    parser.add_argument("--version", action="version", version=f"attnkit {attnkit.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="time every attention backend on a SmolLM2-sized problem and print a table"
+    )
+    demo.add_argument("--seq-len", type=_positive, default=2048, help="tokens (default 2048)")
+    demo.add_argument("--window", type=_positive, default=256, help="sliding window (256)")
+    demo.add_argument("--repeats", type=_positive, default=3, help="timed runs per cell (3)")
+    demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

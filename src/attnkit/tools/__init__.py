@@ -1,0 +1,1 @@
+"""Tools that measure attention variants: timing, memory, demos (used by the CLI)."""

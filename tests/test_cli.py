@@ -1,0 +1,50 @@
+"""The `attnkit` command: version, help, the demo's numbers, and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import attnkit
+from attnkit.cli import main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"attnkit {attnkit.__version__}"
+
+
+def test_help_lists_the_commands(capsys):
+    assert main([]) == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(
+        [sys.executable, "-m", "attnkit.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "usage: attnkit" in result.stdout
+
+
+def test_demo_json_reports_every_backend_with_small_errors(capsys):
+    assert main(["demo", "--seq-len", "64", "--window", "16", "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["mask"] for r in rows} == {"causal", "window 16 + 4 sinks"}
+    assert {r["backend"].split()[0] for r in rows} == {"auto", "sdpa", "tiled", "reference"}
+    for row in rows:
+        assert row["max_abs_error"] < 1e-5  # float32 against the float64 reference
+        assert row["milliseconds"] > 0 and row["peak_mib"] >= 0
+    assert all(r["speed_vs_sdpa"] == 1.0 for r in rows if r["backend"] == "sdpa")
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_demo_rejects_a_bad_length(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--seq-len", value])
+    assert exit_info.value.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err
