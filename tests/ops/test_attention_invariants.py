@@ -200,7 +200,9 @@ def test_auto_picks_tiled_for_sparse_masks_and_lse_and_sdpa_for_dense():
         return attnkit.choose_backend(problem(q, k, v, mask, **args)).name
 
     assert chosen(masks.sliding_window(512)) == "tiled"
+    assert chosen(masks.causal() & masks.document(torch.arange(4096) // 512)) == "tiled"
     assert chosen(masks.causal()) == "sdpa"
+    assert chosen(masks.padding([4000])) == "sdpa"  # dense: nothing to skip
     assert chosen(None) == "sdpa"
     assert chosen(masks.causal(), return_lse=True) == "tiled"
     assert chosen(masks.causal(), softcap=20.0) == "tiled"

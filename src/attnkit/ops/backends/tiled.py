@@ -28,7 +28,7 @@ class TiledBackend(Backend):
 
     name = "tiled"
 
-    def __init__(self, block_q: int = 256, block_k: int = 128, max_span: int = 2048) -> None:
+    def __init__(self, block_q: int = 128, block_k: int = 128, max_span: int = 2048) -> None:
         for arg, value in (("block_q", block_q), ("block_k", block_k), ("max_span", max_span)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
