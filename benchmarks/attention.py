@@ -33,7 +33,7 @@ WINDOW = 512
 
 
 def copy_bandwidth(repeats: int) -> float:
-    """Bytes per second of a large tensor copy (read + write), this machine's memory floor."""
+    """Bytes moved per second (read + write) by a large tensor copy: the memory roofline."""
     src = torch.randn(64 * 2**20 // 4)  # 64 MiB, well past the caches
     dst = torch.empty_like(src)
     return 2 * src.numel() * 4 / median_seconds(lambda: dst.copy_(src), repeats=repeats)
@@ -89,7 +89,7 @@ def decode_rows(repeats: int, bandwidth: float):
     k = torch.randn(batch, kv_heads, context, dim, generator=gen)
     v = torch.randn(batch, kv_heads, context, dim, generator=gen)
     sdpa = median_seconds(lambda: attnkit.attention(q, k, v, backend="sdpa"), repeats=repeats)
-    floor = (k.numel() + v.numel()) * 4 / (bandwidth / 2)  # bytes read once at copy speed
+    floor = (k.numel() + v.numel()) * 4 / bandwidth  # every K/V byte moved once at copy speed
     row = {"case": "decode GQA b=8 ctx=4096", "sdpa_ms": sdpa * 1e3}
     contenders = {
         "auto": lambda: attnkit.attention(q, k, v),

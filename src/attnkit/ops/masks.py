@@ -24,6 +24,7 @@ for a tile that is really empty, `full` may say False for a tile that is really 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -80,9 +81,11 @@ class BlockSummary:
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _tile_bounds(n: int, block: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -129,6 +132,7 @@ class Mask:
     ) -> Tensor:
         """Boolean tensor of shape `(batch or 1, 1, n_q, n_k)`."""
         geo = Geometry.aligned(n_q, n_k, q_offset)
+        self.check(self.batch_size or 1, geo)
         device = torch.device(device) if device is not None else torch.device("cpu")
         rows = torch.arange(n_q, device=device).view(1, n_q, 1)
         cols = torch.arange(n_k, device=device).view(1, 1, n_k)
@@ -149,25 +153,67 @@ class Mask:
         _positive_int("block_q", block_q)
         _positive_int("block_k", block_k)
         geo = Geometry.aligned(n_q, n_k, q_offset)
+        self.check(self.batch_size or 1, geo)
         device = torch.device(device) if device is not None else torch.device("cpu")
         q_lo, q_hi = _tile_bounds(n_q, block_q, device)
         k_lo, k_hi = _tile_bounds(n_k, block_k, device)
+        shape = (self.batch_size or 1, len(q_lo), len(k_lo))
+        if n_q == 0 or n_k == 0:  # no tiles at all
+            nothing = torch.zeros(shape, dtype=torch.bool, device=device)
+            return BlockSummary(block_q, block_k, nothing, nothing)
         q_tiles = (q_lo.view(1, -1, 1), q_hi.view(1, -1, 1))
         k_tiles = (k_lo.view(1, 1, -1), k_hi.view(1, 1, -1))
         nonempty, full = self.to(device)._summary(geo, q_tiles, k_tiles)
-        shape = (self.batch_size or 1, len(q_lo), len(k_lo))
         nonempty, full = nonempty.expand(shape), full.expand(shape)
         return BlockSummary(block_q, block_k, nonempty.contiguous(), (full & nonempty).contiguous())
 
     # -- combinators --------------------------------------------------------------------
-    def __and__(self, other: Mask) -> Mask:
+    def __and__(self, other: Mask | Tensor) -> Mask:
         return _And(self, _as_mask(other))
 
-    def __or__(self, other: Mask) -> Mask:
+    def __rand__(self, other: Tensor) -> Mask:
+        return _And(_as_mask(other), self)
+
+    def __or__(self, other: Mask | Tensor) -> Mask:
         return _Or(self, _as_mask(other))
+
+    def __ror__(self, other: Tensor) -> Mask:
+        return _Or(_as_mask(other), self)
 
     def __invert__(self) -> Mask:
         return _Not(self)
+
+    # -- masks are values: equal when of one kind with equal parameters -------------------
+    def _parameters(self) -> list[tuple[str, object]]:
+        return sorted((k, v) for k, v in vars(self).items() if not k.startswith("_"))
+
+    def __eq__(self, other: object) -> bool:
+        if type(self) is not type(other):
+            return False
+        mine, theirs = self._parameters(), other._parameters()
+        return [k for k, _ in mine] == [k for k, _ in theirs] and all(
+            _same(a, b) for (_, a), (_, b) in zip(mine, theirs, strict=True)
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), *((k, _hashable(v)) for k, v in self._parameters())))
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
+    return bool(a == b)
+
+
+def _hashable(value: object) -> object:
+    """Tensors hash by shape and dtype (equal tensors share those); everything else as is."""
+    return (tuple(value.shape), value.dtype) if isinstance(value, Tensor) else value
 
 
 def _as_mask(value: object) -> Mask:
@@ -257,12 +303,6 @@ class _Positional(Mask):
     def _tile_rule(self, qs, qe, ks, ke) -> tuple[Tensor, Tensor]:
         """(nonempty, full) for query positions [qs, qe] and keys [ks, ke], inclusive."""
         raise NotImplementedError
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(vars(self).items()))))
 
 
 class _Causal(_Positional):
@@ -381,6 +421,11 @@ def _as_long(name: str, value: object, ndim: tuple[int, ...]) -> Tensor:
     return t.long()
 
 
+def _one_per_sequence(name: str, count: int) -> None:
+    if count == 0:
+        raise ValueError(f"{name} must hold at least one sequence's values, got an empty tensor")
+
+
 def _rows(t: Tensor, b: Tensor) -> Tensor:
     """Row indices into a per-batch tensor for batch indices `b` (one row serves all)."""
     return b if t.shape[0] > 1 else torch.zeros_like(b)
@@ -389,6 +434,7 @@ def _rows(t: Tensor, b: Tensor) -> Tensor:
 class _PrefixLM(Mask):
     def __init__(self, prefix_len: int | Tensor) -> None:
         lengths = _as_long("prefix_len", prefix_len, ndim=(0, 1)).reshape(-1)
+        _one_per_sequence("prefix_len", lengths.numel())
         if (lengths < 0).any():
             raise ValueError(f"prefix_len must be >= 0, got {lengths.tolist()}")
         self.lengths = lengths
@@ -414,6 +460,7 @@ class _PrefixLM(Mask):
 class _Padding(Mask):
     def __init__(self, kv_lengths: Tensor, left: bool) -> None:
         lengths = _as_long("kv_lengths", kv_lengths, ndim=(1,))
+        _one_per_sequence("kv_lengths", lengths.numel())
         if (lengths < 0).any():
             raise ValueError(f"kv_lengths must be >= 0, got {lengths.tolist()}")
         self.lengths, self.left = lengths, left
@@ -452,8 +499,11 @@ class _Document(Mask):
     def __init__(self, q_ids: Tensor, kv_ids: Tensor) -> None:
         self.q_ids = _as_long("q_ids", q_ids, ndim=(1, 2))
         self.kv_ids = _as_long("kv_ids", kv_ids, ndim=(1, 2))
-        self.q_ids = self.q_ids.view(-1, self.q_ids.shape[-1])
-        self.kv_ids = self.kv_ids.view(-1, self.kv_ids.shape[-1])
+        # (n,) ids serve every sequence: one row of a (batch, n) table
+        self.q_ids = self.q_ids if self.q_ids.dim() == 2 else self.q_ids.unsqueeze(0)
+        self.kv_ids = self.kv_ids if self.kv_ids.dim() == 2 else self.kv_ids.unsqueeze(0)
+        _one_per_sequence("q_ids", self.q_ids.shape[0])
+        _one_per_sequence("kv_ids", self.kv_ids.shape[0])
         self.batch_size = _common_batch_size(self.q_ids.shape[0], self.kv_ids.shape[0])
 
     def check(self, batch, geo):
@@ -503,7 +553,8 @@ class _BlockSparse(Mask):
                 f"layout must be (q_blocks, k_blocks) or (batch, q_blocks, k_blocks), "
                 f"got shape {tuple(layout.shape)}"
             )
-        self.layout = layout.view(-1, *layout.shape[-2:])
+        self.layout = layout.reshape(-1, *layout.shape[-2:])
+        _one_per_sequence("layout", self.layout.shape[0])
         self.block_size = _positive_int("block_size", block_size)
         self.batch_size = _common_batch_size(self.layout.shape[0])
         # 2D prefix sums: the number of kept blocks in any rectangle in O(1).
