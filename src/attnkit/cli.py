@@ -27,17 +27,12 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     table = Table(
         title=f"attnkit.attention: prefill of {args.seq_len} tokens, 9 query / 3 KV heads, "
-        f"head dim 64, float32, torch {torch.__version__}"
+        f"head dim 64, float32, torch {torch.__version__}",
+        caption="err: max |output - float64 reference|; vs sdpa: speed relative to torch SDPA",
     )
-    for column in (
-        "mask",
-        "backend",
-        "time (ms)",
-        "speed vs sdpa",
-        "max |err| vs fp64",
-        "peak MiB",
-    ):
-        table.add_column(column, justify="left" if column in ("mask", "backend") else "right")
+    for column in ("mask", "backend", "ms", "vs sdpa", "err", "peak MiB"):
+        label = column in ("mask", "backend")
+        table.add_column(column, justify="left" if label else "right", no_wrap=label)
     for r in rows:
         table.add_row(
             r.mask,

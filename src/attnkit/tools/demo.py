@@ -32,7 +32,7 @@ class DemoRow:
 def demo_masks(window: int) -> dict[str, masks.Mask]:
     return {
         "causal": masks.causal(),
-        f"window {window} + 4 sinks": masks.sliding_window(window) | masks.sinks(4),
+        f"window {window}+sinks": masks.sliding_window(window) | masks.sinks(4),
     }
 
 

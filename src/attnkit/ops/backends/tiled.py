@@ -53,7 +53,7 @@ class TiledBackend(Backend):
             lse[:, :, :, q0:q1] = s.view(b, kv_heads, group, q1 - q0)
 
         out = out.view(b, p.heads, p.n_q, -1).to(p.q.dtype)
-        return out, lse.view(b, p.heads, p.n_q).to(torch.promote_types(dtype, torch.float32))
+        return out, lse.view(b, p.heads, p.n_q)  # float32 (float64 for float64 inputs)
 
 
 class _TilePlan:
