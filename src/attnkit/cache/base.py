@@ -1,0 +1,157 @@
+"""The one cache protocol every kind of decoding state follows.
+
+A decoding step for a batch of sequences goes:
+
+    step = cache.prepare(seq_ids, n_new)      # reserve room; raises CacheFull, changing nothing
+    ... per layer: k_all, v_all = cache.update(layer, k_new, v_new)
+    ... attention(q, k_all, v_all, step.mask)  # step.positions feed RoPE
+
+`prepare` advances the sequences' lengths by `n_new`; the K/V for those slots arrive through
+`update`, layer by layer. Views are `(batch, kv_heads, kv_len, head_dim)`, where `kv_len`
+is the longest sequence of the step; shorter sequences are hidden by `step.mask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnkit.ops.masks import Mask, causal, from_tensor
+
+
+class CacheFull(RuntimeError):
+    """Not enough cache capacity for the request; nothing was changed."""
+
+    def __init__(self, message: str, *, needed: int = 0, available: int = 0) -> None:
+        super().__init__(message)
+        self.needed, self.available = needed, available
+
+
+@dataclass(frozen=True)
+class CacheStep:
+    """What one forward pass through the cache needs: who, where, and what may be seen."""
+
+    seq_ids: tuple[int, ...]
+    start: Tensor  # (batch,) each sequence's length before this step
+    n_new: int
+    kv_len: int  # keys in this step's views: max over the batch of start + n_new
+    mask: Mask | None  # for attention(q, k_view, v_view); None: every key visible
+
+    @property
+    def positions(self) -> Tensor:
+        """(batch, n_new) absolute positions of the new tokens (RoPE uses them)."""
+        return self.start.unsqueeze(1) + torch.arange(self.n_new, device=self.start.device)
+
+    @property
+    def batch(self) -> int:
+        return len(self.seq_ids)
+
+
+def causal_step_mask(start: Tensor, n_new: int, kv_len: int) -> Mask | None:
+    """Mask for new tokens written right after each sequence's `start` keys.
+
+    Keys are stored from slot 0, so sequence b's query i (position start_b + i) sees slots
+    j <= start_b + i. Equal lengths reduce to bottom-right `causal()` (or nothing to hide,
+    for one new token); ragged batches get a dense `(batch, 1, n_new, kv_len)` mask.
+    """
+    if bool((start == start[0]).all()) and int(start[0]) + n_new == kv_len:
+        return None if n_new == 1 else causal()
+    rows = start.view(-1, 1, 1) + torch.arange(n_new, device=start.device).view(1, -1, 1)
+    keys = torch.arange(kv_len, device=start.device).view(1, 1, -1)
+    return from_tensor((keys <= rows).unsqueeze(1))
+
+
+class KVCache:
+    """Base of every cache: sequence bookkeeping plus the protocol methods."""
+
+    def __init__(self) -> None:
+        self._lengths: dict[int, int] = {}
+        self._next_id = 0
+        self.step: CacheStep | None = None
+
+    # -- sequences ----------------------------------------------------------------------
+    def add_sequence(self) -> int:
+        """A new, empty sequence; returns its id."""
+        seq = self._next_id
+        self._next_id += 1
+        self._claim(seq)
+        self._lengths[seq] = 0
+        return seq
+
+    def length(self, seq: int) -> int:
+        """Tokens cached for `seq`."""
+        return self._lengths[self._known(seq)]
+
+    @property
+    def sequences(self) -> list[int]:
+        return list(self._lengths)
+
+    def _known(self, seq: int) -> int:
+        if seq not in self._lengths:
+            raise KeyError(f"sequence {seq!r} is not in this cache (known: {self.sequences})")
+        return seq
+
+    # -- protocol (subclasses implement) ------------------------------------------------
+    def prepare(self, seq_ids: list[int] | tuple[int, ...], n_new: int) -> CacheStep:
+        """Reserve `n_new` slots for each sequence; the step every layer's update uses."""
+        raise NotImplementedError
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's `(batch, kv_heads, n_new, head_dim)` K/V; return the views."""
+        raise NotImplementedError
+
+    def truncate(self, seq: int, length: int) -> None:
+        """Keep only the first `length` tokens of `seq` (speculative-decoding rollback)."""
+        raise NotImplementedError
+
+    def fork(self, seq: int) -> int:
+        """A new sequence whose cached tokens equal `seq`'s; returns its id."""
+        raise NotImplementedError
+
+    def free(self, seq: int) -> None:
+        """Forget `seq` and return its memory."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage this cache holds allocated right now."""
+        raise NotImplementedError
+
+    def _claim(self, seq: int) -> None:
+        """Hook: give a new sequence its storage (raise CacheFull if there is none)."""
+
+    # -- shared checks -----------------------------------------------------------------
+    def _check_step(self, seq_ids, n_new: int) -> tuple[int, ...]:
+        seq_ids = tuple(seq_ids)
+        if not seq_ids:
+            raise ValueError("seq_ids must name at least one sequence, got none")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seq_ids must not repeat a sequence, got {list(seq_ids)}")
+        for seq in seq_ids:
+            self._known(seq)
+        if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 1:
+            raise ValueError(f"n_new must be an integer >= 1, got {n_new!r}")
+        return seq_ids
+
+    def _check_update(self, layer: int, k: Tensor, v: Tensor, n_layers: int) -> CacheStep:
+        step = self.step
+        if step is None:
+            raise RuntimeError("update() before prepare(): call cache.prepare(seq_ids, n_new)")
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer must be in [0, {n_layers}), got {layer}")
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or t.shape[0] != step.batch or t.shape[2] != step.n_new:
+                raise ValueError(
+                    f"{name} must be (batch={step.batch}, kv_heads, n_new={step.n_new}, head_dim) "
+                    f"for this step, got {tuple(t.shape)}"
+                )
+        return step
+
+    def _check_truncate(self, seq: int, length: int) -> None:
+        current = self.length(seq)
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= current:
+            raise ValueError(
+                f"length must be an integer in [0, {current}] for sequence {seq}, got {length!r}"
+            )

@@ -1,0 +1,131 @@
+"""Preallocated per-sequence K/V buffers, grown by doubling when a sequence outgrows them."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
+
+
+class ContiguousCache(KVCache):
+    """K/V of every layer in one `(layers, slots, kv_heads, capacity, head_dim)` buffer.
+
+    Each sequence owns a slot. A step whose sequences sit in consecutive slots reads a view
+    of the buffer without copying (the usual static batch); other batches gather their slots.
+    With `max_len=None` the capacity doubles when a sequence needs more (copying once);
+    with a fixed `max_len`, going past it raises `CacheFull`.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        max_seqs: int = 1,
+        max_len: int | None = None,
+        initial_len: int = 256,
+        v_head_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("n_layers", n_layers),
+            ("kv_heads", kv_heads),
+            ("head_dim", head_dim),
+            ("max_seqs", max_seqs),
+            ("initial_len", initial_len),
+        ):
+            _check_positive(name, value)
+        if max_len is not None:
+            _check_positive("max_len", max_len)
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.max_seqs, self.max_len = max_seqs, max_len
+        capacity = max_len if max_len is not None else initial_len
+        shape = (n_layers, max_seqs, kv_heads, capacity)
+        self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(*shape, self.v_head_dim, dtype=dtype, device=device)
+        self._free_slots = list(range(max_seqs))
+        self._slot: dict[int, int] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.untyped_storage().nbytes() + self.v.untyped_storage().nbytes()
+
+    def _claim(self, seq: int) -> None:
+        if not self._free_slots:
+            raise CacheFull(f"all {self.max_seqs} sequence slots are in use", needed=1)
+        self._slot[seq] = self._free_slots.pop(0)
+
+    def prepare(self, seq_ids, n_new: int) -> CacheStep:
+        seq_ids = self._check_step(seq_ids, n_new)
+        start = [self._lengths[s] for s in seq_ids]
+        needed = max(start) + n_new
+        if needed > self.capacity:
+            self._grow(needed)
+        for seq, begin in zip(seq_ids, start, strict=True):
+            self._lengths[seq] = begin + n_new
+        start_t = torch.tensor(start, device=self.k.device)
+        self.step = CacheStep(
+            seq_ids, start_t, n_new, needed, causal_step_mask(start_t, n_new, needed)
+        )
+        return self.step
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        step = self._check_update(layer, k, v, self.n_layers)
+        slots = [self._slot[s] for s in step.seq_ids]
+        slot_idx = torch.tensor(slots, device=self.k.device).view(-1, 1)
+        positions = step.positions
+        # Advanced indices on dims 0 and 2 come first: the target is (batch, n_new, heads, dim).
+        self.k[layer][slot_idx, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][slot_idx, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        if slots == list(range(slots[0], slots[0] + len(slots))):  # consecutive: a view
+            rows = slice(slots[0], slots[0] + len(slots))
+            return self.k[layer, rows, :, : step.kv_len], self.v[layer, rows, :, : step.kv_len]
+        index = slot_idx.view(-1)
+        return self.k[layer, index, :, : step.kv_len], self.v[layer, index, :, : step.kv_len]
+
+    def truncate(self, seq: int, length: int) -> None:
+        self._check_truncate(seq, length)
+        self._lengths[seq] = length
+
+    def fork(self, seq: int) -> int:
+        length = self.length(seq)
+        child = self.add_sequence()
+        src, dst = self._slot[seq], self._slot[child]
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        self._lengths[child] = length
+        return child
+
+    def free(self, seq: int) -> None:
+        self._known(seq)
+        self._free_slots.append(self._slot.pop(seq))
+        self._free_slots.sort()
+        del self._lengths[seq]
+
+    def _grow(self, needed: int) -> None:
+        if self.max_len is not None:
+            raise CacheFull(
+                f"a sequence needs {needed} positions but max_len is {self.max_len}",
+                needed=needed,
+                available=self.max_len,
+            )
+        capacity = max(needed, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
+            new[:, :, :, : old.shape[3]] = old
+            setattr(self, name, new)
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

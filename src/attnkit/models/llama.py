@@ -1,0 +1,206 @@
+"""A Llama-family decoder (Llama 2/3, SmolLM2, Mistral-style GQA) built from attnkit layers.
+
+Read top to bottom: RMSNorm, FeedForward (SwiGLU), Block (pre-norm attention + MLP),
+Transformer (embedding, blocks, final norm, LM head). The attention layer is pluggable:
+`Block` takes any module with `forward(x, ctx: AttentionContext)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnkit.cache.base import KVCache
+from attnkit.cache.contiguous import ContiguousCache
+from attnkit.layers.attention import Attention, AttentionContext
+from attnkit.layers.rope import RopeScaling, RotaryEmbedding
+from attnkit.ops.masks import causal
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture hyper-parameters; names follow Hugging Face's LlamaConfig where they exist."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None  # default hidden_size // num_attention_heads
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    rope_interleaved: bool = False  # True for GGUF weights (adjacent-pair layout)
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"LlamaConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"LlamaConfig.hidden_size ({self.hidden_size}) is not divisible by "
+                    f"num_attention_heads ({self.num_attention_heads}); give head_dim"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in float32 (as Hugging Face does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden, intermediate, bias=False)
+        self.up = nn.Linear(hidden, intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LlamaConfig, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = attn
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = FeedForward(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def rotary_for(config: LlamaConfig) -> RotaryEmbedding:
+    """The model's rotary embedding (its frequencies are derived, never stored as weights)."""
+    return RotaryEmbedding(
+        config.head_dim,
+        config.rope_theta,
+        interleaved=config.rope_interleaved,
+        scaling=config.rope_scaling,
+    )
+
+
+AttentionFactory = Callable[[LlamaConfig, int], nn.Module]
+
+
+def default_attention(config: LlamaConfig, layer_idx: int) -> nn.Module:
+    """Rotary GQA attention, as in Llama."""
+    return Attention(
+        layer_idx,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        qkv_bias=config.attention_bias,
+    )
+
+
+class Transformer(nn.Module):
+    """The decoder: `model(input_ids, cache=None, positions=None, seq_ids=None)` -> logits."""
+
+    def __init__(self, config: LlamaConfig, attention: AttentionFactory = default_attention):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(
+            Block(config, attention(config, i)) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = rotary_for(config)
+
+    def new_cache(self, batch: int = 1, **kwargs) -> ContiguousCache:
+        """A contiguous cache shaped for this model, holding `batch` empty sequences."""
+        p = next(self.parameters())
+        cache = ContiguousCache(
+            self.config.num_hidden_layers,
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+            max_seqs=kwargs.pop("max_seqs", batch),
+            dtype=kwargs.pop("dtype", p.dtype),
+            device=kwargs.pop("device", p.device),
+            **kwargs,
+        )
+        for _ in range(batch):
+            cache.add_sequence()
+        return cache
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        seq_ids: list[int] | None = None,
+    ) -> Tensor:
+        """Logits `(batch, seq, vocab)` for `input_ids` `(batch, seq)`.
+
+        Without a cache, the sequences start at position 0 under a causal mask. With one,
+        the tokens extend the cached sequences `seq_ids` (default: all of the cache's
+        sequences, in order) and attention covers everything cached. `positions` overrides
+        the RoPE positions (default: where each token lands in its sequence).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if cache is not None:
+            seq_ids = cache.sequences if seq_ids is None else seq_ids
+            if len(seq_ids) != b:
+                raise ValueError(
+                    f"input_ids has batch {b} but seq_ids names {len(seq_ids)} sequences "
+                    f"{list(seq_ids)}; pass seq_ids= with one sequence per row"
+                )
+            step = cache.prepare(seq_ids, t)
+            mask, default_positions = step.mask, step.positions
+        else:
+            mask = causal()
+            default_positions = torch.arange(t, device=input_ids.device)
+        positions = default_positions if positions is None else positions
+        x = self.embed(input_ids)
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        ctx = AttentionContext(cos, sin, mask, cache, self.config.rope_interleaved)
+        for block in self.blocks:
+            x = block(x, ctx)
+        return self.lm_head(self.norm(x))

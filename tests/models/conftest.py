@@ -1,0 +1,28 @@
+"""The real SmolLM2-135M (attnkit's and Hugging Face's), loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) from attnkit.models.load_model's default."""
+    from attnkit.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' LlamaForCausalLM read from the same GGUF file (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    from attnkit.models.loading import smollm2_path
+
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()
