@@ -39,6 +39,7 @@ class Attention(nn.Module):
         head_dim: int,
         *,
         qkv_bias: bool = False,
+        out_bias: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -54,7 +55,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
         self.wk = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.wv = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(n_heads * head_dim, hidden, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, hidden, bias=out_bias)
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         b, t, _ = x.shape

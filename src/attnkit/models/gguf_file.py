@@ -30,6 +30,7 @@ _LAYER_NAMES = {
     "attn_k.bias": "attn.wk.bias",
     "attn_v.bias": "attn.wv.bias",
     "attn_output.weight": "attn.wo.weight",
+    "attn_output.bias": "attn.wo.bias",
     "ffn_gate.weight": "mlp.gate.weight",
     "ffn_up.weight": "mlp.up.weight",
     "ffn_down.weight": "mlp.down.weight",
@@ -146,6 +147,9 @@ class _Metadata:
             max_position_embeddings=context,
             tie_word_embeddings=not has_output,
             attention_bias=any(t.name.endswith("attn_q.bias") for t in self.reader.tensors),
+            attention_out_bias=any(
+                t.name.endswith("attn_output.bias") for t in self.reader.tensors
+            ),
         )
 
     def _rope_scaling(self, context: int) -> RopeScaling:

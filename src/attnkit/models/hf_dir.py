@@ -24,6 +24,7 @@ _LAYER_NAMES = {
     "self_attn.k_proj.bias": "attn.wk.bias",
     "self_attn.v_proj.bias": "attn.wv.bias",
     "self_attn.o_proj.weight": "attn.wo.weight",
+    "self_attn.o_proj.bias": "attn.wo.bias",
     "mlp.gate_proj.weight": "mlp.gate.weight",
     "mlp.up_proj.weight": "mlp.up.weight",
     "mlp.down_proj.weight": "mlp.down.weight",
@@ -62,6 +63,11 @@ def read_config(directory: Path) -> LlamaConfig:
         raise ValueError(f"{path} lacks required fields {missing}")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+    if raw.get("mlp_bias"):
+        raise ValueError(f"{path}: mlp_bias=true (biases in the MLP) is not supported")
+    # Llama's attention_bias puts a bias on q, k, v and o; Qwen2 has q, k, v biases only.
+    qkv_bias = raw.get("attention_bias", model_type == "qwen2")
+    out_bias = model_type != "qwen2" and bool(raw.get("attention_bias", False))
     if raw.get("sliding_window") and raw.get("use_sliding_window", model_type == "mistral"):
         raise ValueError(f"{path}: sliding-window attention configs are not supported yet")
     return LlamaConfig(
@@ -78,7 +84,8 @@ def read_config(directory: Path) -> LlamaConfig:
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        attention_bias=raw.get("attention_bias", model_type == "qwen2"),
+        attention_bias=bool(qkv_bias),
+        attention_out_bias=out_bias,
     )
 
 

@@ -38,7 +38,8 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on the q, k, v projections (Qwen2, some Llamas)
+    attention_out_bias: bool = False  # a bias on the output projection (Llama's attention_bias)
 
     def __post_init__(self) -> None:
         for name in (
@@ -133,6 +134,7 @@ def default_attention(config: LlamaConfig, layer_idx: int) -> nn.Module:
         config.num_key_value_heads,
         config.head_dim,
         qkv_bias=config.attention_bias,
+        out_bias=config.attention_out_bias,
     )
 
 
