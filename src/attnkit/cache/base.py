@@ -66,6 +66,10 @@ def causal_step_mask(start: Tensor, n_new: int, kv_len: int) -> Mask | None:
 class KVCache:
     """Base of every cache: sequence bookkeeping plus the protocol methods."""
 
+    # Caches that choose what to keep by attention mass (H2O) set this; attention layers
+    # then pass each step's queries to `record_queries` before `update`.
+    wants_queries: bool = False
+
     def __init__(self) -> None:
         self._lengths: dict[int, int] = {}
         self._next_id = 0
@@ -101,6 +105,9 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's `(batch, kv_heads, n_new, head_dim)` K/V; return the views."""
         raise NotImplementedError
+
+    def record_queries(self, layer: int, q: Tensor) -> None:
+        """This step's queries `(batch, heads, n_new, head_dim)` (after RoPE), if wanted."""
 
     def truncate(self, seq: int, length: int) -> None:
         """Keep only the first `length` tokens of `seq` (speculative-decoding rollback)."""

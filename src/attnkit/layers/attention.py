@@ -66,6 +66,8 @@ class Attention(nn.Module):
         q = apply_rotary(q, ctx.cos, ctx.sin, interleaved=ctx.interleaved)
         k = apply_rotary(k, ctx.cos, ctx.sin, interleaved=ctx.interleaved)
         if ctx.cache is not None:
+            if ctx.cache.wants_queries:
+                ctx.cache.record_queries(self.layer_idx, q)
             k, v = ctx.cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, ctx.mask, backend=self.backend)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
