@@ -155,3 +155,33 @@ def test_tiled_block_size_one_is_the_limit_and_works():
     got = attnkit.attention(q, k, v, masks.causal(), backend=TiledBackend(1, 1))
     want = attnkit.attention(q, k, v, masks.causal(), backend="reference")
     assert (got - want).abs().max() < 1e-12
+
+
+def test_q_with_no_heads():
+    q, k, v = qkv()
+    with pytest.raises(
+        ValueError, match=r"q must have at least one head, got shape \(2, 0, 5, 8\)"
+    ):
+        attnkit.attention(q[:, :0], k, v)
+
+
+def test_integer_like_q_offset_is_accepted():
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv()
+    want = attnkit.attention(q, k, v, masks.causal(), q_offset=1)
+    assert torch.equal(attnkit.attention(q, k, v, masks.causal(), q_offset=np.int64(1)), want)
+
+
+def test_merge_attention_names_the_part_with_the_wrong_shape():
+    out, lse = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match=r"part 1: out has shape \(1, 2, 3, 5\)"):
+        attnkit.merge_attention([(out, lse), (torch.zeros(1, 2, 3, 5), lse)])
+    with pytest.raises(ValueError, match=r"part 1: lse has shape \(1, 2, 4\), expected"):
+        attnkit.merge_attention([(out, lse), (out, torch.zeros(1, 2, 4))])
+
+
+def test_registering_a_taken_backend_name_needs_replace():
+    from attnkit.ops.backends import ReferenceBackend, register
+
+    with pytest.raises(ValueError, match="'reference' is already registered; pass replace=True"):
+        register(ReferenceBackend())

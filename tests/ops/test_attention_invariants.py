@@ -123,7 +123,28 @@ def test_zero_length_queries_and_keys_have_defined_results(backend):
     assert out[0].eq(0).all() and max_err(out[1:], attnkit.attention(q[1:], k[1:], v[1:])) < 1e-6
 
 
-@pytest.mark.parametrize("backend", ["reference", "tiled", TiledBackend(3, 4), "sdpa"])
+@pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize(
+    ("mask", "n_q", "q_offset"),
+    [(masks.sliding_window(8), 5, None), (masks.causal(), 5, 10)],
+    ids=["decode-window", "q_offset-unused-cache-slots"],
+)
+def test_nan_in_keys_no_query_sees_does_not_leak(backend, mask, n_q, q_offset):
+    """Regression: flex used to let NaN in hidden keys (old window keys, unused cache
+    slots past the queries) reach the output."""
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = random_qkv(gen, n_q=n_q, n_k=40)
+    clean = attnkit.attention(q, k, v, mask, backend=backend, q_offset=q_offset)
+    seen = mask.dense(n_q, 40, q_offset)[0, 0].any(0)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, ~seen], v_bad[:, :, ~seen] = math.nan, math.nan
+    assert (~seen).any()
+    assert torch.equal(
+        clean, attnkit.attention(q, k_bad, v_bad, mask, backend=backend, q_offset=q_offset)
+    )
+
+
+@pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
 @pytest.mark.parametrize("left", [False, True])
 def test_nan_in_padded_key_slots_does_not_leak(backend, left):
     gen = torch.Generator().manual_seed(9)
@@ -188,6 +209,47 @@ def test_tiled_peak_memory_grows_linearly_while_reference_grows_quadratically():
     assert reference_growth >= 10.0  # the measurement does see quadratic growth
     scores_bytes = 4 * large * large * 4  # one float32 score matrix, 4 heads
     assert peak("tiled", large) < scores_bytes / 8
+
+
+def test_auto_does_not_pick_tiled_when_per_sequence_masks_leave_nothing_to_skip():
+    """Regression: auto averaged tile density over the batch, but tiled skips a tile only
+    when it is empty for every sequence; four sequences keeping different quarters of the
+    keys left tiled nothing to skip (and 3x slower than sdpa)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = random_qkv(gen, batch=4, n_q=2048, n_k=2048, head_dim=8)
+    blocks = 2048 // 128
+    layout = torch.zeros(4, blocks, blocks, dtype=torch.bool)
+    for b in range(4):
+        layout[b, :, b * blocks // 4 : (b + 1) * blocks // 4] = True
+    problem = attnkit.ops.problem.make_problem(
+        q, k, v, masks.block_sparse(layout, 128), None, None, None, False
+    )
+    assert attnkit.choose_backend(problem).name == "sdpa"
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", "sdpa"])
+def test_a_problem_where_nothing_is_visible_still_backpropagates_zero(backend):
+    """Regression: the all-masked shortcut returned zeros detached from autograd."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (t.requires_grad_(True) for t in random_qkv(gen, n_q=3, n_k=4))
+    out = attnkit.attention(q, k, v, masks.padding([0, 0]), backend=backend)
+    out.sum().backward()
+    assert out.eq(0).all() and all(t.grad.eq(0).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
+def test_batch_of_zero_sequences_gives_an_empty_result(backend):
+    """Regression: tiled failed to reshape a batch of 0."""
+    q, k, v = random_qkv(torch.Generator().manual_seed(13), batch=0, n_q=5, n_k=5)
+    out = attnkit.attention(q, k, v, masks.causal(), backend=backend)
+    assert out.shape == (0, 9, 5, 16)
+
+
+@pytest.mark.parametrize("backend", WITH_LSE, ids=WITH_LSE_IDS)
+def test_lse_is_float32_for_half_inputs_on_every_backend(backend):
+    q, k, v = random_qkv(torch.Generator().manual_seed(14), n_q=4, n_k=6, dtype=torch.bfloat16)
+    _, lse = attnkit.attention(q, k, v, masks.causal(), backend=backend, return_lse=True)
+    assert lse.dtype == torch.float32
 
 
 def test_auto_picks_tiled_for_sparse_masks_and_lse_and_sdpa_for_dense():

@@ -60,7 +60,9 @@ def choose_backend(problem: AttentionProblem) -> Backend:
         summary = problem.mask.block_summary(
             problem.n_q, problem.n_k, blocks.block_q, blocks.block_k, problem.q_offset
         )
-        if summary.density <= SPARSE_MAX_DENSITY:
+        # tiled skips a tile only if it is empty for every sequence of the batch
+        computed = summary.nonempty.any(0).float().mean().item()
+        if computed <= SPARSE_MAX_DENSITY:
             return tiled
     return sdpa
 

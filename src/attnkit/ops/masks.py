@@ -12,8 +12,9 @@ Every mask gives two views:
   backends skip empty tiles and drop the mask on full ones, which is what makes a sliding
   window cost O(N·W) instead of O(N²).
 
-Which masks include causality: `causal`, `sliding_window`, `strided`, `sinks` and
-`prefix_lm` describe what a query sees of the past (and so never see the future);
+Which masks include causality: `causal`, `sliding_window`, `strided` and `sinks` describe
+what a query sees of the past (and so never see the future); `prefix_lm` is causal after
+a bidirectional prefix (prefix rows also see later prefix keys);
 `chunked`, `document`, `padding`, `block_sparse` and dense tensors do not — combine them
 with `causal() & ...` for a decoder.
 
@@ -548,9 +549,9 @@ class _BlockSparse(Mask):
     def __init__(self, layout: Tensor, block_size: int) -> None:
         if not isinstance(layout, Tensor) or layout.dtype != torch.bool:
             raise TypeError(f"layout must be a boolean tensor, got {_describe(layout)}")
-        if layout.dim() not in (2, 3):
+        if layout.dim() not in (2, 3) or layout.numel() == 0:
             raise ValueError(
-                f"layout must be (q_blocks, k_blocks) or (batch, q_blocks, k_blocks), "
+                f"layout must be a non-empty (q_blocks, k_blocks) or (batch, q_blocks, k_blocks), "
                 f"got shape {tuple(layout.shape)}"
             )
         self.layout = layout.reshape(-1, *layout.shape[-2:])

@@ -15,6 +15,16 @@ def merge_attention(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]
     """
     if not parts:
         raise ValueError("parts must hold at least one (out, lse) pair, got none")
+    out_shape = parts[0][0].shape
+    for i, (out, lse) in enumerate(parts):
+        if out.shape != out_shape:
+            raise ValueError(
+                f"part {i}: out has shape {tuple(out.shape)}, part 0 has {tuple(out_shape)}"
+            )
+        if lse.shape != out.shape[:-1]:
+            raise ValueError(
+                f"part {i}: lse has shape {tuple(lse.shape)}, expected {tuple(out.shape[:-1])}"
+            )
     lses = torch.stack([lse for _, lse in parts])  # (P, ..., n_q)
     total = torch.logsumexp(lses, dim=0)
     safe_total = torch.where(torch.isinf(total), 0.0, total)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,25 @@ class AttentionProblem:
         return Geometry(self.n_q, self.n_k, self.q_offset)
 
     def empty_result(self) -> tuple[Tensor, Tensor]:
-        """Zeros and lse -inf: the answer for rows that see no key."""
+        """Zeros and lse -inf: the answer when no query sees any key.
+
+        Stays attached to autograd when the inputs require grad, so backward gives 0.
+        """
         out = self.q.new_zeros(self.batch, self.heads, self.n_q, self.v.shape[-1])
+        if any(t.requires_grad for t in (self.q, self.k, self.v)):
+            out = out + 0 * (self.q.sum() + self.k.sum() + self.v.sum())
         lse = torch.full(
-            (self.batch, self.heads, self.n_q), -math.inf, dtype=torch.float32, device=out.device
+            (self.batch, self.heads, self.n_q),
+            -math.inf,
+            dtype=lse_dtype(self.q.dtype),
+            device=out.device,
         )
-        return out, lse.to(torch.float64) if self.q.dtype == torch.float64 else lse
+        return out, lse
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp is float32 (float64 for float64 inputs), whatever the input precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_tensor(name: str, t: object) -> Tensor:
@@ -82,7 +96,7 @@ def _check_tensor(name: str, t: object) -> Tensor:
 
 
 def _positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
@@ -111,6 +125,8 @@ def make_problem(
         )
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k has {k.shape[1]} heads but v has {v.shape[1]}; they must match")
+    if q.shape[1] == 0:
+        raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
             f"q has {q.shape[1]} heads, which is not a multiple of the {k.shape[1]} KV heads "
@@ -128,8 +144,10 @@ def make_problem(
 
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else _positive_float("scale", scale)
     softcap = None if softcap is None else _positive_float("softcap", softcap)
-    if q_offset is not None and (isinstance(q_offset, bool) or not isinstance(q_offset, int)):
-        raise TypeError(f"q_offset must be an int or None, got {type(q_offset).__name__}")
+    if q_offset is not None:
+        if isinstance(q_offset, bool) or not isinstance(q_offset, numbers.Integral):
+            raise TypeError(f"q_offset must be an int or None, got {type(q_offset).__name__}")
+        q_offset = int(q_offset)
     geo = Geometry.aligned(q.shape[2], k.shape[2], q_offset)
 
     if mask is not None:

@@ -27,8 +27,17 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 
 
-def register(backend: Backend) -> Backend:
-    """Make `backend` available by name (optional backends call this only if importable)."""
+def register(backend: Backend, *, replace: bool = False) -> Backend:
+    """Make `backend` available by name (optional backends call this only if importable).
+
+    Replacing an existing name changes what every caller (and `auto`) gets, so it must be
+    asked for with `replace=True`.
+    """
+    if backend.name in _REGISTRY and not replace:
+        raise ValueError(
+            f"a backend named {backend.name!r} is already registered; pass replace=True "
+            "to replace it"
+        )
     _REGISTRY[backend.name] = backend
     return backend
 

@@ -2,8 +2,8 @@
 
 Compiled on CUDA, where it generates a fused block-sparse kernel. On CPU it runs eagerly
 (unfused, for correctness checks): compiling there takes about a minute per shape, so
-`auto` never picks it on CPU. Unlike the other backends it does not zero keys that no
-query may see, so NaN stored in masked-out slots can reach the output.
+`auto` never picks it on CPU. Like the other backends, keys that no query may see are
+zeroed first (found a chunk of rows at a time), so NaN stored there cannot leak.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from attnkit.ops.backends.base import Backend
+from attnkit.ops.backends.common import unseen_keys, zero_keys
 from attnkit.ops.problem import AttentionProblem
 
 try:
@@ -53,7 +54,9 @@ class FlexBackend(Backend):
 
     def run(self, p: AttentionProblem) -> tuple[Tensor, Tensor]:
         block_mask = None
+        k, v = p.k, p.v
         if p.mask is not None:
+            k, v = zero_keys(k, v, unseen_keys(p))
             mask, geo = p.mask, p.geometry
 
             def mask_mod(b, h, q_idx, kv_idx):
@@ -75,8 +78,8 @@ class FlexBackend(Backend):
             )
             out, lse = self._kernel(p.q.device)(
                 p.q,
-                p.k,
-                p.v,
+                k,
+                v,
                 score_mod=score_mod,
                 block_mask=block_mask,
                 scale=p.scale,

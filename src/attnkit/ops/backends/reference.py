@@ -9,7 +9,7 @@ from torch import Tensor
 
 from attnkit.ops.backends.base import Backend
 from attnkit.ops.backends.common import zero_unseen_keys
-from attnkit.ops.problem import AttentionProblem
+from attnkit.ops.problem import AttentionProblem, lse_dtype
 
 
 class ReferenceBackend(Backend):
@@ -32,4 +32,4 @@ class ReferenceBackend(Backend):
         lse = torch.logsumexp(scores, dim=-1)
         # A row that sees nothing has lse -inf; subtracting 0 instead gives weights exp(-inf)=0.
         weights = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse).unsqueeze(-1))
-        return weights @ v, lse
+        return weights @ v, lse.to(lse_dtype(p.q.dtype))
