@@ -98,8 +98,14 @@ class KVCache:
         return seq
 
     # -- protocol (subclasses implement) ------------------------------------------------
-    def prepare(self, seq_ids: list[int] | tuple[int, ...], n_new: int) -> CacheStep:
-        """Reserve `n_new` slots for each sequence; the step every layer's update uses."""
+    def prepare(
+        self, seq_ids: list[int] | tuple[int, ...], n_new: int, token_ids: Tensor | None = None
+    ) -> CacheStep:
+        """Reserve `n_new` slots for each sequence; the step every layer's update uses.
+
+        `token_ids` `(batch, n_new)`, when given, are the tokens being cached; caches that
+        share prefixes between requests (paged) hash them, the others ignore them.
+        """
         raise NotImplementedError
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -64,7 +64,7 @@ class ContiguousCache(KVCache):
             raise CacheFull(f"all {self.max_seqs} sequence slots are in use", needed=1)
         self._slot[seq] = self._free_slots.pop(0)
 
-    def prepare(self, seq_ids, n_new: int) -> CacheStep:
+    def prepare(self, seq_ids, n_new: int, token_ids: Tensor | None = None) -> CacheStep:
         seq_ids = self._check_step(seq_ids, n_new)
         start = [self._lengths[s] for s in seq_ids]
         needed = max(start) + n_new

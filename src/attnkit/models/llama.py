@@ -194,7 +194,7 @@ class Transformer(nn.Module):
                     f"input_ids has batch {b} but seq_ids names {len(seq_ids)} sequences "
                     f"{list(seq_ids)}; pass seq_ids= with one sequence per row"
                 )
-            step = cache.prepare(seq_ids, t)
+            step = cache.prepare(seq_ids, t, token_ids=input_ids)
             mask, default_positions = step.mask, step.positions
         else:
             mask = causal()
