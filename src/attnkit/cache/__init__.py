@@ -2,5 +2,18 @@
 
 from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.contiguous import ContiguousCache
+from attnkit.cache.eviction import H2OCache, StreamingLLMCache
+from attnkit.cache.quantized import QuantizedCache
+from attnkit.cache.window import SlidingWindowCache
 
-__all__ = ["CacheFull", "CacheStep", "ContiguousCache", "KVCache", "causal_step_mask"]
+__all__ = [
+    "CacheFull",
+    "CacheStep",
+    "ContiguousCache",
+    "H2OCache",
+    "KVCache",
+    "QuantizedCache",
+    "SlidingWindowCache",
+    "StreamingLLMCache",
+    "causal_step_mask",
+]

@@ -82,7 +82,7 @@ class ContiguousCache(KVCache):
         step = self._check_update(layer, k, v, self.n_layers)
         slots = [self._slot[s] for s in step.seq_ids]
         slot_idx = torch.tensor(slots, device=self.k.device).view(-1, 1)
-        positions = step.positions
+        positions = self._storage_positions(step)
         # Advanced indices on dims 0 and 2 come first: the target is (batch, n_new, heads, dim).
         self.k[layer][slot_idx, :, positions] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layer][slot_idx, :, positions] = v.transpose(1, 2).to(self.v.dtype)
@@ -91,6 +91,13 @@ class ContiguousCache(KVCache):
             return self.k[layer, rows, :, : step.kv_len], self.v[layer, rows, :, : step.kv_len]
         index = slot_idx.view(-1)
         return self.k[layer, index, :, : step.kv_len], self.v[layer, index, :, : step.kv_len]
+
+    def _storage_positions(self, step: CacheStep) -> Tensor:
+        """(batch, n_new) buffer indices the step's tokens are written at: their positions.
+
+        Caches that pack kept tokens (eviction) write elsewhere than the RoPE position.
+        """
+        return step.positions
 
     def truncate(self, seq: int, length: int) -> None:
         self._check_truncate(seq, length)

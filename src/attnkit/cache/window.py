@@ -1,0 +1,152 @@
+"""Ring-buffer K/V for sliding-window attention, optionally with attention sinks.
+
+A query at position p sees the keys at positions p-window+1 .. p (itself included) plus the
+first `sinks` keys: the mask `sliding_window(window) | sinks(sinks)`. Older keys are never
+needed again, so each sequence keeps a fixed number of slots and memory does not grow with
+its length. The sinks are StreamingLLM's (Xiao et al., "Efficient Streaming Language Models
+with Attention Sinks", 2023): the first tokens soak up attention mass, and keeping them is
+what lets a windowed model stream past its training length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnkit.cache.base import CacheStep
+from attnkit.cache.contiguous import ContiguousCache, _check_positive
+from attnkit.ops.masks import from_tensor
+
+
+class SlidingWindowCache(ContiguousCache):
+    """The first `sinks` tokens plus a ring of the recent ones, with each slot's position.
+
+    Slots `[0, sinks)` hold positions `0 .. sinks-1`; the ring holds the others, position p
+    in slot `sinks + (p - sinks) % ring`. A step of n new tokens needs the `window - 1`
+    tokens before its first one plus the n new ones at once, so the ring has
+    `window - 1 + max_new_per_step` slots: writing a step never overwrites a key one of its
+    queries still sees. Between steps the slack holds stale keys, hidden by the mask.
+
+    Because slots are reused, keys sit out of order; that is fine because RoPE was applied
+    before caching (keys carry their positions) and the step's mask is built from the
+    stored positions. Storage per layer is `(max_seqs, kv_heads, capacity, head_dim)` for K
+    and V, `capacity = sinks + window - 1 + max_new_per_step`, plus a `(max_seqs, capacity)`
+    int64 table of positions; `nbytes` counts all three and does not depend on length.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        window: int,
+        sinks: int = 0,
+        max_seqs: int = 1,
+        max_new_per_step: int = 512,
+        v_head_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        _check_positive("window", window)
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"sinks must be an integer >= 0, got {sinks!r}")
+        _check_positive("max_new_per_step", max_new_per_step)
+        self.window, self.sinks, self.max_new_per_step = window, sinks, max_new_per_step
+        self.ring = window - 1 + max_new_per_step
+        super().__init__(
+            n_layers,
+            kv_heads,
+            head_dim,
+            max_seqs=max_seqs,
+            max_len=sinks + self.ring,
+            v_head_dim=v_head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        # Absolute position held by each slot of each sequence; -1 marks an empty slot.
+        self.slot_positions = torch.full(
+            (max_seqs, self.capacity), -1, dtype=torch.long, device=self.k.device
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.slot_positions.untyped_storage().nbytes()
+
+    def _claim(self, seq: int) -> None:
+        super()._claim(seq)
+        self.slot_positions[self._slot[seq]] = -1  # a reused slot must not show old keys
+
+    def _ring_slot(self, positions: Tensor) -> Tensor:
+        sinks = self.sinks
+        return torch.where(positions < sinks, positions, sinks + (positions - sinks) % self.ring)
+
+    def prepare(self, seq_ids, n_new: int, token_ids: Tensor | None = None) -> CacheStep:
+        seq_ids = self._check_step(seq_ids, n_new)
+        if n_new > self.max_new_per_step:
+            raise ValueError(
+                f"n_new={n_new} is more than max_new_per_step={self.max_new_per_step}: the "
+                f"ring holds window - 1 old tokens plus at most that many new ones; prefill "
+                f"in chunks of at most {self.max_new_per_step} tokens"
+            )
+        device = self.k.device
+        start = torch.tensor([self._lengths[s] for s in seq_ids], device=device)
+        self._rows = torch.tensor([self._slot[s] for s in seq_ids], device=device)
+        new_pos = start.view(-1, 1) + torch.arange(n_new, device=device)  # (batch, n_new)
+        self._write = self._ring_slot(new_pos)
+        self.slot_positions[self._rows.view(-1, 1), self._write] = new_pos
+        # Position p < capacity sits in slot p, so slots past the longest sequence are empty.
+        kv_len = min(self.capacity, int(start.max()) + n_new)
+        stored = self.slot_positions[self._rows, :kv_len].unsqueeze(1)  # (batch, 1, kv_len)
+        query = new_pos.unsqueeze(-1)  # (batch, n_new, 1)
+        visible = (
+            (stored >= 0)
+            & (stored <= query)
+            & ((query - stored < self.window) | (stored < self.sinks))
+        )
+        mask = None if bool(visible.all()) else from_tensor(visible.unsqueeze(1))
+        for seq in seq_ids:
+            self._lengths[seq] += n_new
+        self.step = CacheStep(seq_ids, start, n_new, kv_len, mask)
+        return self.step
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        step = self._check_update(layer, k, v, self.n_layers)
+        rows = self._rows.view(-1, 1)
+        # Advanced indices on dims 0 and 2 come first: the target is (batch, n_new, heads, dim).
+        self.k[layer][rows, :, self._write] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][rows, :, self._write] = v.transpose(1, 2).to(self.v.dtype)
+        view = (layer, self._rows, slice(None), slice(None, step.kv_len))
+        return self.k[view], self.v[view]
+
+    def kept_positions(self, seq: int) -> Tensor:
+        """Ascending positions that the next token of `seq` will see besides itself."""
+        n, stored = self.length(seq), self.slot_positions[self._slot[seq]]
+        kept = (stored >= 0) & ((stored < self.sinks) | (stored > n - self.window))
+        return stored[kept].sort().values
+
+    def truncate(self, seq: int, length: int) -> None:
+        """Roll `seq` back to `length` tokens, if the keys its next query needs are still here.
+
+        The ring keeps the last `ring` positions; rolling back by at most `max_new_per_step`
+        tokens (or any amount before the ring first wraps) always works.
+        """
+        self._check_truncate(seq, length)
+        current = self._lengths[seq]
+        oldest_needed = max(self.sinks, length - self.window + 1)
+        oldest_stored = max(self.sinks, current - self.ring)
+        if oldest_needed < length and oldest_needed < oldest_stored:
+            raise ValueError(
+                f"cannot truncate sequence {seq} from {current} to {length} tokens: the next "
+                f"query needs the key at position {oldest_needed}, but the ring now starts at "
+                f"position {oldest_stored}; a window cache can roll back at most "
+                f"max_new_per_step={self.max_new_per_step} tokens"
+            )
+        stored = self.slot_positions[self._slot[seq]]
+        stored[stored >= length] = -1
+        self._lengths[seq] = length
+
+    def fork(self, seq: int) -> int:
+        child = super().fork(seq)  # copies K/V (every slot: the ring may have wrapped)
+        self.slot_positions[self._slot[child]] = self.slot_positions[self._slot[seq]]
+        return child
