@@ -3,6 +3,7 @@
 from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.contiguous import ContiguousCache
 from attnkit.cache.eviction import H2OCache, StreamingLLMCache
+from attnkit.cache.paged import PagedCache
 from attnkit.cache.quantized import QuantizedCache
 from attnkit.cache.window import SlidingWindowCache
 
@@ -12,6 +13,7 @@ __all__ = [
     "ContiguousCache",
     "H2OCache",
     "KVCache",
+    "PagedCache",
     "QuantizedCache",
     "SlidingWindowCache",
     "StreamingLLMCache",

@@ -76,8 +76,12 @@ class KVCache:
         self.step: CacheStep | None = None
 
     # -- sequences ----------------------------------------------------------------------
-    def add_sequence(self) -> int:
-        """A new, empty sequence; returns its id."""
+    def add_sequence(self, token_ids=None) -> int:
+        """A new, empty sequence; returns its id.
+
+        `token_ids` (the prompt) lets caches that share prefixes (paged) start the sequence
+        with already cached blocks; `length(seq)` then says how many tokens were reused.
+        """
         seq = self._next_id
         self._next_id += 1
         self._claim(seq)

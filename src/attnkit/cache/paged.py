@@ -1,0 +1,334 @@
+"""Paged K/V cache: one pool of fixed-size blocks shared by every sequence (PagedAttention).
+
+Each sequence owns a block table, the list of blocks holding its tokens in order: token t
+lives in block `table[t // block_size]` at offset `t % block_size`. Memory is taken a block
+at a time as tokens arrive and given back when a sequence is truncated or freed. Forks
+share blocks by reference count and copy a block only when one of them writes into it
+(copy-on-write). Full blocks whose token ids are known are indexed by a chain hash, so a
+new request with the same prompt prefix starts from those blocks instead of recomputing
+them (prefix caching). See Kwon et al., "Efficient Memory Management for Large Language
+Model Serving with PagedAttention" (2023), and nano-vllm's block manager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
+from attnkit.cache.block_pool import BlockPool, chain_hash
+
+
+@dataclass(frozen=True)
+class PagedStep(CacheStep):
+    """A `CacheStep` plus where its tokens live in the pool (paged kernels can read these)."""
+
+    block_table: Tensor  # (batch, ceil(kv_len / block_size)); short rows padded with block 0
+    slot_blocks: Tensor  # (batch, n_new) block of each new token
+    slot_offsets: Tensor  # (batch, n_new) offset of each new token inside its block
+
+
+@dataclass
+class _Sequence:
+    blocks: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # known token ids: a prefix of the sequence
+    hashes: list[bytes] = field(default_factory=list)  # chain hash of each full known block
+
+
+class PagedCache(KVCache):
+    """K/V of every layer in `(n_layers, num_blocks, block_size, kv_heads, head_dim)` pools.
+
+    A block id covers the same token range in every layer. Blocks-then-tokens layout means a
+    gather by block table gives `(batch, n_blocks * block_size, kv_heads, d)` contiguous, and
+    `.transpose(1, 2)` is the attention view without a second copy. `prepare` is
+    all-or-nothing: if the batch's new blocks and copy-on-write copies do not fit, it raises
+    `CacheFull` and changes nothing. `seed` shuffles the free list (tests).
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        v_head_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("n_layers", n_layers),
+            ("kv_heads", kv_heads),
+            ("head_dim", head_dim),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+        ):
+            _check_positive(name, value)
+        if v_head_dim is not None:
+            _check_positive("v_head_dim", v_head_dim)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (n_layers, num_blocks, block_size, kv_heads)
+        self.k_pool = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self.v_pool = torch.zeros(*shape, self.v_head_dim, dtype=dtype, device=device)
+        self.pool = BlockPool(num_blocks, seed=seed)
+        self._seqs: dict[int, _Sequence] = {}
+        # Full blocks written by the current step, indexed only once every layer holds their
+        # K/V: a step abandoned half-way must not leave lookups pointing at garbage.
+        self._pending: list[tuple[int, bytes]] = []
+        self._layers_written: set[int] = set()
+
+    # -- accounting ---------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return self.k_pool.untyped_storage().nbytes() + self.v_pool.untyped_storage().nbytes()
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes one block takes across all layers, K and V."""
+        return self.nbytes // self.num_blocks
+
+    @property
+    def used_nbytes(self) -> int:
+        """Bytes of the blocks sequences reference now (whole blocks, shared ones once)."""
+        return self.pool.num_used * self.block_nbytes
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks a step may take now: free ones plus cached ones it may evict."""
+        return self.pool.num_available
+
+    def block_table(self, seq: int) -> list[int]:
+        return list(self._seqs[self._known(seq)].blocks)
+
+    # -- sequences ----------------------------------------------------------------------
+    def add_sequence(self, token_ids: Tensor | list[int] | None = None) -> int:
+        """A new sequence; with its prompt's `token_ids`, it starts from cached prefix blocks.
+
+        The longest run of full prompt blocks found in the prefix index is shared, leaving at
+        least one prompt token to compute (the caller needs its logits); `length(seq)` is the
+        number of tokens reused, and the caller prefills `token_ids[length(seq):]`.
+        """
+        prompt = None if token_ids is None else _token_row(token_ids, "token_ids")
+        seq = super().add_sequence()
+        state = self._seqs[seq] = _Sequence()
+        if prompt:
+            bs = self.block_size
+            for i in range((len(prompt) - 1) // bs):
+                key = chain_hash(state.hashes[-1] if i else b"", prompt[i * bs : (i + 1) * bs])
+                block = self.pool.lookup(key)
+                if block is None:
+                    break
+                self.pool.share(block)
+                state.blocks.append(block)
+                state.hashes.append(key)
+            state.tokens = prompt[: len(state.blocks) * bs]
+        self._lengths[seq] = len(state.tokens)
+        return seq
+
+    def fork(self, seq: int) -> int:
+        parent = self._seqs[self._known(seq)]
+        child = super().add_sequence()
+        for block in parent.blocks:
+            self.pool.share(block)
+        self._seqs[child] = _Sequence(list(parent.blocks), list(parent.tokens), list(parent.hashes))
+        self._lengths[child] = self._lengths[seq]
+        return child
+
+    def truncate(self, seq: int, length: int) -> None:
+        self._check_truncate(seq, length)
+        self._end_step_if_involves(seq)
+        state = self._seqs[seq]
+        keep = -(-length // self.block_size)
+        for block in reversed(state.blocks[keep:]):  # tail first: it is evicted first
+            self.pool.release(block)
+        del state.blocks[keep:]
+        del state.tokens[length:]
+        del state.hashes[len(state.tokens) // self.block_size :]
+        self._lengths[seq] = length
+
+    def free(self, seq: int) -> None:
+        self._known(seq)
+        self._end_step_if_involves(seq)
+        for block in reversed(self._seqs.pop(seq).blocks):
+            self.pool.release(block)
+        del self._lengths[seq]
+
+    # -- a step ---------------------------------------------------------------------------
+    def prepare(self, seq_ids, n_new: int, token_ids: Tensor | None = None) -> PagedStep:
+        """Reserve blocks for `n_new` tokens of each sequence; see `KVCache.prepare`.
+
+        `token_ids` (`(batch, n_new)` tensor or nested lists; a row may be None) lets the
+        blocks these tokens fill be indexed for prefix caching.
+        """
+        seq_ids = self._check_step(seq_ids, n_new)
+        rows = _token_rows(token_ids, len(seq_ids), n_new)
+        grow, copy = self._plan(seq_ids, n_new)
+        needed, available = sum(grow) + sum(copy), self.pool.num_available
+        if needed > available:
+            whole = f" (the whole pool has {self.num_blocks})" if needed > self.num_blocks else ""
+            raise CacheFull(
+                f"this step needs {needed} blocks ({sum(grow)} new, {sum(copy)} copy-on-write)"
+                f"{whole} but {available} are free",
+                needed=needed,
+                available=available,
+            )
+        # From here on nothing can fail: the whole batch fits.
+        bs, start = self.block_size, [self._lengths[s] for s in seq_ids]
+        self._pending, self._layers_written = [], set()
+        for seq, begin, n_grow, cow, row in zip(seq_ids, start, grow, copy, rows, strict=True):
+            state = self._seqs[seq]
+            if begin % bs:  # writing into the last, partly filled block
+                last = state.blocks[-1]
+                if cow:  # shared: give this writer its own copy, the other holders keep theirs
+                    state.blocks[-1] = self._copy_block(last)
+                    self.pool.release(last)
+                else:  # ours alone: its indexed contents are about to change
+                    self.pool.unregister(last)
+            state.blocks.extend(self.pool.allocate() for _ in range(n_grow))
+            if row is not None and len(state.tokens) == begin:
+                state.tokens.extend(row)
+                self._hash_full_blocks(state)
+            self._lengths[seq] = begin + n_new
+        self.step = self._make_step(seq_ids, start, n_new)
+        return self.step
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        step = self._check_update(layer, k, v, self.n_layers)
+        if not isinstance(step, PagedStep):
+            raise RuntimeError("update() needs a step from this cache's prepare()")
+        for name, t, dim in (("k", k, self.head_dim), ("v", v, self.v_head_dim)):
+            if t.shape[1] != self.kv_heads or t.shape[3] != dim:
+                raise ValueError(
+                    f"{name} must have kv_heads={self.kv_heads} and head_dim={dim}, "
+                    f"got {tuple(t.shape)}"
+                )
+        views = []
+        for pool, new in ((self.k_pool[layer], k), (self.v_pool[layer], v)):
+            # Advanced indices (batch, n_new) on (block, offset): target (batch, n_new, heads, d).
+            pool[step.slot_blocks, step.slot_offsets] = new.transpose(1, 2).to(pool.dtype)
+            gathered = pool[step.block_table].flatten(1, 2)  # (batch, blocks * bs, heads, d)
+            views.append(gathered[:, : step.kv_len].transpose(1, 2))
+        self._layers_written.add(layer)
+        if len(self._layers_written) == self.n_layers:
+            for block, key in self._pending:
+                self.pool.register(block, key)
+            self._pending = []
+        return views[0], views[1]
+
+    # -- helpers --------------------------------------------------------------------------
+    def _plan(self, seq_ids: tuple[int, ...], n_new: int) -> tuple[list[int], list[int]]:
+        """Per sequence: blocks to allocate, and 1 where its last block needs copy-on-write.
+
+        Two sequences of one batch may share a last block: the first writer copies it, after
+        which the second holds it alone. Counting that way keeps the check exact at the limit.
+        """
+        bs, refs = self.block_size, {}
+        grow, copy = [], []
+        for seq in seq_ids:
+            begin, blocks = self._lengths[seq], self._seqs[seq].blocks
+            grow.append(-(-(begin + n_new) // bs) - len(blocks))
+            cow = 0
+            if begin % bs:
+                last = blocks[-1]
+                refs[last] = refs.get(last, self.pool.ref_counts[last])
+                cow = int(refs[last] > 1)
+                refs[last] -= cow
+            copy.append(cow)
+        return grow, copy
+
+    def _copy_block(self, block: int) -> int:
+        new = self.pool.allocate()
+        self.k_pool[:, new] = self.k_pool[:, block]
+        self.v_pool[:, new] = self.v_pool[:, block]
+        return new
+
+    def _hash_full_blocks(self, state: _Sequence) -> None:
+        """Chain-hash the newly completed blocks of known tokens; index them after the step."""
+        bs = self.block_size
+        for i in range(len(state.hashes), len(state.tokens) // bs):
+            key = chain_hash(state.hashes[-1] if i else b"", state.tokens[i * bs : (i + 1) * bs])
+            state.hashes.append(key)
+            self._pending.append((state.blocks[i], key))
+
+    def _make_step(self, seq_ids: tuple[int, ...], start: list[int], n_new: int) -> PagedStep:
+        device, bs = self.k_pool.device, self.block_size
+        kv_len = max(start) + n_new
+        n_blocks = -(-kv_len // bs)
+        table = torch.zeros(len(seq_ids), n_blocks, dtype=torch.long)
+        for b, seq in enumerate(seq_ids):
+            blocks = self._seqs[seq].blocks
+            table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        start_t = torch.tensor(start, dtype=torch.long)
+        positions = start_t.unsqueeze(1) + torch.arange(n_new)  # (batch, n_new)
+        slot_blocks = table.gather(1, positions // bs)
+        table, start_t = table.to(device), start_t.to(device)
+        return PagedStep(
+            seq_ids,
+            start_t,
+            n_new,
+            kv_len,
+            causal_step_mask(start_t, n_new, kv_len),
+            block_table=table,
+            slot_blocks=slot_blocks.to(device),
+            slot_offsets=(positions % bs).to(device),
+        )
+
+    def _end_step_if_involves(self, seq: int) -> None:
+        # The step's block indices for `seq` may now point at released blocks: forbid updates.
+        if self.step is not None and seq in self.step.seq_ids:
+            self.step, self._pending = None, []
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _token_row(row: object, name: str, length: int | None = None) -> list[int]:
+    """One sequence's token ids as a list of ints (from a 1-D integer tensor or a list)."""
+    if isinstance(row, Tensor):
+        if row.dim() != 1 or not _is_integer(row.dtype):
+            raise ValueError(f"{name} must be a 1-D integer tensor, got {row.dim()}-D {row.dtype}")
+        row = row.tolist()
+    if not isinstance(row, (list, tuple)) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in row
+    ):
+        raise ValueError(f"{name} must be a list of integer token ids, got {row!r:.80}")
+    if length is not None and len(row) != length:
+        raise ValueError(f"{name} must hold n_new={length} token ids, got {len(row)}")
+    return list(row)
+
+
+def _token_rows(token_ids: object, batch: int, n_new: int) -> list[list[int] | None]:
+    """`prepare`'s token_ids as one row per sequence (None: not given for that sequence)."""
+    if token_ids is None:
+        return [None] * batch
+    if isinstance(token_ids, Tensor):
+        if not _is_integer(token_ids.dtype):
+            raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+        if tuple(token_ids.shape) != (batch, n_new):
+            raise ValueError(
+                f"token_ids must be (batch={batch}, n_new={n_new}), got {tuple(token_ids.shape)}"
+            )
+        return token_ids.tolist()
+    if not isinstance(token_ids, (list, tuple)) or len(token_ids) != batch:
+        raise ValueError(
+            f"token_ids must hold one row per sequence ({batch}), got {token_ids!r:.80}"
+        )
+    return [
+        None if row is None else _token_row(row, f"token_ids[{b}]", n_new)
+        for b, row in enumerate(token_ids)
+    ]
