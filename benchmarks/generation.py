@@ -39,17 +39,12 @@ from attnkit.engine.speculative import (
 )
 from attnkit.models import load_model
 from attnkit.models.loading import smollm2_path
+from attnkit.tools.measure import median_seconds
 
 
 def median_time(fn, repeats: int) -> float:
     """Median seconds of `repeats` timed runs after one untimed warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, repeats=repeats, warmup=1)
 
 
 def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:

@@ -21,6 +21,12 @@ from torch import Tensor
 from attnkit.ops.masks import Mask, causal, from_tensor
 
 
+def check_positive(name: str, value: object) -> None:
+    """Raise ValueError unless `value` is an integer >= 1 (constructor arguments)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 class CacheFull(RuntimeError):
     """Not enough cache capacity for the request; nothing was changed."""
 

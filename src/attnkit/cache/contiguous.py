@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
+from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask, check_positive
 
 
 class ContiguousCache(KVCache):
@@ -38,9 +38,9 @@ class ContiguousCache(KVCache):
             ("max_seqs", max_seqs),
             ("initial_len", initial_len),
         ):
-            _check_positive(name, value)
+            check_positive(name, value)
         if max_len is not None:
-            _check_positive("max_len", max_len)
+            check_positive("max_len", max_len)
         self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
         self.v_head_dim = v_head_dim or head_dim
         self.max_seqs, self.max_len = max_seqs, max_len
@@ -131,8 +131,3 @@ class ContiguousCache(KVCache):
             new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
             new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

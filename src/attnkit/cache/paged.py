@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
+from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask, check_positive
 from attnkit.cache.block_pool import BlockPool, chain_hash
 
 
@@ -68,9 +68,9 @@ class PagedCache(KVCache):
             ("num_blocks", num_blocks),
             ("block_size", block_size),
         ):
-            _check_positive(name, value)
+            check_positive(name, value)
         if v_head_dim is not None:
-            _check_positive("v_head_dim", v_head_dim)
+            check_positive("v_head_dim", v_head_dim)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
@@ -286,11 +286,6 @@ class PagedCache(KVCache):
         # The step's block indices for `seq` may now point at released blocks: forbid updates.
         if self.step is not None and seq in self.step.seq_ids:
             self.step, self._pending = None, []
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _is_integer(dtype: torch.dtype) -> bool:
