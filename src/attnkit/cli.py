@@ -81,6 +81,68 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory(args: argparse.Namespace) -> int:
+    from attnkit.tools.memory import memory_report, parse_size
+    from attnkit.tools.presets import load_spec
+
+    try:
+        spec = load_spec(args.model)
+        gpu = None if args.gpu_memory is None else parse_size(args.gpu_memory)
+        report = memory_report(
+            spec,
+            context=args.context,
+            batch=args.batch,
+            dtype=args.dtype,
+            gpu_bytes=gpu,
+            weights_dtype=args.weights_dtype,
+        )
+    except ValueError as error:
+        Console(stderr=True).print(f"[red]attnkit memory: {error}[/red]")
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+
+    def size(n: int | None) -> str:
+        if n is None:
+            return "unknown"
+        for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if n >= scale:
+                return f"{n / scale:,.2f} {unit}"
+        return f"{n:,} B"
+
+    r = report
+    summary = Table(
+        title=f"{spec.name}: KV cache ({r['dtype']}) and weights ({r['weights_dtype']})"
+    )
+    summary.add_column("quantity")
+    summary.add_column("value", justify="right")
+    summary.add_row("KV bytes per token, per layer", f"{r['kv_bytes_per_token_per_layer']:,}")
+    summary.add_row("KV bytes per token, all layers (uncapped)", f"{r['kv_bytes_per_token']:,}")
+    summary.add_row(f"KV per request at {r['context']:,} tokens", size(r["kv_bytes_per_request"]))
+    summary.add_row(f"KV for a batch of {r['batch']}", size(r["kv_bytes_batch"]))
+    summary.add_row("weights", size(r["weights_bytes"]))
+    if r["gpu_bytes"] is not None:
+        longest = "unbounded" if r["max_context_unbounded"] else f"{r['max_context']:,}"
+        summary.add_row(f"max requests at {r['context']:,} tokens", f"{r['max_batch']:,}")
+        summary.add_row(f"max context for a batch of {r['batch']}", longest)
+    what_if = Table(title=f"what if, at {r['context']:,} tokens per request")
+    for column in ("variant", "KV dtype", "bytes/token", "per request", "saving"):
+        what_if.add_column(column, justify="left" if column == "variant" else "right")
+    for row in r["what_if"]:
+        what_if.add_row(
+            row["variant"],
+            row["dtype"],
+            f"{row['kv_bytes_per_token']:,}",
+            size(row["kv_bytes_per_request"]),
+            f"{row['saving']:.2f}x",
+        )
+    console = Console()
+    console.print(summary)
+    console.print(what_if)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnkit",
@@ -109,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--no-chat", action="store_true", help="use the prompt as raw text")
     gen.set_defaults(handler=_generate)
+
+    mem = commands.add_parser(
+        "memory", help="predict KV-cache and weights memory of a model, with what-if variants"
+    )
+    mem.add_argument("model", help="preset name, config.json (or its directory) or .gguf file")
+    mem.add_argument("--context", type=_positive, default=8192, help="tokens per request (8192)")
+    mem.add_argument("--batch", type=_positive, default=1, help="concurrent requests (1)")
+    kv_dtypes = ("bf16", "fp16", "fp8", "int8", "int4", "fp32")
+    mem.add_argument("--dtype", choices=kv_dtypes, default="bf16", help="KV dtype (bf16)")
+    mem.add_argument("--weights-dtype", choices=kv_dtypes, default="bf16", help="(bf16)")
+    mem.add_argument("--gpu-memory", default=None, help="e.g. 80GB or 24GiB: report the limits")
+    mem.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    mem.set_defaults(handler=_memory)
     return parser
 
 
