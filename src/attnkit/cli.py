@@ -82,64 +82,48 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _memory(args: argparse.Namespace) -> int:
-    from attnkit.tools.memory import memory_report, parse_size
+    from attnkit.tools import memory_tables as tables
+    from attnkit.tools.memory_plot import PLOT_MAX_CONTEXT, plot_memory
+    from attnkit.tools.memory_report import memory_report, parse_size
     from attnkit.tools.presets import load_spec
 
     try:
-        spec = load_spec(args.model)
+        specs = [load_spec(model) for model in args.model]
         gpu = None if args.gpu_memory is None else parse_size(args.gpu_memory)
-        report = memory_report(
-            spec,
-            context=args.context,
-            batch=args.batch,
-            dtype=args.dtype,
-            gpu_bytes=gpu,
-            weights_dtype=args.weights_dtype,
-        )
-    except ValueError as error:
+        reports = [
+            memory_report(
+                spec,
+                context=args.context,
+                batch=args.batch,
+                dtype=args.dtype,
+                gpu_bytes=gpu,
+                weights_dtype=args.weights_dtype,
+                image_tokens=args.image_tokens,
+                variants=args.variant,
+            )
+            for spec in specs
+        ]
+        if args.plot is not None:
+            longest = max(PLOT_MAX_CONTEXT, args.context + args.image_tokens)
+            plot_memory(
+                specs, args.plot, dtype=args.dtype, variants=args.variant, max_context=longest
+            )
+    except (ValueError, OSError) as error:
         Console(stderr=True).print(f"[red]attnkit memory: {error}[/red]")
         return 2
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
         return 0
-
-    def size(n: int | None) -> str:
-        if n is None:
-            return "unknown"
-        for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-            if n >= scale:
-                return f"{n / scale:,.2f} {unit}"
-        return f"{n:,} B"
-
-    r = report
-    summary = Table(
-        title=f"{spec.name}: KV cache ({r['dtype']}) and weights ({r['weights_dtype']})"
-    )
-    summary.add_column("quantity")
-    summary.add_column("value", justify="right")
-    summary.add_row("KV bytes per token, per layer", f"{r['kv_bytes_per_token_per_layer']:,}")
-    summary.add_row("KV bytes per token, all layers (uncapped)", f"{r['kv_bytes_per_token']:,}")
-    summary.add_row(f"KV per request at {r['context']:,} tokens", size(r["kv_bytes_per_request"]))
-    summary.add_row(f"KV for a batch of {r['batch']}", size(r["kv_bytes_batch"]))
-    summary.add_row("weights", size(r["weights_bytes"]))
-    if r["gpu_bytes"] is not None:
-        longest = "unbounded" if r["max_context_unbounded"] else f"{r['max_context']:,}"
-        summary.add_row(f"max requests at {r['context']:,} tokens", f"{r['max_batch']:,}")
-        summary.add_row(f"max context for a batch of {r['batch']}", longest)
-    what_if = Table(title=f"what if, at {r['context']:,} tokens per request")
-    for column in ("variant", "KV dtype", "bytes/token", "per request", "saving"):
-        what_if.add_column(column, justify="left" if column == "variant" else "right")
-    for row in r["what_if"]:
-        what_if.add_row(
-            row["variant"],
-            row["dtype"],
-            f"{row['kv_bytes_per_token']:,}",
-            size(row["kv_bytes_per_request"]),
-            f"{row['saving']:.2f}x",
-        )
     console = Console()
-    console.print(summary)
-    console.print(what_if)
+    if len(reports) == 1:
+        console.print(tables.summary_table(reports[0]))
+    else:
+        console.print(tables.models_table(reports))
+    for report in reports:
+        console.print(tables.windowed_line(report))
+        console.print(tables.what_if_table(report))
+    if args.plot is not None:
+        console.print(f"plot written to {args.plot}")
     return 0
 
 
@@ -175,14 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
     mem = commands.add_parser(
         "memory", help="predict KV-cache and weights memory of a model, with what-if variants"
     )
-    mem.add_argument("model", help="preset name, config.json (or its directory) or .gguf file")
+    mem.add_argument(
+        "model", nargs="+", help="preset names, config.json files (or their directories), .gguf"
+    )
     mem.add_argument("--context", type=_positive, default=8192, help="tokens per request (8192)")
     mem.add_argument("--batch", type=_positive, default=1, help="concurrent requests (1)")
     kv_dtypes = ("bf16", "fp16", "fp8", "int8", "int4", "fp32")
     mem.add_argument("--dtype", choices=kv_dtypes, default="bf16", help="KV dtype (bf16)")
     mem.add_argument("--weights-dtype", choices=kv_dtypes, default="bf16", help="(bf16)")
     mem.add_argument("--gpu-memory", default=None, help="e.g. 80GB or 24GiB: report the limits")
-    mem.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    mem.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="V",
+        help="what-if variant, repeatable: mha, mqa, gqa:KV_HEADS, mla:RANK, window:W, "
+        "window-alternating:W, kv:DTYPE (default: a standard table)",
+    )
+    mem.add_argument(
+        "--image-tokens", type=_non_negative, default=0, help="visual tokens per request (0)"
+    )
+    mem.add_argument("--plot", default=None, metavar="FILE.png", help="KV GiB vs context plot")
+    mem.add_argument(
+        "--json", action="store_true", help="print JSON (a list for several models) instead"
+    )
     mem.set_defaults(handler=_memory)
     return parser
 
@@ -194,6 +194,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 

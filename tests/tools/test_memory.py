@@ -13,25 +13,25 @@ from attnkit.cache.paged import PagedCache
 from attnkit.cache.quantized import QuantizedCache
 from attnkit.cache.window import SlidingWindowCache
 from attnkit.cli import main
+from attnkit.tools.cache_memory import (
+    contiguous_cache_bytes,
+    paged_cache_bytes,
+    paged_pool_bytes,
+    quantized_cache_bytes,
+    window_cache_bytes,
+)
 from attnkit.tools.memory import (
     KVSpec,
-    contiguous_cache_bytes,
     kv_bytes,
     kv_bytes_per_token,
     kv_bytes_per_token_layer,
     max_batch,
     max_context,
-    memory_report,
-    paged_cache_bytes,
-    paged_pool_bytes,
-    parse_size,
-    quantized_cache_bytes,
     weights_bytes,
-    what_if_table,
-    what_if_variants,
-    window_cache_bytes,
 )
+from attnkit.tools.memory_report import memory_report, parse_size
 from attnkit.tools.presets import PRESETS, load_spec, spec_from_gguf, spec_from_hf_config
+from attnkit.tools.variants import what_if_table, what_if_variants
 
 
 # -- worked examples, computed by hand ---------------------------------------------------------
