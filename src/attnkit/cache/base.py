@@ -18,13 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnkit._checks import check_positive_int
 from attnkit.ops.masks import Mask, causal, from_tensor
-
-
-def check_positive(name: str, value: object) -> None:
-    """Raise ValueError unless `value` is an integer >= 1 (constructor arguments)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class CacheFull(RuntimeError):
@@ -154,8 +149,7 @@ class KVCache:
             raise ValueError(f"seq_ids must not repeat a sequence, got {list(seq_ids)}")
         for seq in seq_ids:
             self._known(seq)
-        if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 1:
-            raise ValueError(f"n_new must be an integer >= 1, got {n_new!r}")
+        check_positive_int("n_new", n_new)
         return seq_ids
 
     def _check_update(self, layer: int, k: Tensor, v: Tensor, n_layers: int) -> CacheStep:

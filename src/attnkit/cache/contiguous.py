@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask, check_positive
+from attnkit._checks import check_positive_int
+from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 
 
 class ContiguousCache(KVCache):
@@ -38,9 +39,9 @@ class ContiguousCache(KVCache):
             ("max_seqs", max_seqs),
             ("initial_len", initial_len),
         ):
-            check_positive(name, value)
+            check_positive_int(name, value)
         if max_len is not None:
-            check_positive("max_len", max_len)
+            check_positive_int("max_len", max_len)
         self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
         self.v_head_dim = v_head_dim or head_dim
         self.max_seqs, self.max_len = max_seqs, max_len

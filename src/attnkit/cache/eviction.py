@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.cache.base import CacheStep, causal_step_mask, check_positive
+from attnkit._checks import check_positive_int
+from attnkit.cache.base import CacheStep, causal_step_mask
 from attnkit.cache.contiguous import ContiguousCache
 from attnkit.cache.window import SlidingWindowCache
 
 
 def _check_budget(budget: int, keep: int, keep_name: str) -> None:
-    check_positive("budget", budget)
+    check_positive_int("budget", budget)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
         raise ValueError(f"{keep_name} must be an integer >= 0, got {keep!r}")
     if keep > budget:
@@ -79,7 +80,7 @@ class H2OCache(ContiguousCache):
         device: torch.device | str = "cpu",
     ) -> None:
         _check_budget(budget, recent, "recent")
-        check_positive("max_new_per_step", max_new_per_step)
+        check_positive_int("max_new_per_step", max_new_per_step)
         self.budget, self.recent, self.max_new_per_step = budget, recent, max_new_per_step
         super().__init__(
             n_layers,

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask, check_positive
+from attnkit._checks import check_positive_int
+from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.block_pool import BlockPool, chain_hash
 
 
@@ -68,9 +69,9 @@ class PagedCache(KVCache):
             ("num_blocks", num_blocks),
             ("block_size", block_size),
         ):
-            check_positive(name, value)
+            check_positive_int(name, value)
         if v_head_dim is not None:
-            check_positive("v_head_dim", v_head_dim)
+            check_positive_int("v_head_dim", v_head_dim)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.cache.base import CacheStep, check_positive
+from attnkit._checks import check_positive_int
+from attnkit.cache.base import CacheStep
 from attnkit.cache.contiguous import ContiguousCache
 from attnkit.ops.masks import from_tensor
 
@@ -48,10 +49,10 @@ class SlidingWindowCache(ContiguousCache):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        check_positive("window", window)
+        check_positive_int("window", window)
         if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
             raise ValueError(f"sinks must be an integer >= 0, got {sinks!r}")
-        check_positive("max_new_per_step", max_new_per_step)
+        check_positive_int("max_new_per_step", max_new_per_step)
         self.window, self.sinks, self.max_new_per_step = window, sinks, max_new_per_step
         self.ring = window - 1 + max_new_per_step
         super().__init__(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attnkit._checks import check_positive_int
 from attnkit.engine.sampling import SamplingParams, next_tokens
 
 StreamCallback = Callable[[int, int, str], None]  # (prompt index, token id, new text)
@@ -86,12 +87,7 @@ def generate(
     when its text contains a string of `stop` (the text is cut before it). Each prompt is
     prefilled on its own, then all unfinished ones decode together.
     """
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 1
-    ):
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_positive_int("max_new_tokens", max_new_tokens)
     params = SamplingParams(temperature, top_k, top_p, seed)
     single = isinstance(prompts, str) or (
         len(prompts) > 0 and all(isinstance(t, int) for t in prompts)

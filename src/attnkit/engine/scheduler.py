@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheFull
 from attnkit.engine.sampling import SamplingParams, next_tokens
 
@@ -47,9 +48,8 @@ class Scheduler:
     """Run many requests through one model and one PagedCache, batching their decode steps."""
 
     def __init__(self, model, cache, *, max_batch: int = 32, prefill_chunk: int = 512) -> None:
-        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive_int("max_batch", max_batch)
+        check_positive_int("prefill_chunk", prefill_chunk)
         self.model, self.cache = model, cache
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.waiting: deque[Request] = deque()
@@ -68,12 +68,7 @@ class Scheduler:
         """Queue a request; it joins the batch at the next step with room for it."""
         if not prompt_ids:
             raise ValueError("prompt_ids must hold at least one token")
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 1
-        ):
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_positive_int("max_new_tokens", max_new_tokens)
         sampling = sampling or SamplingParams()
         request = Request(
             len(self.requests),

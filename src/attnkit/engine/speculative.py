@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from attnkit._checks import check_positive_int
 from attnkit.engine.generate import GenerationResult, encode_prompt
 from attnkit.models.llama import Transformer
 
@@ -124,14 +125,8 @@ def speculative_generate(
     stats: SpeculativeStats | None = None,
 ) -> GenerationResult:
     """Greedy generation for one prompt, verified in chunks of `num_draft` drafted tokens."""
-    if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
-        raise ValueError(f"num_draft must be an integer >= 1, got {num_draft!r}")
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 1
-    ):
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_positive_int("num_draft", num_draft)
+    check_positive_int("max_new_tokens", max_new_tokens)
     if stop_token_ids is None:
         eos = getattr(tokenizer, "eos_token_id", None)
         stop_token_ids = () if eos is None else (eos,)

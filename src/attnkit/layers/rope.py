@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from attnkit._checks import check_positive_int
+
 
 def _number(
     where: str, value: Any, low: float, *, inclusive: bool = True, low_name: str = ""
@@ -31,12 +33,6 @@ def _number(
     if not (real and (value >= low if inclusive else value > low)):
         bound = (">= " if inclusive else "> ") + (f"{low_name}={low}" if low_name else f"{low}")
         raise ValueError(f"{where} must be a finite number {bound}, got {value!r}")
-
-
-def _positive_int(where: str, value: Any) -> None:
-    """Raise ValueError unless ``value`` is an int >= 1."""
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{where} must be an integer >= 1, got {value!r}")
 
 
 _POSITIVE_FIELDS = ("beta_slow", "low_freq_factor", "mscale", "mscale_all_dim", "attention_factor")
@@ -66,7 +62,7 @@ class RopeScaling:
         for name in self.__dataclass_fields__:
             where, value = f"{type(self).__name__}.{name}", getattr(self, name)
             if name == "original_max_position_embeddings":
-                _positive_int(where, value)
+                check_positive_int(where, value)
             elif name == "factor":
                 _number(where, value, 1.0)
             elif name in _POSITIVE_FIELDS and value is not None:
@@ -303,7 +299,7 @@ class RotaryEmbedding(nn.Module):
         scaling: RopeScaling | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("RotaryEmbedding.head_dim", head_dim)
+        check_positive_int("RotaryEmbedding.head_dim", head_dim)
         _number("RotaryEmbedding.theta", theta, 1.0, inclusive=False)
         rotary_dim = head_dim if rotary_dim is None else rotary_dim
         if not (

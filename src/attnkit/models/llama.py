@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._checks import check_positive_int
 from attnkit.cache.base import KVCache
 from attnkit.cache.contiguous import ContiguousCache
 from attnkit.layers.attention import Attention, AttentionContext
@@ -51,9 +52,7 @@ class LlamaConfig:
             "num_key_value_heads",
             "max_position_embeddings",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlamaConfig.{name} must be an integer >= 1, got {value!r}")
+            check_positive_int(f"LlamaConfig.{name}", getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"LlamaConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple "

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from attnkit._checks import check_positive_int
 from attnkit.ops.backends.base import Backend
 from attnkit.ops.backends.common import compute_dtype
 from attnkit.ops.problem import AttentionProblem
@@ -30,8 +31,7 @@ class TiledBackend(Backend):
 
     def __init__(self, block_q: int = 128, block_k: int = 128, max_span: int = 2048) -> None:
         for arg, value in (("block_q", block_q), ("block_k", block_k), ("max_span", max_span)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+            check_positive_int(arg, value)
         # block_k is the granularity of skipping; runs of key tiles of the same kind are
         # merged into one matmul of up to max(max_span, block_k) keys.
         self.block_q, self.block_k, self.max_span = block_q, block_k, max(max_span, block_k)
