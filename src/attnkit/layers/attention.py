@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from attnkit.cache.base import KVCache
+from attnkit.cache.contiguous import ContiguousCache
 from attnkit.layers.rope import apply_rotary
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import Mask
@@ -56,6 +57,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.wv = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * head_dim, hidden, bias=out_bias)
+
+    def new_cache(self, n_layers: int, **kwargs) -> KVCache:
+        """A contiguous K/V cache for `n_layers` layers like this one (`Transformer.new_cache`)."""
+        return ContiguousCache(n_layers, self.n_kv_heads, self.head_dim, **kwargs)
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         b, t, _ = x.shape

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import KVCache
-from attnkit.cache.contiguous import ContiguousCache
 from attnkit.layers.attention import Attention, AttentionContext
 from attnkit.layers.rope import RopeScaling, RotaryEmbedding
 from attnkit.ops.masks import causal
@@ -153,13 +152,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = rotary_for(config)
 
-    def new_cache(self, batch: int = 1, **kwargs) -> ContiguousCache:
-        """A contiguous cache shaped for this model, holding `batch` empty sequences."""
+    def new_cache(self, batch: int = 1, **kwargs) -> KVCache:
+        """An empty cache for this model's attention layers, holding `batch` empty sequences.
+
+        Each attention layer kind knows what it stores (K/V, a latent, a recurrent state):
+        the first layer's `new_cache(n_layers, max_seqs=, dtype=, device=, **kwargs)` builds
+        it. Keyword arguments go to that cache (e.g. `initial_len` for K/V caches).
+        """
         p = next(self.parameters())
-        cache = ContiguousCache(
+        cache = self.blocks[0].attn.new_cache(
             self.config.num_hidden_layers,
-            self.config.num_key_value_heads,
-            self.config.head_dim,
             max_seqs=kwargs.pop("max_seqs", batch),
             dtype=kwargs.pop("dtype", p.dtype),
             device=kwargs.pop("device", p.device),
