@@ -2,7 +2,10 @@
 
 from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.contiguous import ContiguousCache
+from attnkit.cache.encoder import EncoderCache
 from attnkit.cache.eviction import H2OCache, StreamingLLMCache
+from attnkit.cache.layered import LayeredCache
+from attnkit.cache.linear_state import LinearStateCache
 from attnkit.cache.paged import PagedCache
 from attnkit.cache.quantized import QuantizedCache
 from attnkit.cache.window import SlidingWindowCache
@@ -11,8 +14,11 @@ __all__ = [
     "CacheFull",
     "CacheStep",
     "ContiguousCache",
+    "EncoderCache",
     "H2OCache",
     "KVCache",
+    "LayeredCache",
+    "LinearStateCache",
     "PagedCache",
     "QuantizedCache",
     "SlidingWindowCache",

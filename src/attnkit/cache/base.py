@@ -20,6 +20,7 @@ from torch import Tensor
 
 from attnkit._checks import check_positive_int
 from attnkit.ops.masks import Mask, causal, from_tensor
+from attnkit.ops.masks.base import Geometry
 
 
 class CacheFull(RuntimeError):
@@ -64,12 +65,28 @@ def causal_step_mask(start: Tensor, n_new: int, kv_len: int) -> Mask | None:
     return from_tensor((keys <= rows).unsqueeze(1))
 
 
+def narrow_mask(mask: Mask | None, pattern: Mask | None) -> Mask | None:
+    """A causal step `mask` narrowed to a layer's own `pattern` (a window, a sparse layout).
+
+    The pattern replaces causal masking: where `mask` is plain causal (or hides nothing), the
+    pattern alone is the answer, so backends see one leaf mask they can summarise exactly.
+    """
+    if pattern is None:
+        return mask
+    if mask is None or mask == causal():
+        return pattern
+    return mask & pattern
+
+
 class KVCache:
     """Base of every cache: sequence bookkeeping plus the protocol methods."""
 
     # Caches that choose what to keep by attention mass (H2O) set this; attention layers
     # then pass each step's queries to `record_queries` before `update`.
     wants_queries: bool = False
+    # The most tokens one `prepare` may add per sequence (ring buffers); None: no limit.
+    # `Transformer.forward` splits longer inputs into steps of this size.
+    max_step_tokens: int | None = None
 
     def __init__(self) -> None:
         self._lengths: dict[int, int] = {}
@@ -119,6 +136,40 @@ class KVCache:
 
     def record_queries(self, layer: int, q: Tensor) -> None:
         """This step's queries `(batch, heads, n_new, head_dim)` (after RoPE), if wanted."""
+
+    def key_positions(self, layer: int) -> Tensor | None:
+        """`(batch, kv_len)` absolute positions of this step's key slots for `layer` (-1: empty).
+
+        None means slot j holds position j (caches that store every token in order); ring
+        buffers and eviction caches, which reuse slots, say where each key came from.
+        """
+        return None
+
+    def layer_mask(self, layer: int, pattern: Mask | None = None) -> Mask | None:
+        """This step's mask for `layer`, narrowed to the layer's own `pattern` if it has one.
+
+        The pattern (e.g. `sliding_window(W) | sinks(S)`, `strided(s)`) is evaluated at the
+        tokens' absolute positions, so it means the same with or without a cache. Equal-length
+        batches over in-order slots keep the pattern as a mask value (tile skipping works);
+        otherwise a dense `(batch, 1, n_new, kv_len)` mask is built.
+        """
+        step = self.step
+        if step is None:
+            raise RuntimeError("layer_mask() before prepare(): call cache.prepare(seq_ids, n_new)")
+        keys = self.key_positions(layer)
+        if pattern is None or (keys is None and step.mask in (None, causal())):
+            return narrow_mask(step.mask, pattern)
+        device = step.start.device
+        if keys is None:
+            keys = torch.arange(step.kv_len, device=device).expand(step.batch, -1)
+        batch = torch.arange(step.batch, device=device).view(-1, 1, 1)
+        geometry = Geometry(step.n_new, step.kv_len, 0)  # indices below are absolute positions
+        keys = keys.unsqueeze(1)  # (batch, 1, kv_len)
+        visible = pattern.to(device).allowed(batch, step.positions.unsqueeze(-1), keys, geometry)
+        if step.mask is not None:
+            visible = visible & step.mask.dense(step.n_new, step.kv_len, device=device)[:, 0]
+        visible = visible & (keys >= 0)
+        return from_tensor(visible.unsqueeze(1))
 
     def truncate(self, seq: int, length: int) -> None:
         """Keep only the first `length` tokens of `seq` (speculative-decoding rollback)."""

@@ -82,6 +82,7 @@ class H2OCache(ContiguousCache):
         _check_budget(budget, recent, "recent")
         check_positive_int("max_new_per_step", max_new_per_step)
         self.budget, self.recent, self.max_new_per_step = budget, recent, max_new_per_step
+        self.max_step_tokens = max_new_per_step
         super().__init__(
             n_layers,
             kv_heads,
@@ -164,10 +165,16 @@ class H2OCache(ContiguousCache):
         k_all, v_all = super().update(layer, k, v)
         # Eviction below rewrites the storage these views may alias.
         k_all, v_all = k_all.clone(), v_all.clone()
+        rows = torch.tensor([self._slot[s] for s in step.seq_ids], device=k.device)
+        self._view_positions = self.slot_positions[layer, rows, : step.kv_len].clone()
         self._accumulate(layer, self._queries.pop(layer), k_all)
         for row, seq in enumerate(step.seq_ids):
             self._evict(layer, self._slot[seq], int(self._slot_step.start[row]) + step.n_new)
         return k_all, v_all
+
+    def key_positions(self, layer: int) -> Tensor:
+        """Positions of the keys `update(layer, …)` just returned (before it evicted)."""
+        return self._view_positions
 
     def _storage_positions(self, step: CacheStep) -> Tensor:
         return self._slot_step.positions  # kept tokens are packed; new ones follow them

@@ -54,6 +54,7 @@ class SlidingWindowCache(ContiguousCache):
             raise ValueError(f"sinks must be an integer >= 0, got {sinks!r}")
         check_positive_int("max_new_per_step", max_new_per_step)
         self.window, self.sinks, self.max_new_per_step = window, sinks, max_new_per_step
+        self.max_step_tokens = max_new_per_step
         self.ring = window - 1 + max_new_per_step
         super().__init__(
             n_layers,
@@ -119,6 +120,9 @@ class SlidingWindowCache(ContiguousCache):
         self.v[layer][rows, :, self._write] = v.transpose(1, 2).to(self.v.dtype)
         view = (layer, self._rows, slice(None), slice(None, step.kv_len))
         return self.k[view], self.v[view]
+
+    def key_positions(self, layer: int) -> Tensor:
+        return self.slot_positions[self._rows, : self.step.kv_len]
 
     def kept_positions(self, seq: int) -> Tensor:
         """Ascending positions that the next token of `seq` will see besides itself."""

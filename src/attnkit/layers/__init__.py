@@ -1,5 +1,7 @@
 """nn.Modules that own weights: attention layers and rotary embeddings."""
 
+from attnkit.layers.attention import Attention, AttentionContext
+from attnkit.layers.linear import LinearAttention
 from attnkit.layers.rope import (
     DynamicNTKScaling,
     LinearScaling,
@@ -12,7 +14,10 @@ from attnkit.layers.rope import (
 )
 
 __all__ = [
+    "Attention",
+    "AttentionContext",
     "DynamicNTKScaling",
+    "LinearAttention",
     "LinearScaling",
     "Llama3Scaling",
     "NTKScaling",

@@ -6,11 +6,14 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from attnkit.cache.base import KVCache
+from attnkit._checks import check_positive_int
+from attnkit.cache.base import KVCache, narrow_mask
 from attnkit.cache.contiguous import ContiguousCache
+from attnkit.cache.encoder import EncoderCache, check_source_lengths
+from attnkit.cache.window import SlidingWindowCache
 from attnkit.layers.rope import apply_rotary
 from attnkit.ops.attention import attention
-from attnkit.ops.masks import Mask
+from attnkit.ops.masks import Mask, padding, sinks, sliding_window
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,11 @@ class AttentionContext:
     mask: Mask | None
     cache: KVCache | None
     interleaved: bool  # RoPE layout: adjacent pairs (GGUF) or half-split (Hugging Face)
+    # Cross-attention layers only: the encoder output (batch, src_len, memory_hidden), its
+    # real tokens per row (batch,) (right padding; None: all), and the cache of its K/V.
+    memory: Tensor | None = None
+    memory_lengths: Tensor | None = None
+    cross_cache: EncoderCache | None = None
 
 
 class Attention(nn.Module):
@@ -29,6 +37,17 @@ class Attention(nn.Module):
 
     x: (batch, seq, hidden) -> (batch, seq, hidden). With a cache in the context, the new
     K/V are stored and attention runs over everything the cache holds for the sequences.
+
+    A layer may see less than everything before it: `window=W` (the W most recent keys,
+    itself included; Mistral, Gemma-2's local layers) plus optional `sinks` (the first
+    tokens, StreamingLLM), or any causal `pattern` mask (e.g. `strided(s)`,
+    `causal() & block_sparse(...)`), evaluated at absolute positions. Windowed layers get
+    a ring-buffer cache from `new_cache`, so their memory stays at W tokens.
+
+    `cross=True` makes it cross-attention (encoder-decoder): queries come from `x`, keys and
+    values from the encoder output `ctx.memory` (width `memory_hidden`, default `hidden`),
+    without RoPE and without causal masking, only the source's key padding. With
+    `ctx.cross_cache` the memory is projected once and later steps read the cached K/V.
     """
 
     def __init__(
@@ -41,11 +60,17 @@ class Attention(nn.Module):
         *,
         qkv_bias: bool = False,
         out_bias: bool = False,
+        window: int | None = None,
+        sinks: int = 0,
+        pattern: Mask | None = None,
+        cross: bool = False,
+        memory_hidden: int | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.window, self.sinks, self.pattern = window, sinks, layer_pattern(window, sinks, pattern)
         self.layer_idx, self.n_heads, self.n_kv_heads, self.head_dim = (
             layer_idx,
             n_heads,
@@ -53,16 +78,42 @@ class Attention(nn.Module):
             head_dim,
         )
         self.backend = backend
+        self.cross, self.memory_hidden = cross_options(cross, memory_hidden, hidden, self.pattern)
         self.wq = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
-        self.wk = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
-        self.wv = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(self.memory_hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(self.memory_hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * head_dim, hidden, bias=out_bias)
 
-    def new_cache(self, n_layers: int, **kwargs) -> KVCache:
-        """A contiguous K/V cache for `n_layers` layers like this one (`Transformer.new_cache`)."""
-        return ContiguousCache(n_layers, self.n_kv_heads, self.head_dim, **kwargs)
+    @property
+    def cache_kind(self) -> tuple:
+        """Layers with equal `cache_kind` can share one cache (`Transformer.new_cache`)."""
+        if self.cross:
+            return ("encoder", self.n_kv_heads, self.head_dim)
+        return ("kv", self.n_kv_heads, self.head_dim, self.window, self.sinks)
+
+    def new_cache(self, n_layers: int, *, max_new_per_step: int = 512, **kwargs) -> KVCache:
+        """A cache for `n_layers` layers like this one: a ring buffer for a windowed layer,
+        else contiguous K/V (`Transformer.new_cache` calls this); encoder K/V for cross mode."""
+        if self.cross:
+            kwargs.pop("initial_len", None)  # a source arrives whole: nothing to grow into
+            return EncoderCache(n_layers, self.n_kv_heads, self.head_dim, **kwargs)
+        if self.window is None:
+            return ContiguousCache(n_layers, self.n_kv_heads, self.head_dim, **kwargs)
+        for unused in ("initial_len", "max_len"):  # sizes of growing caches; a ring is fixed
+            kwargs.pop(unused, None)
+        return SlidingWindowCache(
+            n_layers,
+            self.n_kv_heads,
+            self.head_dim,
+            window=self.window,
+            sinks=self.sinks,
+            max_new_per_step=max_new_per_step,
+            **kwargs,
+        )
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        if self.cross:
+            return self._cross_forward(x, ctx)
         b, t, _ = x.shape
         # (B, T, H·d) -> (B, H, T, d)
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -74,5 +125,92 @@ class Attention(nn.Module):
             if ctx.cache.wants_queries:
                 ctx.cache.record_queries(self.layer_idx, q)
             k, v = ctx.cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, ctx.mask, backend=self.backend)
+            mask = ctx.cache.layer_mask(self.layer_idx, self.pattern)
+        else:
+            mask = narrow_mask(ctx.mask, self.pattern)
+        out = attention(q, k, v, mask, backend=self.backend)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _cross_forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        """Decoder queries over encoder K/V: projected from `ctx.memory` or read from the cache."""
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        cache = ctx.cross_cache
+        if cache is not None and cache.holds(self.layer_idx):
+            if cache.step.batch != b:
+                raise ValueError(
+                    f"x has batch {b} but the cross cache selected {cache.step.batch} sequences"
+                )
+            k, v, mask = cache.read(self.layer_idx)
+        else:
+            memory, lengths = self._check_memory(ctx, b)
+            if lengths is not None:  # keys past the longest source are padding everywhere
+                memory = memory[:, : int(lengths.max())] if b else memory
+            s = memory.shape[1]
+            # (B, S, Hkv·d) -> (B, Hkv, S, d)
+            k = self.wk(memory).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.wv(memory).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if cache is not None:
+                cache.store(self.layer_idx, k, v, lengths)
+                k, v, mask = cache.read(self.layer_idx)
+            else:
+                # Key padding only: a positional (causal) mask here would be aligned
+                # bottom-right and hide real source tokens from early target positions.
+                mask = None if lengths is None else padding(lengths)
+        out = attention(q, k, v, mask, backend=self.backend)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _check_memory(self, ctx: AttentionContext, batch: int) -> tuple[Tensor, Tensor | None]:
+        """`ctx.memory` and `ctx.memory_lengths`, or a ValueError/TypeError saying what is wrong."""
+        memory = ctx.memory
+        if memory is None:
+            raise ValueError(
+                f"cross-attention layer {self.layer_idx} needs ctx.memory (the encoder output, "
+                f"(batch, src_len, {self.memory_hidden})) unless ctx.cross_cache holds its K/V"
+            )
+        if not isinstance(memory, Tensor):
+            raise TypeError(f"ctx.memory must be a tensor, got {type(memory).__name__}")
+        if memory.dim() != 3 or memory.shape[0] != batch or memory.shape[2] != self.memory_hidden:
+            raise ValueError(
+                f"ctx.memory must be (batch={batch}, src_len, memory_hidden={self.memory_hidden}), "
+                f"got {tuple(memory.shape)}"
+            )
+        if memory.dtype != self.wk.weight.dtype:
+            raise TypeError(
+                f"ctx.memory has dtype {memory.dtype} but the layer's weights are "
+                f"{self.wk.weight.dtype}"
+            )
+        lengths = ctx.memory_lengths
+        if lengths is not None:
+            lengths = check_source_lengths(lengths, batch, memory.shape[1])
+        return memory, lengths
+
+
+def cross_options(
+    cross: bool, memory_hidden: int | None, hidden: int, pattern: Mask | None
+) -> tuple[bool, int]:
+    """Validated `(cross, memory_hidden)`; a cross layer has no window or pattern."""
+    if not isinstance(cross, bool):
+        raise TypeError(f"cross must be a bool, got {type(cross).__name__}")
+    if memory_hidden is not None and not cross:
+        raise ValueError(f"memory_hidden={memory_hidden} is only for cross=True layers")
+    if cross and pattern is not None:
+        raise ValueError(f"a cross-attention layer sees the whole source; got mask {pattern!r}")
+    width = hidden if memory_hidden is None else memory_hidden
+    return cross, check_positive_int("memory_hidden", width)
+
+
+def layer_pattern(window: int | None, n_sinks: int, pattern: Mask | None) -> Mask | None:
+    """The mask a layer applies instead of plain causal: its window (+ sinks) or `pattern`."""
+    if pattern is not None and not isinstance(pattern, Mask):
+        raise TypeError(f"pattern must be an attnkit mask, got {type(pattern).__name__}")
+    if isinstance(n_sinks, bool) or not isinstance(n_sinks, int) or n_sinks < 0:
+        raise ValueError(f"sinks must be an integer >= 0, got {n_sinks!r}")
+    if window is None:
+        if n_sinks:
+            raise ValueError(f"sinks={n_sinks} needs a window: sinks only matter beside one")
+        return pattern
+    if pattern is not None:
+        raise ValueError(f"give window={window} or pattern={pattern!r}, not both")
+    check_positive_int("window", window)
+    return sliding_window(window) | sinks(n_sinks) if n_sinks else sliding_window(window)

@@ -2,5 +2,15 @@
 
 from attnkit.models.llama import LlamaConfig, Transformer
 from attnkit.models.loading import DEFAULT_MODEL, known_models, load_model
+from attnkit.models.seq2seq import Seq2Seq, Seq2SeqCache, Seq2SeqConfig
 
-__all__ = ["DEFAULT_MODEL", "LlamaConfig", "Transformer", "known_models", "load_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "LlamaConfig",
+    "Seq2Seq",
+    "Seq2SeqCache",
+    "Seq2SeqConfig",
+    "Transformer",
+    "known_models",
+    "load_model",
+]

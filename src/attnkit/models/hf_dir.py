@@ -68,8 +68,7 @@ def read_config(directory: Path) -> LlamaConfig:
     # Llama's attention_bias puts a bias on q, k, v and o; Qwen2 has q, k, v biases only.
     qkv_bias = raw.get("attention_bias", model_type == "qwen2")
     out_bias = model_type != "qwen2" and bool(raw.get("attention_bias", False))
-    if raw.get("sliding_window") and raw.get("use_sliding_window", model_type == "mistral"):
-        raise ValueError(f"{path}: sliding-window attention configs are not supported yet")
+    window, layer_types = _sliding_window(raw, model_type)
     return LlamaConfig(
         vocab_size=raw["vocab_size"],
         hidden_size=raw["hidden_size"],
@@ -86,7 +85,26 @@ def read_config(directory: Path) -> LlamaConfig:
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
         attention_bias=bool(qkv_bias),
         attention_out_bias=out_bias,
+        sliding_window=window,
+        layer_types=layer_types,
     )
+
+
+def _sliding_window(raw: dict, model_type: str) -> tuple[int | None, tuple[str, ...] | None]:
+    """(window, per-layer types) as transformers reads them for Mistral and Qwen2 configs."""
+    window = raw.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return None, None
+    if raw.get("layer_types"):
+        return window, tuple(raw["layer_types"])
+    if model_type == "mistral":
+        return window, None  # every layer slides
+    if not raw.get("use_sliding_window", False):
+        return None, None
+    # Qwen2: layers from max_window_layers on slide; the ones before attend globally.
+    first = raw.get("max_window_layers", 28)
+    n = raw["num_hidden_layers"]
+    return window, tuple("sliding_attention" if i >= first else "full_attention" for i in range(n))
 
 
 def read_weights(directory: Path) -> dict[str, Tensor]:

@@ -16,9 +16,12 @@ from torch import Tensor, nn
 
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import KVCache
+from attnkit.cache.layered import LayeredCache
 from attnkit.layers.attention import Attention, AttentionContext
 from attnkit.layers.rope import RopeScaling, RotaryEmbedding
 from attnkit.ops.masks import causal
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # biases on the q, k, v projections (Qwen2, some Llamas)
     attention_out_bias: bool = False  # a bias on the output projection (Llama's attention_bias)
+    sliding_window: int | None = None  # keys a windowed layer sees, itself included (Mistral)
+    # Per layer "full_attention" or "sliding_attention" (Hugging Face's names; Gemma-2,
+    # Qwen2 alternate). None: every layer slides if sliding_window is set, else none does.
+    layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -66,6 +73,30 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if not self.rms_norm_eps > 0:
             raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if self.sliding_window is not None:
+            check_positive_int("LlamaConfig.sliding_window", self.sliding_window)
+        if self.layer_types is not None:
+            self._check_layer_types()
+
+    def _check_layer_types(self) -> None:
+        types = tuple(self.layer_types)
+        object.__setattr__(self, "layer_types", types)
+        if len(types) != self.num_hidden_layers:
+            raise ValueError(
+                f"LlamaConfig.layer_types names {len(types)} layers, but num_hidden_layers is "
+                f"{self.num_hidden_layers}"
+            )
+        unknown = sorted(set(types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"LlamaConfig.layer_types has {unknown}; allowed: {LAYER_TYPES}")
+        if "sliding_attention" in types and self.sliding_window is None:
+            raise ValueError("LlamaConfig.layer_types has sliding layers but no sliding_window")
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None for a global (full attention) layer."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
 
 class RMSNorm(nn.Module):
@@ -124,7 +155,7 @@ AttentionFactory = Callable[[LlamaConfig, int], nn.Module]
 
 
 def default_attention(config: LlamaConfig, layer_idx: int) -> nn.Module:
-    """Rotary GQA attention, as in Llama."""
+    """Rotary GQA attention, as in Llama; windowed where the config says so (Mistral)."""
     return Attention(
         layer_idx,
         config.hidden_size,
@@ -133,6 +164,7 @@ def default_attention(config: LlamaConfig, layer_idx: int) -> nn.Module:
         config.head_dim,
         qkv_bias=config.attention_bias,
         out_bias=config.attention_out_bias,
+        window=config.window_of(layer_idx),
     )
 
 
@@ -155,18 +187,27 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int = 1, **kwargs) -> KVCache:
         """An empty cache for this model's attention layers, holding `batch` empty sequences.
 
-        Each attention layer kind knows what it stores (K/V, a latent, a recurrent state):
-        the first layer's `new_cache(n_layers, max_seqs=, dtype=, device=, **kwargs)` builds
-        it. Keyword arguments go to that cache (e.g. `initial_len` for K/V caches).
+        Each attention layer kind knows what it stores (K/V, a ring buffer, a latent, a
+        recurrent state): layers of one `cache_kind` share a cache built by their
+        `new_cache(n_layers, max_seqs=, dtype=, device=, **kwargs)`; a model mixing kinds
+        (windowed and global layers) gets a `LayeredCache` of them. Keyword arguments go to
+        the caches (e.g. `initial_len` for K/V caches, `max_new_per_step` for rings).
         """
         p = next(self.parameters())
-        cache = self.blocks[0].attn.new_cache(
-            self.config.num_hidden_layers,
-            max_seqs=kwargs.pop("max_seqs", batch),
-            dtype=kwargs.pop("dtype", p.dtype),
-            device=kwargs.pop("device", p.device),
+        options = {
+            "max_seqs": kwargs.pop("max_seqs", batch),
+            "dtype": kwargs.pop("dtype", p.dtype),
+            "device": kwargs.pop("device", p.device),
             **kwargs,
-        )
+        }
+        groups: dict[object, list[int]] = {}
+        for i, block in enumerate(self.blocks):
+            groups.setdefault(getattr(block.attn, "cache_kind", type(block.attn)), []).append(i)
+        caches = [
+            (layers, self.blocks[layers[0]].attn.new_cache(len(layers), **options))
+            for layers in groups.values()
+        ]
+        cache = caches[0][1] if len(caches) == 1 else LayeredCache(caches)
         for _ in range(batch):
             cache.add_sequence()
         return cache
@@ -183,11 +224,26 @@ class Transformer(nn.Module):
         Without a cache, the sequences start at position 0 under a causal mask. With one,
         the tokens extend the cached sequences `seq_ids` (default: all of the cache's
         sequences, in order) and attention covers everything cached. `positions` overrides
-        the RoPE positions (default: where each token lands in its sequence).
+        the RoPE positions (default: where each token lands in its sequence). A cache that
+        takes at most `max_step_tokens` per step (a ring buffer) is fed in steps that size.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
+        limit = cache.max_step_tokens if cache is not None else None
+        if limit is not None and t > limit:
+            return torch.cat(
+                [
+                    self(
+                        input_ids[:, i : i + limit],
+                        cache,
+                        None if positions is None else positions[..., i : i + limit],
+                        seq_ids,
+                    )
+                    for i in range(0, t, limit)
+                ],
+                dim=1,
+            )
         if cache is not None:
             seq_ids = cache.sequences if seq_ids is None else seq_ids
             if len(seq_ids) != b:

@@ -1,1 +1,6 @@
-"""Conversions between attention variants on a loaded model (fewer KV heads, MHA, MLA)."""
+"""Conversions between attention variants on a loaded model (fewer KV heads, MHA, RoPE, MLA)."""
+
+from attnkit.models.convert.heads import expand_to_mha, kv_bytes_per_token, pool_kv_heads
+from attnkit.models.convert.rope import with_rope_scaling
+
+__all__ = ["expand_to_mha", "kv_bytes_per_token", "pool_kv_heads", "with_rope_scaling"]
