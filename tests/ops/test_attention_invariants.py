@@ -110,6 +110,20 @@ def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradient(back
 
 
 @pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
+def test_nan_keys_behind_a_mask_hiding_everything_do_not_leak_under_autograd(backend):
+    # Regression: the all-masked shortcut kept autograd attached with 0 * k.sum() = NaN.
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = random_qkv(gen, n_q=3, n_k=4, dtype=torch.float64)
+    k[:, :, 1], v[:, :, 2] = math.nan, math.nan
+    q.requires_grad_(backend != "flex")
+    out = attnkit.attention(q, k, v, masks.padding([0, 0]), backend=backend)
+    assert out.eq(0).all()
+    if q.requires_grad:
+        out.sum().backward()
+        assert q.grad.eq(0).all()
+
+
+@pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
 def test_zero_length_queries_and_keys_have_defined_results(backend):
     gen = torch.Generator().manual_seed(2)
     q, k, v = random_qkv(gen, n_q=0, n_k=5, v_head_dim=3)
