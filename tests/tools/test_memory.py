@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from attnkit.cache import ContiguousCache
+from attnkit.cache.latent import LatentCache
 from attnkit.cache.paged import PagedCache
 from attnkit.cache.quantized import QuantizedCache
 from attnkit.cache.window import SlidingWindowCache
 from attnkit.cli import main
 from attnkit.tools.cache_memory import (
     contiguous_cache_bytes,
+    latent_cache_bytes,
     paged_cache_bytes,
     paged_pool_bytes,
     quantized_cache_bytes,
@@ -346,3 +348,56 @@ def test_cli_json_matches_the_functions(capsys):
 def test_cli_reports_bad_models(capsys):
     assert main(["memory", "no-such-model"]) == 2
     assert "neither a preset" in capsys.readouterr().err
+
+
+# -- MLA: the latent cache -----------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_latent_cache_nbytes_is_predicted(seed):
+    rng = random.Random(seed)
+    layers, kv_rank, rope_dim = rng.randint(1, 3), rng.randint(1, 9), 2 * rng.randint(1, 3)
+    rope_heads, seqs = rng.choice([1, 3]), rng.randint(1, 3)
+    tokens, step, initial = rng.randint(1, 40), rng.randint(1, 12), rng.randint(1, 8)
+    dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+    spec = KVSpec(
+        "mla", layers=layers, heads=3, kv_heads=3, head_dim=8,
+        kv_rank=kv_rank, rope_dim=rope_heads * rope_dim,
+    )  # fmt: skip
+    for max_len in (None, tokens):
+        cache = LatentCache(
+            layers, kv_rank, rope_dim, rope_heads=rope_heads, max_seqs=seqs,
+            max_len=max_len, initial_len=initial, dtype=dtype,
+        )  # fmt: skip
+        ids, done = [cache.add_sequence() for _ in range(seqs)], 0
+        while done < tokens:
+            n = min(step, tokens - done)
+            cache.prepare(ids, n)
+            for layer in range(layers):
+                latent = torch.randn(seqs, n, kv_rank).to(dtype)
+                cache.update(layer, latent, torch.randn(seqs, rope_heads, n, rope_dim).to(dtype))
+            done += n
+        predicted = latent_cache_bytes(
+            spec, max_seqs=seqs, max_len=max_len, initial_len=initial, tokens=tokens,
+            step=step, dtype=dtype,
+        )  # fmt: skip
+        assert cache.nbytes == predicted
+    # Sized exactly for the context, it holds what kv_bytes says for MLA, no more.
+    assert predicted == kv_bytes(spec, tokens, seqs, dtype)
+
+
+def test_latent_cache_bytes_needs_an_mla_spec():
+    with pytest.raises(ValueError, match="latent_cache_bytes needs an MLA spec"):
+        latent_cache_bytes(load_spec("Llama-3-8B"))
+
+
+@pytest.mark.parametrize("budget, max_new", [(8, 4), (5, 1)])
+@torch.no_grad()
+def test_h2o_prediction_equals_the_real_cache(budget, max_new):
+    from attnkit.cache import H2OCache
+    from attnkit.tools.cache_memory import h2o_cache_bytes
+
+    spec = KVSpec("tiny", layers=2, heads=6, kv_heads=3, head_dim=7)
+    for dtype in (torch.float32, torch.float16):
+        cache = H2OCache(2, 3, 7, budget=budget, recent=2, max_new_per_step=max_new, dtype=dtype)
+        assert cache.nbytes == h2o_cache_bytes(
+            spec, budget=budget, max_new_per_step=max_new, dtype=dtype
+        )

@@ -4,6 +4,7 @@ from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.contiguous import ContiguousCache
 from attnkit.cache.encoder import EncoderCache
 from attnkit.cache.eviction import H2OCache, StreamingLLMCache
+from attnkit.cache.latent import LatentCache
 from attnkit.cache.layered import LayeredCache
 from attnkit.cache.linear_state import LinearStateCache
 from attnkit.cache.paged import PagedCache
@@ -17,6 +18,7 @@ __all__ = [
     "EncoderCache",
     "H2OCache",
     "KVCache",
+    "LatentCache",
     "LayeredCache",
     "LinearStateCache",
     "PagedCache",

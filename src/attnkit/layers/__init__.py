@@ -1,6 +1,7 @@
 """nn.Modules that own weights: attention layers and rotary embeddings."""
 
 from attnkit.layers.attention import Attention, AttentionContext
+from attnkit.layers.latent import LatentAttention
 from attnkit.layers.linear import LinearAttention
 from attnkit.layers.rope import (
     DynamicNTKScaling,
@@ -17,6 +18,7 @@ __all__ = [
     "Attention",
     "AttentionContext",
     "DynamicNTKScaling",
+    "LatentAttention",
     "LinearAttention",
     "LinearScaling",
     "Llama3Scaling",

@@ -1,6 +1,6 @@
 """Byte predictors for attnkit's own caches: each reproduces a cache's `nbytes` exactly.
 
-Tests fill real caches (contiguous, paged, sliding-window, quantized) and compare.
+Tests fill real caches (contiguous, paged, sliding-window, quantized, latent) and compare.
 """
 
 from __future__ import annotations
@@ -49,6 +49,27 @@ def contiguous_cache_bytes(
     """`ContiguousCache.nbytes`: K and V buffers preallocated for `max_seqs` x capacity."""
     capacity = contiguous_capacity(tokens, max_len, initial_len, step)
     values = spec.layers * max_seqs * spec.kv_heads * capacity * _plain_values(spec)
+    return _bytes(values * dtype_bits(dtype))
+
+
+def latent_cache_bytes(
+    spec: KVSpec,
+    *,
+    max_seqs: int = 1,
+    max_len: int | None = None,
+    initial_len: int = 256,
+    tokens: int = 0,
+    step: int | None = None,
+    dtype: str | torch.dtype = torch.float32,
+) -> int:
+    """`LatentCache.nbytes`: MLA latent + RoPE key buffers for `max_seqs` x capacity.
+
+    `spec.rope_dim` counts every RoPE key head (`rope_heads * rope_dim` of the layer).
+    """
+    if not spec.is_mla:
+        raise ValueError(f"{spec.name}: latent_cache_bytes needs an MLA spec (kv_rank, rope_dim)")
+    capacity = contiguous_capacity(tokens, max_len, initial_len, step)
+    values = spec.layers * max_seqs * capacity * spec.values_per_token_layer
     return _bytes(values * dtype_bits(dtype))
 
 
@@ -106,3 +127,19 @@ def quantized_cache_bytes(
     data = contiguous_cache_bytes(spec, max_seqs=max_seqs, max_len=capacity, dtype="int8")
     scales = 2 * spec.layers * max_seqs * spec.kv_heads * capacity * dtype_bits(scale_dtype)
     return data + _bytes(scales)
+
+
+def h2o_cache_bytes(
+    spec: KVSpec,
+    *,
+    budget: int,
+    max_seqs: int = 1,
+    max_new_per_step: int = 512,
+    dtype: str | torch.dtype = torch.float32,
+) -> int:
+    """`H2OCache.nbytes`: K/V for `budget + max_new_per_step` slots per layer and sequence,
+    plus each slot's position (int64) and accumulated attention mass (at least float32)."""
+    capacity = budget + max_new_per_step
+    kv = contiguous_cache_bytes(spec, max_seqs=max_seqs, max_len=capacity, dtype=dtype)
+    mass_bits = max(dtype_bits(dtype), 32)
+    return kv + _bytes(spec.layers * max_seqs * capacity * (64 + mass_bits))
