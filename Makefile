@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint format bench clean
+.PHONY: run compare test lint format bench clean
 
 $(VENV)/.ready-run: pyproject.toml scripts/setup-venv.sh
 	./scripts/setup-venv.sh
@@ -13,7 +13,10 @@ $(VENV)/.ready-dev: pyproject.toml scripts/setup-venv.sh
 	touch $@ $(VENV)/.ready-run
 
 run: $(VENV)/.ready-run
-	$(VENV)/bin/attnkit demo
+	$(VENV)/bin/attnkit compare --quick --out attnkit-report
+
+compare: $(VENV)/.ready-run
+	$(VENV)/bin/attnkit compare --out attnkit-report
 
 test: $(VENV)/.ready-dev lint
 	$(PY) -m pytest -q
@@ -30,4 +33,4 @@ bench: $(VENV)/.ready-dev
 	$(PY) benchmarks/attention.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf attnkit-report $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print JSON (a list for several models) instead"
     )
     mem.set_defaults(handler=_memory)
+
+    from attnkit.tools.compare.command import add_parser as add_compare
+
+    add_compare(commands, _positive)
     return parser
 
 
