@@ -152,7 +152,7 @@ def tiny_mla(mode: str, case: str = "deepseek", seed: int = 0, **config) -> Tran
 
 
 @pytest.mark.parametrize("chunks", [[10, 4, 6], [1] * 20, [19, 1]], ids=str)
-@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+@pytest.mark.parametrize("mode", ["naive", "absorbed", "auto"])
 @pytest.mark.parametrize("case", ["deepseek", "rope-heads-3", "picked-pairs"])
 @torch.no_grad()
 def test_decoding_through_the_latent_cache_equals_one_full_forward(case, mode, chunks):
@@ -166,6 +166,21 @@ def test_decoding_through_the_latent_cache_equals_one_full_forward(case, mode, c
         start += n
     assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-12
     assert cache.length(0) == cache.length(1) == 20
+
+
+def test_auto_mode_absorbs_for_decoding_and_up_projects_for_prefill():
+    # DeepSeek-V2-Lite's attention: 16 heads, latent 512, RoPE 64, nope 128, v 128.
+    mla = LatentAttention(
+        0, 2048, 16, kv_rank=512, rope_dim=64, nope_dim=128, v_head_dim=128, q_rank=None
+    )
+    assert mla.mode == "auto"
+    assert mla.step_mode(1, 4096) == "absorbed"  # decode: never build per-head K/V
+    assert mla.step_mode(4096, 4096) == "naive"  # prefill: attend over 192-dim heads
+    mla.mode = "absorbed"
+    assert mla.step_mode(4096, 4096) == "absorbed"  # an explicit mode is obeyed
+    # the tiny case the decoding test runs takes both paths with its [19, 1] chunks
+    tiny = layer("deepseek", mode="auto")
+    assert (tiny.step_mode(19, 19), tiny.step_mode(1, 20)) == ("naive", "absorbed")
 
 
 @pytest.mark.parametrize("mode", ["naive", "absorbed"])
@@ -216,7 +231,11 @@ def test_generate_with_mla_layers_equals_uncached_greedy():
         (dict(q_rank=0), ValueError, "q_rank must be an integer >= 1, got 0"),
         (dict(rope_pairs=(0, 1)), ValueError, "rope_pairs must be rope_dim/2 = 4 integers"),
         (dict(rope_pairs=(0, 1, 2, -1)), ValueError, "rope_pairs must be rope_dim/2 = 4"),
-        (dict(mode="fast"), ValueError, r"mode must be one of \('naive', 'absorbed'\), got 'fast'"),
+        (
+            dict(mode="fast"),
+            ValueError,
+            r"mode must be one of \('auto', 'naive', 'absorbed'\), got 'fast'",
+        ),
     ],
     ids=["rank", "odd-rope", "no-rope", "nope", "rope-heads", "q-rank", "pairs", "pair", "mode"],
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 
@@ -59,8 +60,13 @@ def test_sinks_must_keep_more_than_the_sinks():
     "argv, message",
     [
         (["--strategies", "shipped,windw:8"], "unknown strategy 'windw:8'"),
-        (["--contexts", "512,x"], "--contexts must be integers >= 2, got '512,x'"),
-        (["--contexts", "1"], "--contexts must be integers >= 2"),
+        (["--contexts", "512,x"], "--contexts must be positive integers, got '512,x'"),
+        (["--contexts", "0"], "--contexts must be positive integers"),
+        (
+            ["--contexts", "512,1000"],
+            "contexts must be multiples of the cache step (256 tokens), got 1000",
+        ),
+        (["--quick", "--contexts", "64"], "multiples of the cache step (128 tokens), got 64"),
     ],
 )
 def test_bad_flags_fail_before_any_work(tmp_path, capsys, argv, message):
@@ -95,15 +101,7 @@ def test_table_markdown_and_plots_from_rows(tmp_path):
     assert cells[0][1:4] == ["1000 B", "1.00x", "10.00"]
     assert cells[1][1:4] == ["250 B", "4.00x", "14.00"]
     meta = {
-        "settings": {
-            "model": "m",
-            "strategies": ["shipped", "window:8"],
-            "segments": 1,
-            "passkey_lengths": [64],
-            "passkey_extension_length": 128,
-            "passkey_depths": [0.5],
-            "passkey_trials": 1,
-        },
+        "settings": asdict(CompareSettings.quick(strategies=("shipped", "window:8"))),
         "machine": {"cpu_count": 2},
         "dtype": "float32",
         "seconds": 60.0,

@@ -15,7 +15,7 @@ from attnkit.layers.attention import AttentionContext
 from attnkit.layers.rope import apply_rotary
 from attnkit.ops.attention import attention
 
-MODES = ("naive", "absorbed")
+MODES = ("auto", "naive", "absorbed")
 
 
 class LatentAttention(nn.Module):
@@ -32,6 +32,9 @@ class LatentAttention(nn.Module):
     Modes, equal up to rounding: `naive` up-projects the latent to per-head K/V and attends;
     `absorbed` folds W_uk_h into the query and W_uv_h into the output and attends over
     [c ; RoPE key] directly, MQA-style with `rope_heads` KV heads (DeepSeek-V2 sec. 2.1.2).
+    `auto` (the default) takes whichever needs fewer multiply-adds for the step: absorbed
+    for decoding (few queries: no per-head K/V is ever built), naive for prefill chunks
+    (many queries: scores over head dims, not over the wider latent), as vLLM serves MLA.
 
     RoPE angles come from the context (the Transformer's `RotaryEmbedding`, sized by
     `config.head_dim`): rotary pair j of the RoPE dims uses angle column `rope_pairs[j]` of
@@ -59,7 +62,7 @@ class LatentAttention(nn.Module):
         scale: float | None = None,
         qkv_bias: bool = False,
         out_bias: bool = False,
-        mode: str = "absorbed",
+        mode: str = "auto",
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -115,7 +118,7 @@ class LatentAttention(nn.Module):
 
     @property
     def mode(self) -> str:
-        """`"naive"` or `"absorbed"`; switch at any time, the weights are the same."""
+        """`"auto"`, `"naive"` or `"absorbed"`; switch at any time, the weights are the same."""
         return self._mode
 
     @mode.setter
@@ -194,9 +197,21 @@ class LatentAttention(nn.Module):
             mask = ctx.cache.layer_mask(self.layer_idx)
         else:
             mask = ctx.mask
-        run = self._naive if self._mode == "naive" else self._absorbed
+        run = self._naive if self.step_mode(t, latent.shape[1]) == "naive" else self._absorbed
         out = run(q_nope, q_rope, latent, k_rope, mask)  # (B, H, T, v_head_dim)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+    def step_mode(self, n_queries: int, n_keys: int) -> str:
+        """The mode a step of `n_queries` over `n_keys` cached tokens runs in."""
+        if self._mode != "auto":
+            return self._mode
+        h, r, n, v = self.n_heads, self.kv_rank, self.nope_dim, self.v_head_dim
+        qk = n + self.rope_dim
+        # multiply-adds: naive builds every key's per-head K/V, then attends over head dims;
+        # absorbed maps queries into the latent and attends over latent + RoPE dims.
+        naive = n_keys * r * h * (n + v) + h * n_queries * n_keys * (qk + v)
+        absorbed = h * n_queries * (n * r + r * v + n_keys * (2 * r + self.rope_dim))
+        return "naive" if naive < absorbed else "absorbed"
 
     def _naive(self, q_nope, q_rope, latent, k_rope, mask) -> Tensor:
         b, s, h = latent.shape[0], latent.shape[1], self.n_heads

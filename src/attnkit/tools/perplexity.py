@@ -129,7 +129,7 @@ def _streaming(model, ids, cache_factory, chunk_size, progress) -> PerplexityRes
             "cache_factory must return a fresh cache holding one empty sequence "
             f"(e.g. lambda: model.new_cache(1)); got sequence lengths {lengths}"
         )
-    limit = getattr(cache, "max_new_per_step", None)  # ring caches bound a step's tokens
+    limit = cache.max_step_tokens  # ring and eviction caches bound a step's tokens
     chunk = min(chunk_size, limit) if limit is not None else chunk_size
     inputs, total = ids[:-1], ids.numel() - 1  # the last token is only a target
     nlls, positions = [], []

@@ -105,7 +105,7 @@ def to_mla(
     rope_heads: int = 1,
     calibration: Tensor | None = None,
     rope_context: int = 1024,
-    mode: str = "absorbed",
+    mode: str = "auto",
 ) -> Transformer:
     """A copy of `model` whose attention layers are `LatentAttention` with this `kv_rank`.
 

@@ -51,8 +51,8 @@ def settings_from(args: argparse.Namespace) -> CompareSettings:
             contexts = tuple(int(c) for c in args.contexts.split(","))
         except ValueError:
             contexts = ()
-        if not contexts or min(contexts) < 2:
-            raise ValueError(f"--contexts must be integers >= 2, got {args.contexts!r}")
+        if not contexts or min(contexts) < 1:
+            raise ValueError(f"--contexts must be positive integers, got {args.contexts!r}")
         overrides["contexts"] = contexts
     if args.segments:
         overrides["segments"] = args.segments
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
     except ValueError as error:
-        console.print(f"[red]attnkit compare: {error}[/red]")
+        console.print(f"[red]attnkit compare: {error}[/red]", soft_wrap=True)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             rows, meta = run_compare(settings, progress)
         except ValueError as error:
-            console.print(f"[red]attnkit compare: {error}[/red]")
+            console.print(f"[red]attnkit compare: {error}[/red]", soft_wrap=True)
             return 2
         bars.update(overall, completed=len(settings.strategies))
     plots = write_plots(rows, list(settings.contexts), out)

@@ -57,14 +57,23 @@ def table_rows(rows: list[StrategyResult]) -> list[list[str]]:
 
 def caption(meta: dict) -> str:
     s = meta["settings"]
-    rope_rows = any(name.startswith("rope:") for name in s["strategies"])
-    extension = f" (RoPE rows also {s['passkey_extension_length']})" if rope_rows else ""
+    contexts = ", ".join(str(c) for c in s["contexts"])
+    passkey = (
+        f"passkey: {s['passkey_trials']} key(s) per cell at lengths {s['passkey_lengths']} x "
+        f"depths {s['passkey_depths']}"
+    )
+    ppl_rope, key_rope = "", ""
+    if any(name.startswith("rope:") for name in s["strategies"]):
+        ppl_rope = f" (RoPE rows also at {s['extension_context']})"
+        key_rope = (
+            f"; RoPE rows only past the training length, at {s['passkey_extension_length']} x "
+            f"{s['passkey_extension_depths']}"
+        )
     return (
-        f"{s['model']} ({meta['dtype']}); perplexity over {s['segments']} corpus segment(s) per "
-        f"context; passkey: lengths {s['passkey_lengths']}{extension}, "
-        f"depths {s['passkey_depths']}, {s['passkey_trials']} trial(s); "
-        f"KV bytes/token at the longest context (real nbytes; "
-        f"(!) marks a mismatch with attnkit memory); saving = shipped bytes / row bytes"
+        f"{s['model']} ({meta['dtype']}); perplexity at {contexts}{ppl_rope}: the first C "
+        f"tokens of {s['segments']} streamed corpus segment(s); {passkey}{key_rope}; "
+        f"KV bytes/token at {max(s['contexts'])} tokens (real nbytes; (!) marks a mismatch "
+        f"with attnkit memory); saving = shipped bytes / row bytes"
     )
 
 

@@ -1,10 +1,12 @@
 """Measure every KV strategy on one model: memory, perplexity, passkey retrieval, speed.
 
 Every strategy reads the same tokens: calibration (for conversions) from the start of the
-corpus, evaluation segments right after it. Perplexity at a context C streams each
-C-token segment through a fresh cache of the strategy, scoring every token after the first,
-so a window or eviction policy is judged on exactly what it keeps. KV bytes are the real
-cache's `nbytes` after the segment, cross-checked with `attnkit memory`'s predictors.
+corpus, evaluation segments right after it. Each segment (as long as the row's longest
+context) streams through a fresh, growing cache of the strategy, scoring every token after
+the first, so a window or eviction policy is judged on exactly what it keeps. Streaming is
+causal, so the perplexity at a shorter context C is that of the segment's first C tokens,
+and the cache's `nbytes` after C tokens is read on the way; both come from one pass. KV bytes
+are cross-checked with `attnkit memory`'s predictors.
 """
 
 from __future__ import annotations
@@ -57,20 +59,36 @@ class CompareSettings:
     model: str = "smollm2-135m"
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     contexts: tuple[int, ...] = (512, 2048, 8192)
-    segments: int = 2  # corpus segments per context
-    extension_context: int = 16384  # RoPE rows: past the 8k training length
+    segments: int = 1  # corpus segments, each as long as the longest context
+    extension_context: int = 10240  # RoPE rows: past the 8k training length
     extension_factor: float = 2.0
-    passkey_lengths: tuple[int, ...] = (1024, 4096)
-    passkey_extension_length: int = 12288
+    passkey_lengths: tuple[int, ...] = (1024, 2048)
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    # RoPE rows: the passkey only past the training length, at these depths
+    passkey_extension_length: int = 10240
+    passkey_extension_depths: tuple[float, ...] = (0.1, 0.5)
     passkey_trials: int = 1
     calibration_tokens: int = 2048
     step_tokens: int = 256  # tokens per cache step (prefill chunk)
     speed_prompt_tokens: int = 512
-    speed_decode_tokens: int = 32
+    speed_decode_tokens: int = 16
     speed_repeats: int = 3
     seed: int = 0
     text_file: str | None = None
+
+    def __post_init__(self) -> None:
+        # Caches take `step_tokens` per forward; perplexity and memory are read at the end of
+        # a step, so every context must be a whole number of steps.
+        for name, values in (
+            ("contexts", self.contexts),
+            ("extension_context", (self.extension_context,)),
+        ):
+            bad = [c for c in values if c < self.step_tokens or c % self.step_tokens]
+            if bad:
+                raise ValueError(
+                    f"{name} must be multiples of the cache step ({self.step_tokens} tokens), "
+                    f"got {bad[0]}"
+                )
 
     @classmethod
     def quick(cls, **overrides) -> CompareSettings:
@@ -183,40 +201,41 @@ def evaluate_strategy(
     if strategy.extends_context:
         contexts.append(settings.extension_context)
     result.contexts = contexts
-    offset = settings.calibration_tokens
+    longest, start_token = max(contexts), settings.calibration_tokens
+    # Tokens per forward: as many as every context boundary allows; ring and eviction caches
+    # cap it at their `max_new_per_step` (the step), growing caches take it whole.
+    chunk = math.gcd(*contexts)
+    nll = torch.zeros(longest - 1, dtype=torch.float64)
+    for s in range(settings.segments):
+        segment = corpus[start_token + s * longest : start_token + (s + 1) * longest]
+        measured, nbytes, per_forward = _stream(
+            model, strategy, segment, contexts, (step, chunk), s, settings, report
+        )
+        nll += measured.nll
+        result.kv_bytes = nbytes  # the same in every segment: sizes depend on lengths only
     for context in contexts:
-        nll_sum, scored, position_nll = 0.0, 0, torch.zeros(context - 1, dtype=torch.float64)
-        for s in range(settings.segments):
-            segment = corpus[offset + s * context : offset + (s + 1) * context]
-            done, total = s * (context - 1), settings.segments * (context - 1)
-
-            def seen(n, _total, done=done, total=total, context=context):
-                report(f"perplexity @{context}", done + n, total)
-
-            measured, nbytes = _stream(model, strategy, segment, step, seen)
-            nll_sum += float(measured.nll.sum())
-            scored += measured.n_tokens
-            position_nll += measured.nll
-            result.kv_bytes[context] = nbytes
-        result.predicted_kv_bytes[context] = strategy.predict_nbytes(model, context, step)
-        result.perplexity[context] = math.exp(nll_sum / scored)
+        scored = settings.segments * (context - 1)
+        result.perplexity[context] = math.exp(float(nll[: context - 1].sum()) / scored)
         result.scored_tokens[context] = scored
-        if context == max(contexts):
-            result.position_perplexity = _binned(position_nll / settings.segments)
+    for context in settings.contexts:  # memory at the extension context is not compared
+        result.predicted_kv_bytes[context] = strategy.predict_nbytes(model, context, per_forward)
+    result.kv_bytes = {c: result.kv_bytes[c] for c in settings.contexts}
+    result.position_perplexity = _binned(nll / settings.segments)
 
-    lengths = list(settings.passkey_lengths)
     if strategy.extends_context:
-        lengths.append(settings.passkey_extension_length)
+        lengths, depths = [settings.passkey_extension_length], settings.passkey_extension_depths
+    else:
+        lengths, depths = list(settings.passkey_lengths), settings.passkey_depths
     room = max(lengths) + 16  # the prompt and the answer's tokens
     keys = passkey_accuracy(
         model,
         tokenizer,
         lengths=lengths,
-        depths=settings.passkey_depths,
+        depths=depths,
         trials=settings.passkey_trials,
         seed=settings.seed,
         cache_factory=lambda: strategy.new_cache(model, room, step),
-        chunk_size=step,
+        chunk_size=chunk,
         progress=lambda d, t: report("passkey", d, t),
     )
     result.passkey = keys.as_dict()
@@ -230,18 +249,34 @@ def evaluate_strategy(
     return result
 
 
-def _stream(model, strategy: Strategy, segment: Tensor, step: int, progress):
-    """Perplexity of one segment through a fresh cache, and that cache's nbytes after it."""
-    caches = []
+def _stream(model, strategy, segment, contexts, steps, index, settings, report):
+    """Perplexity of one segment through a fresh growing cache, and its nbytes at each context.
+
+    `steps` = (the ring caches' step, the chunk fed per forward). Also returns the tokens
+    the cache took per forward (the chunk, or its `max_new_per_step` if smaller).
+    """
+    (step, chunk), cache, nbytes = steps, None, {}
+    total = settings.segments * (len(segment) - 1)
 
     def new_cache():
-        caches.append(strategy.new_cache(model, segment.numel(), step))
-        return caches[-1]
+        nonlocal cache
+        cache = strategy.new_cache(model, None, step)
+        return cache
 
-    measured = perplexity(
-        model, segment, cache_factory=new_cache, chunk_size=step, progress=progress
-    )
-    return measured, caches[-1].nbytes
+    def seen(done, _total):  # after each chunk: `done` tokens cached, as many targets scored
+        if done in contexts:
+            nbytes[done] = cache.nbytes
+        report("perplexity", index * (len(segment) - 1) + done, total)
+
+    measured = perplexity(model, segment, cache_factory=new_cache, chunk_size=chunk, progress=seen)
+    with torch.no_grad():  # the last token is only a target; cache it too, for nbytes at C
+        model(segment[-1:].view(1, 1), cache=cache)
+    nbytes[len(segment)] = cache.nbytes
+    missing = set(contexts) - set(nbytes)
+    if missing:  # contexts are checked to be multiples of the step; this is a bug if reached
+        raise RuntimeError(f"no cache snapshot at contexts {sorted(missing)} (step {step})")
+    limit = cache.max_step_tokens
+    return measured, nbytes, chunk if limit is None else min(chunk, limit)
 
 
 def _binned(nll: Tensor, bins: int = 32) -> dict[str, list[float]]:

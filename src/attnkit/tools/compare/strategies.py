@@ -34,8 +34,10 @@ ROPE_KINDS = ("none", "linear", "dynamic", "yarn")
 GRAMMAR = "shipped | mha | mqa | gqa:N | mla:R | window:W | sinks:W | h2o:B | int8 | rope:KIND"
 
 ModelBuilder = Callable[[Transformer, Tensor], Transformer]  # (shipped model, calibration ids)
-CacheBuilder = Callable[[Transformer, int, int], KVCache]  # (model, max tokens, step tokens)
-BytesPredictor = Callable[[Transformer, int, int], int]  # (model, tokens, step tokens)
+# (model, max tokens or None to grow as tokens arrive, tokens per step)
+CacheBuilder = Callable[[Transformer, int | None, int], KVCache]
+# (model, tokens, step tokens): nbytes after `tokens` tokens in `step`s through a growing cache
+BytesPredictor = Callable[[Transformer, int, int], int]
 
 
 @dataclass(frozen=True)
@@ -77,15 +79,16 @@ def _dtype(model: Transformer) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _full_cache(model: Transformer, tokens: int, step: int) -> KVCache:
+def _full_cache(model: Transformer, tokens: int | None, step: int) -> KVCache:
     return model.new_cache(1, max_len=tokens)
 
 
 def _full_bytes(model: Transformer, tokens: int, step: int) -> int:
     spec, dtype = kv_spec(model), _dtype(model)
-    if spec.is_mla:
-        return cache_memory.latent_cache_bytes(spec, max_len=tokens, dtype=dtype)
-    return cache_memory.contiguous_cache_bytes(spec, max_len=tokens, dtype=dtype)
+    predict = (
+        cache_memory.latent_cache_bytes if spec.is_mla else cache_memory.contiguous_cache_bytes
+    )
+    return predict(spec, tokens=tokens, step=step, dtype=dtype)
 
 
 def _shape(model: Transformer) -> tuple[int, int, int]:
@@ -162,7 +165,7 @@ def int8() -> Strategy:
         return cache
 
     def predict(model, tokens, step):
-        return cache_memory.quantized_cache_bytes(kv_spec(model), max_len=tokens)
+        return cache_memory.quantized_cache_bytes(kv_spec(model), tokens=tokens, step=step)
 
     return Strategy("int8", "int8 K/V", "quantized", None, new_cache, predict)
 
