@@ -73,3 +73,20 @@ def assert_matches_reference(
         assert torch.equal(torch.isinf(got_lse), torch.isinf(want_lse)), "lse -inf rows differ"
         err, plain_err = max_err(got_lse, want_lse), max_err(plain_lse, want_lse)
         assert err <= 2 * plain_err + floor, f"lse error {err:.3g} > 2 x {plain_err:.3g}"
+
+
+@torch.no_grad()
+def assert_ragged_batch_decodes_as_alone(model, vocab: int = 101) -> None:
+    """Three prompts of different lengths prefilled one by one into one cache, then decoded
+    together for 5 steps, give each sequence the logits of its own uncached forward."""
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, vocab, (1, n), generator=gen) for n in (9, 4, 13)]
+    steps = torch.randint(0, vocab, (3, 5), generator=gen)
+    cache = model.new_cache(0, max_seqs=3)
+    seqs = [cache.add_sequence() for _ in prompts]
+    for seq, prompt in zip(seqs, prompts, strict=True):
+        model(prompt, cache=cache, seq_ids=[seq])
+    together = torch.cat([model(steps[:, i : i + 1], cache=cache) for i in range(5)], dim=1)
+    for b, prompt in enumerate(prompts):
+        alone = model(torch.cat([prompt, steps[b : b + 1]], dim=1))[:, -5:]
+        assert (together[b] - alone[0]).abs().max() < 1e-12

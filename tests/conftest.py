@@ -1,9 +1,15 @@
-"""The real SmolLM2-135M (attnkit's and Hugging Face's), loaded once per test session."""
+"""Shared fixtures: the real SmolLM2-135M (attnkit's and Hugging Face's), loaded once per
+session; and Triton's interpreter where there is no GPU."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU-only machines
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

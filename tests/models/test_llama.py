@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attn_testing import assert_ragged_batch_decodes_as_alone
 from attnkit.models.llama import LlamaConfig, Transformer
 
 
@@ -51,17 +52,7 @@ def test_last_prefill_row_equals_first_decode_row():
 @torch.no_grad()
 def test_ragged_batch_decodes_each_sequence_as_if_alone():
     model = tiny()
-    gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 101, (1, n), generator=gen) for n in (9, 4, 13)]
-    steps = torch.randint(0, 101, (3, 5), generator=gen)
-    cache = model.new_cache(0, max_seqs=3)
-    seqs = [cache.add_sequence() for _ in prompts]
-    for seq, prompt in zip(seqs, prompts, strict=True):
-        model(prompt, cache=cache, seq_ids=[seq])
-    together = torch.cat([model(steps[:, i : i + 1], cache=cache) for i in range(5)], dim=1)
-    for b, prompt in enumerate(prompts):
-        alone = model(torch.cat([prompt, steps[b : b + 1]], dim=1))[:, -5:]
-        assert (together[b] - alone[0]).abs().max() < 1e-12
+    assert_ragged_batch_decodes_as_alone(model)  # float64 model: 1e-12
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from torch import nn
 
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import KVCache
+from attnkit.tools.perplexity import fresh_cache
 
 Progress = Callable[[int, int], None]  # (trials done, trials in total)
 
@@ -212,19 +213,6 @@ def is_correct(continuation: str, passkey: int) -> bool:
     return found is not None and found.group() == str(passkey)
 
 
-def _new_cache(model: nn.Module, cache_factory: Callable[[], KVCache] | None) -> KVCache:
-    cache = model.new_cache(1) if cache_factory is None else cache_factory()
-    if not isinstance(cache, KVCache):
-        raise TypeError(f"cache_factory must return a KVCache, got {type(cache).__name__}")
-    if len(cache.sequences) != 1 or cache.length(cache.sequences[0]) != 0:
-        lengths = {s: cache.length(s) for s in cache.sequences}
-        raise ValueError(
-            "cache_factory must return a fresh cache holding one empty sequence "
-            f"(e.g. lambda: model.new_cache(1)); got sequence lengths {lengths}"
-        )
-    return cache
-
-
 @torch.no_grad()
 def greedy_continuation(
     model: nn.Module,
@@ -305,7 +293,7 @@ def passkey_accuracy(
         )
     start, details = time.perf_counter(), []
     for (n, d, t), prompt in prompts.items():
-        cache = _new_cache(model, cache_factory)
+        cache = fresh_cache(model, cache_factory)
         text = greedy_continuation(
             model,
             tokenizer,

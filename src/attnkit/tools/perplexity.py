@@ -119,8 +119,9 @@ def _sliding(model, ids, context, stride, batch_size, progress) -> PerplexityRes
     return _result(torch.cat(nlls), torch.cat(positions), context, stride, "sliding")
 
 
-def _streaming(model, ids, cache_factory, chunk_size, progress) -> PerplexityResult:
-    cache = cache_factory()
+def fresh_cache(model: nn.Module, cache_factory: Callable[[], KVCache] | None) -> KVCache:
+    """`cache_factory()` (default `model.new_cache(1)`), checked to hold one empty sequence."""
+    cache = model.new_cache(1) if cache_factory is None else cache_factory()
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache_factory must return a KVCache, got {type(cache).__name__}")
     if len(cache.sequences) != 1 or cache.length(cache.sequences[0]) != 0:
@@ -129,6 +130,11 @@ def _streaming(model, ids, cache_factory, chunk_size, progress) -> PerplexityRes
             "cache_factory must return a fresh cache holding one empty sequence "
             f"(e.g. lambda: model.new_cache(1)); got sequence lengths {lengths}"
         )
+    return cache
+
+
+def _streaming(model, ids, cache_factory, chunk_size, progress) -> PerplexityResult:
+    cache = fresh_cache(model, cache_factory)
     limit = cache.max_step_tokens  # ring and eviction caches bound a step's tokens
     chunk = min(chunk_size, limit) if limit is not None else chunk_size
     inputs, total = ids[:-1], ids.numel() - 1  # the last token is only a target

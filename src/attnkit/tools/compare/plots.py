@@ -28,24 +28,58 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _label_offsets(pixels: list[tuple[float, float]], width: float, height: float) -> list[float]:
+    """Vertical label offsets (points): a marker whose label would overlap an earlier
+    marker's label (closer than `width` x `height` pixels) moves its label one line down."""
+    offsets: list[float] = []
+    for i, (x, y) in enumerate(pixels):
+        dy = 4.0
+        while any(
+            abs(x - px) < width and abs((y + dy) - (py + pdy)) < height
+            for (px, py), pdy in zip(pixels[:i], offsets, strict=False)
+        ):
+            dy -= 10.0
+        offsets.append(dy)
+    return offsets
+
+
 def plot_pareto(rows: list[StrategyResult], context: int, path: Path) -> Path:
-    """Perplexity at `context` against KV bytes per token; the frontier joined by a line."""
+    """Perplexity at `context` against KV bytes per token; the frontier joined by a line.
+
+    RoPE-scaling rows are left out (they keep the shipped cache and change only positions).
+    Points far above the rest (a broken conversion) sit on the top edge with their value,
+    so the frontier stays readable.
+    """
     plt = _pyplot()
-    rows = [r for r in rows if context in r.perplexity]
+    rows = [r for r in rows if context in r.perplexity and r.family != "context extension"]
     points = [(r.kv_bytes_per_token, r.perplexity[context]) for r in rows]
     front = pareto_front(points)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, (r, (x, y)) in enumerate(zip(rows, points, strict=True)):
-        ax.scatter(x, y, s=40, color="C3" if i in front else "C0", zorder=3)
-        ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    fx, fy = zip(*(points[i] for i in front), strict=True)
-    ax.step(fx, fy, where="post", color="C3", alpha=0.6, label="Pareto frontier")
+    best = min(y for _, y in points)
+    top = min(max(y for _, y in points) * 1.1, 4 * best)
+    fig, ax = plt.subplots(figsize=(9, 6))
     ax.set_xscale("log")
-    ax.set_xlabel("KV-cache bytes per token (real nbytes / tokens, log scale)")
-    ax.set_ylabel(f"perplexity at {context} tokens")
-    ax.set_title("Memory against quality: every KV strategy")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set_yscale("log")
+    ax.set_xlim(min(x for x, _ in points) / 1.5, max(x for x, _ in points) * 3)
+    ax.set_ylim(best / 1.1, top)
+    shown = [(x, min(y, top / 1.04)) for x, y in points]
+    fig.canvas.draw()
+    pixels = [tuple(ax.transData.transform(p)) for p in shown]
+    order = sorted(range(len(rows)), key=lambda i: -pixels[i][1])  # top to bottom
+    offsets = _label_offsets([pixels[i] for i in order], width=130, height=11)
+    for i, dy in zip(order, offsets, strict=True):
+        (x, y), clipped = shown[i], points[i][1] > top
+        ax.scatter(x, y, s=40, color="C3" if i in front else "C0", zorder=3,
+                   marker="^" if clipped else "o")  # fmt: skip
+        label = rows[i].label + (f" (ppl {points[i][1]:,.0f}, off the scale)" if clipped else "")
+        below = -12 if clipped else dy  # under the top edge, not into the title
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, below), fontsize=8)
+    fx, fy = zip(*(points[i] for i in front), strict=True)
+    ax.step(fx, fy, where="post", color="C3", alpha=0.6, label="Pareto frontier (red points)")
+    ax.set_xlabel("KV-cache bytes per token (real nbytes / tokens)")
+    ax.set_ylabel(f"perplexity over the first {context} tokens")
+    ax.set_title("Memory against quality: lower left is better")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -82,16 +116,23 @@ def plot_passkey(rows: list[StrategyResult], path: Path) -> Path:
     rows = [r for r in rows if r.passkey]
     n_cols = min(4, len(rows))
     n_rows = math.ceil(len(rows) / n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.6 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        figsize=(3.2 * n_cols, 2.4 * n_rows + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
     image = None
-    for ax, r in zip(axes.flat, rows, strict=False):
+    for index, (ax, r) in enumerate(zip(axes.flat, rows, strict=False)):
         grid, keys = r.passkey["accuracy"], r.passkey
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_title(r.label, fontsize=9)
         ax.set_xticks(range(len(keys["depths"])), [f"{d:.0%}" for d in keys["depths"]])
         ax.set_yticks(range(len(keys["lengths"])), [str(n) for n in keys["lengths"]])
-        ax.set_xlabel("depth", fontsize=8)
-        ax.set_ylabel("length (tokens)", fontsize=8)
+        if index % n_cols == 0:
+            ax.set_ylabel("length (tokens)", fontsize=8)
+        ax.set_xlabel("depth of the key", fontsize=8)
         ax.tick_params(labelsize=7)
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
@@ -99,7 +140,7 @@ def plot_passkey(rows: list[StrategyResult], path: Path) -> Path:
     for ax in list(axes.flat)[len(rows) :]:
         ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label="exact-match accuracy")
+        fig.colorbar(image, ax=axes, shrink=0.6, label="exact-match accuracy")
     fig.suptitle("Passkey retrieval")
     fig.savefig(path, dpi=110)
     plt.close(fig)

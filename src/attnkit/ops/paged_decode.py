@@ -1,0 +1,187 @@
+"""Decode attention straight from a paged K/V pool: one new query per sequence.
+
+`PagedCache.update` gathers each sequence's blocks into a contiguous copy before attention;
+at decode time that copy moves every cached byte twice. `paged_decode` reads the blocks in
+place through the block table instead. Backends:
+
+- `torch`: gather the blocks, then `attnkit.attention` with key padding. Any device and
+  dtype, float64 included; the reference the kernel is tested against.
+- `triton` (CUDA, or the Triton interpreter with `TRITON_INTERPRET=1` on CPU): a split-K
+  kernel (FlashDecoding). Each program takes one sequence, one KV head with its whole query
+  group folded into the tile's rows (GQA: K/V read once per group, not once per query head)
+  and one slice of the context; the slices' partial outputs merge by their log-sum-exp.
+- `auto`: `triton` for CUDA tensors when Triton is importable, else `torch`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from attnkit.ops.attention import attention
+from attnkit.ops.masks import padding
+
+try:  # optional: CUDA kernels, or the interpreter on CPU
+    from attnkit.ops.triton_paged import triton_paged_decode
+except ImportError:  # pragma: no cover - triton is a dev dependency
+    triton_paged_decode = None
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def paged_decode(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    block_table: Tensor,
+    lengths: Tensor,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+    num_splits: int | None = None,
+    return_lse: bool = False,
+    check: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of one query per sequence over its cached keys, read through a block table.
+
+    q: (batch, heads, head_dim). k_pool/v_pool: (num_blocks, block_size, kv_heads, head_dim
+    / v_head_dim), one layer of `PagedCache.k_pool`/`v_pool`. block_table: (batch,
+    max_blocks) integer block ids; row b's first ceil(lengths[b] / block_size) entries are
+    used. lengths: (batch,) cached tokens per sequence (0 gives zeros and lse -inf).
+    `num_splits` (triton): context slices per sequence, default chosen to fill the GPU.
+    `check=False` skips the value checks (lengths and block ids in range), the one device
+    sync: for an engine whose tables are valid by construction; shapes are always checked.
+    Returns (batch, heads, v_head_dim), and lse (batch, heads) with `return_lse`.
+    """
+    _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits)
+    longest = _check_values(k_pool, block_table, lengths) if check else None
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and triton_paged_decode is not None else "torch"
+    if backend == "triton":
+        _check_triton(q)
+        out, lse = triton_paged_decode(
+            q, k_pool, v_pool, block_table, lengths, scale, num_splits, longest=longest
+        )
+    else:
+        out, lse = _gathered(q, k_pool, v_pool, block_table, lengths, scale)
+    return (out, lse) if return_lse else out
+
+
+def _check_triton(q: Tensor) -> None:
+    if triton_paged_decode is None:
+        raise ValueError("backend='triton' needs the triton package, which is not installed")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the triton backend needs CUDA tensors (got {q.device}), or TRITON_INTERPRET=1 "
+            "set before triton is imported to run the kernel in Triton's interpreter"
+        )
+
+
+def _gathered(q, k_pool, v_pool, block_table, lengths, scale) -> tuple[Tensor, Tensor]:
+    """The plain way: copy each sequence's blocks together, then attend with key padding."""
+    bs = k_pool.shape[1]
+    n_blocks = max(1, -(-int(lengths.max()) // bs)) if len(lengths) else 1
+    table = block_table[:, :n_blocks].long()
+    table = torch.where(_in_use(table, lengths, bs), table, 0)  # padding entries may be junk
+    k = k_pool[table].flatten(1, 2).transpose(1, 2)  # (B, Hkv, n_blocks·bs, d)
+    v = v_pool[table].flatten(1, 2).transpose(1, 2)
+    out, lse = attention(
+        q.unsqueeze(2),
+        k,
+        v,
+        padding(lengths.to(k.device)),
+        scale=scale,
+        return_lse=True,
+        backend="reference" if q.dtype == torch.float64 else "auto",
+    )
+    return out.squeeze(2), lse.squeeze(2)
+
+
+def _in_use(block_table: Tensor, lengths: Tensor, block_size: int) -> Tensor:
+    """(batch, max_blocks) True where row b's entry holds some of its `lengths[b]` tokens."""
+    needed = (lengths.to(block_table.device) + block_size - 1) // block_size
+    return torch.arange(block_table.shape[1], device=block_table.device) < needed[:, None]
+
+
+def _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits) -> None:
+    for name, t in (
+        ("q", q),
+        ("k_pool", k_pool),
+        ("v_pool", v_pool),
+        ("block_table", block_table),
+        ("lengths", lengths),
+    ):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if num_splits is not None and (
+        isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
+    ):
+        raise ValueError(f"num_splits must be a positive integer or None, got {num_splits!r}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
+    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
+        if pool.dim() != 4:
+            raise ValueError(
+                f"{name} must be (num_blocks, block_size, kv_heads, dim), got shape "
+                f"{tuple(pool.shape)}"
+            )
+        if pool.dtype != q.dtype or pool.device != q.device:
+            raise ValueError(
+                f"{name} must match q's dtype and device ({q.dtype}, {q.device}), got "
+                f"{pool.dtype} on {pool.device}"
+            )
+    b, h, d = q.shape
+    if k_pool.shape[:3] != v_pool.shape[:3]:
+        raise ValueError(
+            f"k_pool and v_pool must agree on (num_blocks, block_size, kv_heads), got "
+            f"{tuple(k_pool.shape[:3])} and {tuple(v_pool.shape[:3])}"
+        )
+    if k_pool.shape[3] != d:
+        raise ValueError(f"k_pool head_dim {k_pool.shape[3]} must equal q's head_dim {d}")
+    kv_heads = k_pool.shape[2]
+    if h % kv_heads:
+        raise ValueError(f"q's heads ({h}) must be a multiple of kv_heads ({kv_heads})")
+    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.is_floating_point():
+        raise ValueError(
+            f"block_table must be integer (batch={b}, max_blocks), got {block_table.dtype} "
+            f"{tuple(block_table.shape)}"
+        )
+    if lengths.shape != (b,) or lengths.is_floating_point():
+        raise ValueError(
+            f"lengths must be integer (batch={b},), got {lengths.dtype} {tuple(lengths.shape)}"
+        )
+
+
+def _check_values(k_pool: Tensor, block_table: Tensor, lengths: Tensor) -> int:
+    """Lengths and the block ids in use within range; returns max(lengths). One device sync."""
+    if lengths.numel() == 0:
+        return 0
+    bs, num_blocks = k_pool.shape[1], k_pool.shape[0]
+    in_use = _in_use(block_table, lengths, bs)
+    big = torch.iinfo(torch.int64).max
+    low, longest, first, last = torch.stack(
+        [
+            lengths.min().long(),
+            lengths.max().long(),
+            torch.where(in_use, block_table.long(), big).min(),
+            torch.where(in_use, block_table.long(), -1).max(),
+        ]
+    ).tolist()
+    if low < 0 or longest > block_table.shape[1] * bs:
+        raise ValueError(
+            f"lengths must lie in [0, max_blocks * block_size = {block_table.shape[1] * bs}], "
+            f"got [{low}, {longest}]"
+        )
+    if last >= 0 and (first < 0 or last >= num_blocks):
+        raise ValueError(
+            f"block_table entries in use must lie in [0, {num_blocks}), got [{first}, {last}]"
+        )
+    return longest
