@@ -90,3 +90,25 @@ def assert_ragged_batch_decodes_as_alone(model, vocab: int = 101) -> None:
     for b, prompt in enumerate(prompts):
         alone = model(torch.cat([prompt, steps[b : b + 1]], dim=1))[:, -5:]
         assert (together[b] - alone[0]).abs().max() < 1e-12
+
+
+# A Llama small enough for float64 oracles: awkward sizes, GQA 9 query / 3 KV heads.
+TINY_LLAMA = dict(
+    vocab_size=101,
+    hidden_size=54,
+    intermediate_size=70,
+    num_hidden_layers=3,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rope_theta=1000.0,
+)
+
+
+def tiny_transformer(seed: int = 0, attention=None, **overrides):
+    """`TINY_LLAMA` (with `overrides`) in float64, eval mode; `attention` = layer factory."""
+    from attnkit.models.llama import LlamaConfig, Transformer
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**(TINY_LLAMA | overrides))
+    model = Transformer(config) if attention is None else Transformer(config, attention)
+    return model.double().eval()

@@ -7,14 +7,19 @@ import math
 import pytest
 import torch
 
-from attn_testing import NOISE_FLOOR, assert_ragged_batch_decodes_as_alone, max_err
+from attn_testing import (
+    NOISE_FLOOR,
+    assert_ragged_batch_decodes_as_alone,
+    max_err,
+    tiny_transformer,
+)
 from attnkit.cache import ContiguousCache
 from attnkit.cache.latent import LatentCache
 from attnkit.engine import generate
 from attnkit.layers.attention import AttentionContext
 from attnkit.layers.latent import LatentAttention
 from attnkit.layers.rope import RotaryEmbedding
-from attnkit.models.llama import LlamaConfig, Transformer
+from attnkit.models.llama import Transformer
 from attnkit.ops.masks import causal
 
 THETA = 1000.0
@@ -137,18 +142,8 @@ def tiny_mla(mode: str, case: str = "deepseek", seed: int = 0, **config) -> Tran
             i, cfg.hidden_size, cfg.num_attention_heads, mode=mode, **CASES[case]
         )
 
-    torch.manual_seed(seed)
-    base = dict(
-        vocab_size=101,
-        hidden_size=54,
-        intermediate_size=70,
-        num_hidden_layers=3,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=16,  # cos/sin for 8 angle columns: rope_pairs index them
-        rope_theta=THETA,
-    )
-    return Transformer(LlamaConfig(**(base | config)), attention=factory).double().eval()
+    # head_dim 16: cos/sin for 8 angle columns, which rope_pairs index
+    return tiny_transformer(seed, factory, **({"head_dim": 16, "rope_theta": THETA} | config))
 
 
 @pytest.mark.parametrize("chunks", [[10, 4, 6], [1] * 20, [19, 1]], ids=str)

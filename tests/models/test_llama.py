@@ -5,22 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn_testing import assert_ragged_batch_decodes_as_alone
+from attn_testing import assert_ragged_batch_decodes_as_alone, tiny_transformer
 from attnkit.models.llama import LlamaConfig, Transformer
 
 
 def tiny(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    config = dict(
-        vocab_size=101,
-        hidden_size=54,
-        intermediate_size=70,
-        num_hidden_layers=3,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        rope_theta=1000.0,
-    )
-    return Transformer(LlamaConfig(**(config | overrides))).double().eval()
+    return tiny_transformer(seed, **overrides)
 
 
 @pytest.mark.parametrize("chunks", [[10, 4, 6], [1] * 20, [19, 1], [20]], ids=str)

@@ -14,6 +14,7 @@ import transformers
 from test_llama import tiny
 from test_loading import VOCAB, attnkit_model, max_logit_diff, tiny_hf
 
+from attn_testing import tiny_transformer
 from attnkit.cache import ContiguousCache, SlidingWindowCache
 from attnkit.cache.base import CacheFull
 from attnkit.cache.layered import LayeredCache
@@ -21,7 +22,7 @@ from attnkit.engine import generate
 from attnkit.layers.attention import Attention, AttentionContext
 from attnkit.masks import block_sparse, causal, strided
 from attnkit.models.hf_dir import read_config, read_weights
-from attnkit.models.llama import LlamaConfig, Transformer, default_attention
+from attnkit.models.llama import Transformer, default_attention
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import from_tensor
 from engine.test_generate import DigitTokenizer, plain_greedy
@@ -41,17 +42,7 @@ def with_pattern(pattern=None, window=None, sinks=0, seed=0) -> Transformer:
             return default_attention(config, i)
         return Attention(i, 54, 9, 3, 6, window=window, sinks=sinks, pattern=pattern)
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=101,
-        hidden_size=54,
-        intermediate_size=70,
-        num_hidden_layers=3,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        rope_theta=1000.0,
-    )
-    return Transformer(config, factory).double().eval()
+    return tiny_transformer(seed, factory)
 
 
 def ids(batch=2, n=30, seed=1):
