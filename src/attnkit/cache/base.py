@@ -78,6 +78,26 @@ def narrow_mask(mask: Mask | None, pattern: Mask | None) -> Mask | None:
     return mask & pattern
 
 
+class SlotPool:
+    """Which of a cache's `size` preallocated per-sequence slots are free; lowest first.
+
+    A new sequence takes a slot (`CacheFull` when none is left); `free` gives it back.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = list(range(size))
+
+    def take(self) -> int:
+        if not self._free:
+            raise CacheFull(f"all {self.size} sequence slots are in use", needed=1)
+        return self._free.pop(0)
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+        self._free.sort()
+
+
 class KVCache:
     """Base of every cache: sequence bookkeeping plus the protocol methods."""
 

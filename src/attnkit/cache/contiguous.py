@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from attnkit._checks import check_positive_int
-from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
+from attnkit.cache.base import CacheFull, CacheStep, KVCache, SlotPool, causal_step_mask
 
 
 class ContiguousCache(KVCache):
@@ -49,7 +49,7 @@ class ContiguousCache(KVCache):
         shape = (n_layers, max_seqs, kv_heads, capacity)
         self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(*shape, self.v_head_dim, dtype=dtype, device=device)
-        self._free_slots = list(range(max_seqs))
+        self._slots = SlotPool(max_seqs)
         self._slot: dict[int, int] = {}
 
     @property
@@ -61,9 +61,7 @@ class ContiguousCache(KVCache):
         return self.k.untyped_storage().nbytes() + self.v.untyped_storage().nbytes()
 
     def _claim(self, seq: int) -> None:
-        if not self._free_slots:
-            raise CacheFull(f"all {self.max_seqs} sequence slots are in use", needed=1)
-        self._slot[seq] = self._free_slots.pop(0)
+        self._slot[seq] = self._slots.take()
 
     def prepare(self, seq_ids, n_new: int, token_ids: Tensor | None = None) -> CacheStep:
         seq_ids = self._check_step(seq_ids, n_new)
@@ -115,8 +113,7 @@ class ContiguousCache(KVCache):
 
     def free(self, seq: int) -> None:
         self._known(seq)
-        self._free_slots.append(self._slot.pop(seq))
-        self._free_slots.sort()
+        self._slots.give_back(self._slot.pop(seq))
         del self._lengths[seq]
 
     def _grow(self, needed: int) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from attnkit._checks import check_positive_int
-from attnkit.cache.base import CacheFull, KVCache
+from attnkit.cache.base import CacheFull, KVCache, SlotPool
 from attnkit.ops.masks import Mask, padding
 
 
@@ -68,7 +68,7 @@ class EncoderCache(KVCache):
         self.dtype, self.device = dtype, torch.device(device)
         self.k = self._buffer(max_len or 0, head_dim)
         self.v = self._buffer(max_len or 0, self.v_head_dim)
-        self._free_slots = list(range(max_seqs))
+        self._slots = SlotPool(max_seqs)
         self._slot: dict[int, int] = {}
         self._filled: dict[int, set[int]] = {}  # layers whose K/V each sequence holds
         self.step: EncoderStep | None = None  # type: ignore[assignment]
@@ -87,9 +87,7 @@ class EncoderCache(KVCache):
         return self.k.untyped_storage().nbytes() + self.v.untyped_storage().nbytes()
 
     def _claim(self, seq: int) -> None:
-        if not self._free_slots:
-            raise CacheFull(f"all {self.max_seqs} sequence slots are in use", needed=1)
-        self._slot[seq] = self._free_slots.pop(0)
+        self._slot[seq] = self._slots.take()
         self._filled[seq] = set()
 
     # -- per forward pass ---------------------------------------------------------------
@@ -168,8 +166,7 @@ class EncoderCache(KVCache):
 
     def free(self, seq: int) -> None:
         self._known(seq)
-        self._free_slots.append(self._slot.pop(seq))
-        self._free_slots.sort()
+        self._slots.give_back(self._slot.pop(seq))
         del self._lengths[seq], self._filled[seq]
         if self.step is not None and seq in self.step.seq_ids:
             self.step = None

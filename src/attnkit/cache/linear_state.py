@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from attnkit._checks import check_positive_int
-from attnkit.cache.base import CacheFull, CacheStep, KVCache
+from attnkit.cache.base import CacheStep, KVCache, SlotPool
 from attnkit.ops.linear import LinearState
 
 
@@ -52,7 +52,7 @@ class LinearStateCache(KVCache):
         shape = (n_layers, max_seqs, kv_heads, feature_dim)
         self.S = torch.zeros(*shape, v_head_dim, dtype=dtype, device=device)
         self.z = torch.zeros(*shape, dtype=dtype, device=device)
-        self._free_slots = list(range(max_seqs))
+        self._slots = SlotPool(max_seqs)
         self._slot: dict[int, int] = {}
         self._rows: Tensor | None = None  # this step's slots
 
@@ -61,9 +61,7 @@ class LinearStateCache(KVCache):
         return self.S.untyped_storage().nbytes() + self.z.untyped_storage().nbytes()
 
     def _claim(self, seq: int) -> None:
-        if not self._free_slots:
-            raise CacheFull(f"all {self.max_seqs} sequence slots are in use", needed=1)
-        slot = self._free_slots.pop(0)
+        slot = self._slots.take()
         self.S[:, slot] = 0  # a reused slot must not carry the previous sequence's state
         self.z[:, slot] = 0
         self._slot[seq] = slot
@@ -139,8 +137,7 @@ class LinearStateCache(KVCache):
 
     def free(self, seq: int) -> None:
         self._known(seq)
-        self._free_slots.append(self._slot.pop(seq))
-        self._free_slots.sort()
+        self._slots.give_back(self._slot.pop(seq))
         del self._lengths[seq]
 
     def _check_layer(self, layer: int) -> CacheStep:
