@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit._checks import check_positive_int
+from attnkit.ops.problem import check_qkv
 
 
 class LinearState(NamedTuple):
@@ -229,24 +230,13 @@ def _initial_state(state, b, kv_heads, feat, dv, dtype, device) -> LinearState:
     return LinearState(state[0].to(dtype), state[1].to(dtype))
 
 
+def _floating(name: str, t: Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(
-            f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}; they must match"
-        )
+    check_qkv(q, k, v, _floating)
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise ValueError(
             f"k (heads, keys) = {tuple(k.shape[1:3])} and v = {tuple(v.shape[1:3])} must match"

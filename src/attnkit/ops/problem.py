@@ -83,17 +83,32 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_tensor(name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
+def check_qkv(q: object, k: object, v: object, check_dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """What every attention op asks of q, k, v: 4-D tensors (batch, heads, seq, head_dim)
+    whose dtype `check_dtype(name, t)` accepts, sharing one dtype, device and batch."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
+            )
+        check_dtype(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(
-            f"{name} must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
+            f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}; they must match"
         )
+    return q, k, v
+
+
+def _supported_dtype(name: str, t: Tensor) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         allowed = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise TypeError(f"{name} has dtype {t.dtype}; allowed: {allowed}")
-    return t
 
 
 def _positive_float(name: str, value: object) -> float:
@@ -115,15 +130,7 @@ def make_problem(
     return_lse: bool,
 ) -> AttentionProblem:
     """Check every argument and name the offending one, its value and what is allowed."""
-    q, k, v = _check_tensor("q", q), _check_tensor("k", k), _check_tensor("v", v)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(
-            f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}; they must match"
-        )
+    q, k, v = check_qkv(q, k, v, _supported_dtype)
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k has {k.shape[1]} heads but v has {v.shape[1]}; they must match")
     if q.shape[1] == 0:
