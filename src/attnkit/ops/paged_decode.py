@@ -67,7 +67,7 @@ def paged_decode(
             q, k_pool, v_pool, block_table, lengths, scale, num_splits, longest=longest
         )
     else:
-        out, lse = _gathered(q, k_pool, v_pool, block_table, lengths, scale)
+        out, lse = _gathered(q, k_pool, v_pool, block_table, lengths, scale, longest)
     return (out, lse) if return_lse else out
 
 
@@ -83,10 +83,12 @@ def _check_triton(q: Tensor) -> None:
         )
 
 
-def _gathered(q, k_pool, v_pool, block_table, lengths, scale) -> tuple[Tensor, Tensor]:
+def _gathered(q, k_pool, v_pool, block_table, lengths, scale, longest) -> tuple[Tensor, Tensor]:
     """The plain way: copy each sequence's blocks together, then attend with key padding."""
     bs = k_pool.shape[1]
-    n_blocks = max(1, -(-int(lengths.max()) // bs)) if len(lengths) else 1
+    if longest is None:  # the value checks were skipped, so nobody has read it yet
+        longest = int(lengths.max()) if len(lengths) else 0
+    n_blocks = max(1, -(-longest // bs))
     table = block_table[:, :n_blocks].long()
     table = torch.where(_in_use(table, lengths, bs), table, 0)  # padding entries may be junk
     k = k_pool[table].flatten(1, 2).transpose(1, 2)  # (B, Hkv, n_blocks·bs, d)
