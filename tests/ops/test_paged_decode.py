@@ -229,3 +229,10 @@ def test_unchecked_calls_give_the_same_answer(backend):
     checked = paged_decode(*args, backend=backend, return_lse=True)
     unchecked = paged_decode(*args, backend=backend, return_lse=True, check=False)
     assert torch.equal(checked[0], unchecked[0]) and torch.equal(checked[1], unchecked[1])
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, table, lens = make_problem(4, 2, 16, 16, [3, 20], 16)
+    with pytest.raises(ValueError, match=r"needs CUDA tensors \(got cpu\), or TRITON_INTERPRET=1"):
+        paged_decode(q, k, v, table, lens, backend="triton")
