@@ -47,6 +47,13 @@ def max_err(a: Tensor, b: Tensor) -> float:
     return (a - b).masked_fill(same_inf, 0).abs().max().item() if a.numel() else 0.0
 
 
+def returns_lse(backend: str | attnkit.ops.backends.Backend) -> bool:
+    """Whether the backend can return the log-sum-exp (those built on torch SDPA cannot)."""
+    chosen = backend if isinstance(backend, attnkit.ops.backends.Backend) else None
+    name = chosen.name if chosen is not None else backend
+    return name not in ("sdpa", "gathered")
+
+
 def assert_matches_reference(
     backend: str | attnkit.ops.backends.Backend, q: Tensor, k: Tensor, v: Tensor, **kwargs
 ) -> None:
@@ -59,7 +66,7 @@ def assert_matches_reference(
         q.double(), k.double(), v.double(), backend="reference", return_lse=True, **kwargs
     )
     plain, plain_lse = attnkit.attention(q, k, v, backend="reference", return_lse=True, **kwargs)
-    wants_lse = kwargs.get("softcap") is not None or backend not in ("sdpa",)
+    wants_lse = kwargs.get("softcap") is not None or returns_lse(backend)
     got = attnkit.attention(q, k, v, backend=backend, return_lse=wants_lse, **kwargs)
     got, got_lse = got if wants_lse else (got, None)
 

@@ -10,14 +10,17 @@ import torch
 import attnkit
 from attn_testing import assert_matches_reference, random_qkv
 from attnkit import masks
-from attnkit.ops.backends import TiledBackend
+from attnkit.ops.backends import GatheredBackend, TiledBackend
 
 # Tiles that divide nothing below, so every tile edge case (last partial tile) is hit.
 ODD_TILES = TiledBackend(block_q=5, block_k=7)
+ODD_CHUNKS = GatheredBackend(chunk=6)  # several chunks, the last one partial
 BACKENDS = [
     pytest.param("tiled", id="tiled"),
     pytest.param(ODD_TILES, id="tiled-5x7"),
     pytest.param("sdpa", id="sdpa"),
+    pytest.param("gathered", id="gathered"),
+    pytest.param(ODD_CHUNKS, id="gathered-6"),
     pytest.param(
         "flex",
         id="flex",
@@ -26,7 +29,8 @@ BACKENDS = [
         ),
     ),
 ]
-LSE_BACKENDS = [b for b in BACKENDS if b.values[0] != "sdpa"]  # sdpa has no softcap/lse
+# torch SDPA (and so `gathered`) has no softcap/lse
+LSE_BACKENDS = [b for b in BACKENDS if b.values[0] not in ("sdpa", "gathered", ODD_CHUNKS)]
 
 
 def seed(*parts: object) -> int:

@@ -9,19 +9,20 @@ import pytest
 import torch
 
 import attnkit
-from attn_testing import max_err, random_qkv
+from attn_testing import max_err, random_qkv, returns_lse
 from attnkit import masks
-from attnkit.ops.backends import TiledBackend
+from attnkit.ops.backends import GatheredBackend, TiledBackend
 from attnkit.tools.measure import peak_bytes
 
-ALL = ["reference", "tiled", TiledBackend(5, 7), "sdpa"] + (
+ALL = ["reference", "tiled", TiledBackend(5, 7), "sdpa", "gathered", GatheredBackend(6)] + (
     ["flex"] if "flex" in attnkit.available_backends() else []
 )
-ALL_IDS = ["reference", "tiled", "tiled-5x7", "sdpa"] + (
+ALL_IDS = ["reference", "tiled", "tiled-5x7", "sdpa", "gathered", "gathered-6"] + (
     ["flex"] if "flex" in attnkit.available_backends() else []
 )
-WITH_LSE = [b for b in ALL if b != "sdpa"]
-WITH_LSE_IDS = [i for i in ALL_IDS if i != "sdpa"]
+NO_LSE = ("sdpa", "gathered", "gathered-6")  # torch SDPA returns no log-sum-exp
+WITH_LSE = [b for b, i in zip(ALL, ALL_IDS, strict=True) if i not in NO_LSE]
+WITH_LSE_IDS = [i for i in ALL_IDS if i not in NO_LSE]
 
 
 @pytest.mark.parametrize("backend", ALL, ids=ALL_IDS)
@@ -96,7 +97,7 @@ def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradient(back
     q, k, v = random_qkv(gen, n_q=6, n_k=4, dtype=torch.float64)
     q.requires_grad_(backend != "flex")  # FlexAttention has no backward on CPU
     # 6 queries over 4 keys, bottom-right aligned: rows 0 and 1 sit before key 0.
-    wants_lse = backend != "sdpa"
+    wants_lse = returns_lse(backend)
     result = attnkit.attention(q, k, v, masks.causal(), backend=backend, return_lse=wants_lse)
     out = result[0] if wants_lse else result
     assert out[:, :, :2].eq(0).all() and not torch.isnan(out).any()

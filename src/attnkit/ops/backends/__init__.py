@@ -1,6 +1,7 @@
 """Attention backends: `reference`, `tiled`, `sdpa` always; others register if importable."""
 
 from attnkit.ops.backends.base import Backend, available_backends, get_backend, register
+from attnkit.ops.backends.gathered import GatheredBackend
 from attnkit.ops.backends.reference import ReferenceBackend
 from attnkit.ops.backends.sdpa import SdpaBackend
 from attnkit.ops.backends.tiled import TiledBackend
@@ -8,9 +9,11 @@ from attnkit.ops.backends.tiled import TiledBackend
 register(ReferenceBackend())
 register(TiledBackend())
 register(SdpaBackend())
+register(GatheredBackend())
 
 __all__ = [
     "Backend",
+    "GatheredBackend",
     "ReferenceBackend",
     "SdpaBackend",
     "TiledBackend",
