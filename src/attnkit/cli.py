@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     from attnkit.tools.compare.command import add_parser as add_compare
 
     add_compare(commands, _positive)
+
+    from attnkit.tools.bench.command import add_parser as add_bench
+
+    add_bench(commands, _positive)
     return parser
 
 

@@ -111,7 +111,7 @@ def generate(
     last_logits = []
     for seq, result in zip(seqs, results, strict=True):
         ids = torch.tensor([result.prompt_ids], device=device)
-        last_logits.append(model(ids, cache=cache, seq_ids=[seq])[:, -1])
+        last_logits.append(model(ids, cache=cache, seq_ids=[seq], last_only=True)[:, -1])
         stats.prefill_tokens += len(result.prompt_ids)
     logits = torch.cat(last_logits)
     stats.prefill_seconds += time.perf_counter() - start

@@ -218,8 +218,13 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: Tensor | None = None,
         seq_ids: list[int] | None = None,
+        *,
+        last_only: bool = False,
     ) -> Tensor:
         """Logits `(batch, seq, vocab)` for `input_ids` `(batch, seq)`.
+
+        `last_only=True` returns the last position's logits alone, `(batch, 1, vocab)`: all a
+        generation step needs, without the LM head's matmul over every prompt token.
 
         Without a cache, the sequences start at position 0 under a causal mask. With one,
         the tokens extend the cached sequences `seq_ids` (default: all of the cache's
@@ -232,18 +237,17 @@ class Transformer(nn.Module):
         b, t = input_ids.shape
         limit = cache.max_step_tokens if cache is not None else None
         if limit is not None and t > limit:
-            return torch.cat(
-                [
-                    self(
-                        input_ids[:, i : i + limit],
-                        cache,
-                        None if positions is None else positions[..., i : i + limit],
-                        seq_ids,
-                    )
-                    for i in range(0, t, limit)
-                ],
-                dim=1,
-            )
+            pieces = [
+                self(
+                    input_ids[:, i : i + limit],
+                    cache,
+                    None if positions is None else positions[..., i : i + limit],
+                    seq_ids,
+                    last_only=last_only,
+                )
+                for i in range(0, t, limit)
+            ]
+            return pieces[-1] if last_only else torch.cat(pieces, dim=1)
         if cache is not None:
             seq_ids = cache.sequences if seq_ids is None else seq_ids
             if len(seq_ids) != b:
@@ -262,4 +266,6 @@ class Transformer(nn.Module):
         ctx = AttentionContext(cos, sin, mask, cache, self.config.rope_interleaved)
         for block in self.blocks:
             x = block(x, ctx)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))

@@ -168,21 +168,41 @@ def _parallel(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor, causal: b
 
 
 def _chunkwise(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor, chunk: int):
-    """Causal: the state carries earlier chunks, a masked matrix covers the current one."""
+    """Causal: a masked matrix inside each chunk, the state of all earlier chunks across.
+
+    Chunks are batched: every chunk's own K^T V comes from one matmul and an exclusive
+    prefix sum over chunks gives the state before each one, so there is no per-chunk
+    Python loop. Chunks go in groups that bound the prefix states' memory (the Taylor map
+    has ~d²/2 features), carrying the state from group to group.
+    """
     n = fk.shape[2]
     if n == 0:
         return _empty(fq, v, S, z)
-    nums, dens = [], []
+    b, kv_heads, group, _, feat = fq.shape
+    dv = v.shape[-1]
+    pad = -n % chunk  # zero features add nothing to any state; padded rows are cut below
+    fq, fk, v = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
+    n_chunks = (n + pad) // chunk
+    q_c = fq.view(b, kv_heads, group, n_chunks, chunk, feat)
+    k_c = fk.view(b, kv_heads, n_chunks, chunk, feat)
+    v_c = v.view(b, kv_heads, n_chunks, chunk, dv)
     tril = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
-    for start in range(0, n, chunk):
-        part = slice(start, min(start + chunk, n))
-        q_c, k_c, v_c = fq[:, :, :, part], fk[:, :, part], v[:, :, part]
-        c = k_c.shape[2]
-        scores = (q_c @ k_c.unsqueeze(2).transpose(-1, -2)) * tril[:c, :c]
-        nums.append(q_c @ S.unsqueeze(2) + scores @ v_c.unsqueeze(2))
-        dens.append(q_c @ z.unsqueeze(2).unsqueeze(-1) + scores.sum(-1, keepdim=True))
-        S, z = S + k_c.transpose(-1, -2) @ v_c, z + k_c.sum(2)
-    return torch.cat(nums, dim=3), torch.cat(dens, dim=3), S, z
+    per_group = max(1, 2**24 // max(b * kv_heads * feat * dv, 1))
+    nums, dens = [], []
+    for first in range(0, n_chunks, per_group):
+        part = slice(first, first + per_group)
+        q, k, vv = q_c[:, :, :, part], k_c[:, :, part], v_c[:, :, part]
+        kv = k.transpose(-1, -2) @ vv  # (b, kv_heads, m, feat, dv): each chunk's own sum
+        k_sum = k.sum(-2)  # (b, kv_heads, m, feat)
+        S_before = torch.cat([S.unsqueeze(2), S.unsqueeze(2) + kv[:, :, :-1].cumsum(2)], 2)
+        z_before = torch.cat([z.unsqueeze(2), z.unsqueeze(2) + k_sum[:, :, :-1].cumsum(2)], 2)
+        scores = (q @ k.unsqueeze(2).transpose(-1, -2)) * tril  # (b, kv_heads, g, m, c, c)
+        nums.append(q @ S_before.unsqueeze(2) + scores @ vv.unsqueeze(2))
+        dens.append(q @ z_before.unsqueeze(2).unsqueeze(-1) + scores.sum(-1, keepdim=True))
+        S, z = S_before[:, :, -1] + kv[:, :, -1], z_before[:, :, -1] + k_sum[:, :, -1]
+    num = torch.cat(nums, dim=3).flatten(3, 4)[:, :, :, :n]
+    den = torch.cat(dens, dim=3).flatten(3, 4)[:, :, :, :n]
+    return num, den, S, z
 
 
 def _recurrent(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor):

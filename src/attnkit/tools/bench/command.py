@@ -1,0 +1,108 @@
+"""The `attnkit bench` command: flags, a progress display, the ratio table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from attnkit.tools.bench.core import TARGETS, BenchSettings
+from attnkit.tools.bench.run import BenchResult, run_bench
+
+
+def add_parser(commands, positive) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="time attnkit's fast paths against torch and the machine's limits",
+        description="Run the performance targets on this machine: each row is attnkit's "
+        "time against one baseline measured in the same run, as a speed ratio "
+        "(baseline time / attnkit time; above 1 is faster), with the target's goal.",
+    )
+    bench.add_argument("--quick", action="store_true", help="smaller problems (a few minutes)")
+    bench.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated target numbers, "
+        + ", ".join(f"{k}: {v}" for k, v in TARGETS.items())
+        + " (default: all)",
+    )
+    bench.add_argument(
+        "--repeats", type=positive, default=5, help="timed runs per figure; medians (5)"
+    )
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.set_defaults(handler=run)
+
+
+def settings_from(args: argparse.Namespace) -> BenchSettings:
+    targets = tuple(TARGETS)
+    if args.targets:
+        try:
+            targets = tuple(int(t) for t in args.targets.split(",") if t.strip())
+        except ValueError:
+            targets = ()
+        if not targets or not set(targets) <= set(TARGETS):
+            raise ValueError(
+                f"--targets must be comma-separated numbers from {list(TARGETS)}, "
+                f"got {args.targets!r}"
+            )
+    return BenchSettings(quick=args.quick, repeats=args.repeats, targets=targets)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    try:
+        settings = settings_from(args)
+    except ValueError as error:
+        console.print(f"[red]attnkit bench: {error}[/red]", soft_wrap=True)
+        return 2
+    columns = (
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bars:
+        task = bars.add_task("measuring the machine", total=None)
+
+        def on_case(case, index, total):
+            bars.update(
+                task, description=f"{case.target}. {case.name}", completed=index, total=total
+            )
+
+        result = run_bench(settings, on_case)
+        bars.update(task, description="done", completed=bars.tasks[0].total)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, allow_nan=True))
+    else:
+        print_table(result, Console())
+    return 0
+
+
+def print_table(result: BenchResult, console: Console) -> None:
+    table = Table(title=f"attnkit bench ({'quick' if result.settings.quick else 'full'})")
+    for name in ("#", "case", "attnkit ms", "baseline", "baseline ms", "speed", "goal", "met"):
+        table.add_column(name, justify="left" if name in ("case", "baseline", "goal") else "right")
+    for row in result.rows:
+        table.add_row(
+            str(row.target),
+            row.case + (f"\n[dim]{row.note}[/dim]" if row.note else ""),
+            _ms(row.attnkit_s),
+            row.baseline,
+            _ms(row.baseline_s),
+            "—" if math.isnan(row.speed) else f"{row.speed:.2f}x",
+            row.goal_text,
+            {True: "[green]yes[/green]", False: "[red]no[/red]", None: ""}[row.met],
+        )
+    console.print(table)
+    console.print(
+        f"{result.machine.description}. speed = baseline time / attnkit time (medians of "
+        f"{result.settings.repeats}); goal: the minimum speed the target asks for."
+    )
+
+
+def _ms(seconds: float) -> str:
+    return "—" if math.isnan(seconds) else f"{seconds * 1e3:,.1f}"

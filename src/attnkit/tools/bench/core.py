@@ -1,0 +1,130 @@
+"""What a benchmark row is, how it is timed, and the machine limits rows are measured against.
+
+Every row compares attnkit with one named baseline measured in the same run and reports
+`speed = baseline seconds / attnkit seconds` (above 1: attnkit is faster). A target is a
+minimum speed: "at least 1.5x faster than X" is 1.5, "within 1.3x of the floor" is 1/1.3.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from attnkit.tools.measure import median_seconds
+
+TARGETS = {
+    1: "GQA/MQA prefill",
+    2: "sliding window",
+    3: "decode vs memory floor",
+    4: "MLA decode",
+    5: "linear attention",
+    6: "end to end (SmolLM2-135M)",
+}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Sizes and repeats; `quick()` shrinks every problem to run in a few minutes."""
+
+    quick: bool = False
+    repeats: int = 5
+    targets: tuple[int, ...] = tuple(TARGETS)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(
+                f"targets must be a non-empty subset of {list(TARGETS)}, got {unknown}"
+            )
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ValueError(f"repeats must be an integer >= 1, got {self.repeats!r}")
+
+    def pick(self, full, quick):
+        """`quick` in a quick run, else `full`."""
+        return quick if self.quick else full
+
+
+@dataclass
+class Row:
+    """attnkit against one baseline on one problem; `speed` = baseline s / attnkit s."""
+
+    target: int
+    case: str
+    attnkit_s: float
+    baseline: str
+    baseline_s: float
+    goal: float | None  # the minimum speed the target asks for; None: shown for context
+    note: str = ""
+    speed: float = field(init=False)
+    met: bool | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.speed = self.baseline_s / self.attnkit_s if self.attnkit_s > 0 else math.inf
+        measured = not math.isnan(self.speed)
+        self.met = self.speed >= self.goal if self.goal is not None and measured else None
+
+    @property
+    def goal_text(self) -> str:
+        if self.goal is None:
+            return "—"
+        if self.goal >= 1:
+            return f">= {self.goal:g}x faster"
+        return f"<= {1 / self.goal:.2g}x its time"
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"goal_text": self.goal_text}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement of a target: `run(timer)` returns its rows."""
+
+    target: int
+    name: str
+    run: Callable[[Timer], list[Row]]
+
+
+class Timer:
+    """Median wall time of a call over the run's repeats, after one warm-up call."""
+
+    def __init__(self, repeats: int) -> None:
+        self.repeats = repeats
+
+    def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> float:
+        with torch.inference_mode():
+            return median_seconds(fn, repeats=repeats or self.repeats, warmup=1)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The limits rows are compared with, measured at the start of the run."""
+
+    copy_bytes_per_s: float  # read + write bytes of a 64 MiB tensor copy
+    matmul_flops_per_s: float  # float32 1024^3 matmul
+    description: str
+
+    @classmethod
+    def measure(cls, timer: Timer) -> Machine:
+        src = torch.randn(64 * 2**20 // 4)  # 64 MiB: well past the caches
+        dst = torch.empty_like(src)
+        copy = 2 * src.nbytes / timer(lambda: dst.copy_(src))
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        flops = 2 * 1024**3 / timer(lambda: a @ b)
+        cpu = platform.processor() or platform.machine()
+        text = (
+            f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+            f"copy {copy / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s (float32)"
+        )
+        return cls(copy, flops, text)
+
+    def bytes_floor(self, nbytes: int) -> float:
+        """Seconds to read `nbytes` once at the measured copy bandwidth."""
+        return nbytes / self.copy_bytes_per_s
+
+    def flops_floor(self, flops: float) -> float:
+        """Seconds for `flops` at the measured matmul rate."""
+        return flops / self.matmul_flops_per_s

@@ -1,0 +1,210 @@
+"""Target 6: SmolLM2-135M end to end, float32, greedy.
+
+- decode tokens/s of `attnkit.engine.generate` vs Hugging Face `generate` on the same GGUF
+  weights (needs `accelerate`: `pip install attnkit[hf]`), batch 1 and 8;
+- continuous batching of 32 mixed requests (the scheduler over a `PagedCache`) vs running
+  them one by one through `generate`;
+- prefill of 8k tokens vs its floor: the model's matmuls timed alone at the same shapes
+  plus torch SDPA's causal attention at the model's head layout, once per layer;
+- llama.cpp's decode speed, when llama-cpp-python is installed (4-bit weights: context,
+  not a target at float32).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pydoc_data.topics
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.cache.paged import PagedCache
+from attnkit.engine import generate
+from attnkit.engine.scheduler import Scheduler
+from attnkit.tools.bench.core import BenchSettings, Case, Machine, Row, Timer
+
+
+@cache
+def smollm2():
+    """(model, tokenizer), loaded once per process."""
+    from attnkit.models import load_model
+
+    return load_model()
+
+
+@cache
+def hf_smollm2():
+    """transformers' model on the same GGUF file, or the reason it cannot be loaded."""
+    from attnkit.models.loading import smollm2_path
+
+    if importlib.util.find_spec("accelerate") is None:
+        return "transformers loads GGUF only with accelerate: pip install 'attnkit[hf]'"
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+def sample_prompts(tokenizer, n: int, seed: int = 0, lengths=(20, 200)) -> list[list[int]]:
+    """`n` token-id prompts of `lengths` tokens cut from Python's documentation."""
+    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:40])
+    ids = tokenizer(text)["input_ids"]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lengths[0], lengths[1], (1,), generator=gen))
+        start = int(torch.randint(0, len(ids) - length, (1,), generator=gen))
+        out.append(ids[start : start + length])
+    return out
+
+
+def decode_cases(s: BenchSettings, machine: Machine) -> list[Case]:
+    new_tokens = s.pick(64, 16)
+
+    def run(batch: int, timer: Timer) -> list[Row]:
+        model, tokenizer = smollm2()
+        prompts = sample_prompts(tokenizer, batch, seed=batch)
+        case = f"generate, batch {batch}, {new_tokens} new tokens"
+        ours = timer(lambda: generate(model, tokenizer, prompts, new_tokens, stop_token_ids=()))
+        hf = hf_smollm2()
+        if isinstance(hf, str):
+            return [Row(6, case, ours, "transformers generate", math.nan, 2.0, hf)]
+        ids, mask = _left_padded(prompts, tokenizer.pad_token_id)
+
+        def theirs():
+            hf.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+
+        note = "whole generate calls (prefill included), prompts of 20-200 tokens"
+        return [Row(6, case, ours, "transformers generate", timer(theirs), 2.0, note)]
+
+    return [Case(6, f"generate batch {b}", lambda t, b=b: run(b, t)) for b in (1, 8)]
+
+
+def _left_padded(prompts: list[list[int]], pad: int):
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+    mask = torch.arange(longest) >= torch.tensor([longest - len(p) for p in prompts])[:, None]
+    return ids, mask.long()
+
+
+def batching_cases(s: BenchSettings, machine: Machine) -> list[Case]:
+    n_requests = s.pick(32, 8)
+
+    def run(timer: Timer) -> list[Row]:
+        model, tokenizer = smollm2()
+        prompts = sample_prompts(tokenizer, n_requests, seed=7)
+        gen = torch.Generator().manual_seed(7)
+        answers = torch.randint(8, 96, (n_requests,), generator=gen).tolist()
+        c = model.config
+        # a pool sized for the whole workload, fresh per run (no prefix reuse across runs)
+        blocks = sum(-(-(len(p) + n) // 16) for p, n in zip(prompts, answers, strict=True))
+
+        def continuous():
+            cache_ = PagedCache(
+                c.num_hidden_layers,
+                c.num_key_value_heads,
+                c.head_dim,
+                num_blocks=blocks + n_requests,
+                block_size=16,
+            )
+            scheduler = Scheduler(model, cache_, max_batch=n_requests)
+            for prompt, n in zip(prompts, answers, strict=True):
+                scheduler.add(prompt, n)
+            while scheduler.waiting or scheduler.running:
+                scheduler.step()
+
+        def one_by_one():
+            for prompt, n in zip(prompts, answers, strict=True):
+                generate(model, tokenizer, prompt, n, stop_token_ids=())
+
+        repeats = min(timer.repeats, 3)  # minutes per repeat at 32 requests
+        ours, theirs = timer(continuous, repeats), timer(one_by_one, repeats)
+        case = f"{n_requests} mixed requests (prompts 20-200, answers 8-96 tokens)"
+        note = f"{sum(answers) / ours:.1f} vs {sum(answers) / theirs:.1f} new tok/s"
+        return [Row(6, case, ours, "the same requests one by one", theirs, 4.0, note)]
+
+    return [Case(6, f"continuous batching x{n_requests}", run)]
+
+
+def prefill_cases(s: BenchSettings, machine: Machine) -> list[Case]:
+    n = s.pick(8192, 1024)
+
+    def run(timer: Timer) -> list[Row]:
+        model, _ = smollm2()
+        c = model.config
+        ids = torch.randint(0, c.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+
+        def prefill():
+            cache_ = model.new_cache(1, initial_len=n)
+            model(ids, cache_, last_only=True)
+
+        repeats = s.pick(3, timer.repeats)  # ~30 s per 8k prefill on 2 cores
+        ours = timer(prefill, repeats)
+        floor = _prefill_floor(model, n, timer, repeats)
+        case = f"prefill {n} tokens (one sequence, into a cache)"
+        return [Row(6, case, ours, "floor: matmuls + SDPA causal attention", floor, 1 / 1.3)]
+
+    return [Case(6, f"prefill {n}", run)]
+
+
+def _prefill_floor(model, n: int, timer: Timer, repeats: int) -> float:
+    """Seconds of the forward's matmuls alone plus torch SDPA causal attention per layer."""
+    c = model.config
+    block = model.blocks[0]
+    x = torch.randn(n, c.hidden_size)
+    wide = torch.randn(n, c.intermediate_size)
+    layer_matmuls = [
+        (x, block.attn.wq.weight),
+        (x, block.attn.wk.weight),
+        (x, block.attn.wv.weight),
+        (torch.randn(n, c.num_attention_heads * c.head_dim), block.attn.wo.weight),
+        (x, block.mlp.gate.weight),
+        (x, block.mlp.up.weight),
+        (wide, block.mlp.down.weight),
+    ]
+    per_layer = sum(timer(lambda a=a, w=w: F.linear(a, w), repeats) for a, w in layer_matmuls)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, c.num_attention_heads, n, c.head_dim, generator=gen)
+    k = torch.randn(1, c.num_key_value_heads, n, c.head_dim, generator=gen)
+    attention = timer(
+        lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True), repeats
+    )
+    head = timer(lambda: F.linear(x[-1:], model.lm_head.weight), repeats)
+    return c.num_hidden_layers * (per_layer + attention) + head
+
+
+def llama_cpp_cases(s: BenchSettings, machine: Machine) -> list[Case]:
+    new_tokens = s.pick(64, 16)
+
+    def run(timer: Timer) -> list[Row]:
+        model, tokenizer = smollm2()
+        prompt = sample_prompts(tokenizer, 1, seed=1)[0]
+        ours = timer(lambda: generate(model, tokenizer, prompt, new_tokens, stop_token_ids=()))
+        case = f"generate, batch 1, {new_tokens} new tokens"
+        if importlib.util.find_spec("llama_cpp") is None:
+            note = "llama-cpp-python is not installed (it builds from source)"
+            return [Row(6, case, ours, "llama.cpp (Q4_1 weights)", math.nan, None, note)]
+        from llama_cpp import Llama
+
+        from attnkit.models.loading import smollm2_path
+
+        threads = torch.get_num_threads()
+        llm = Llama(model_path=str(smollm2_path()), n_threads=threads, n_ctx=2048, verbose=False)
+        text = tokenizer.decode(prompt)
+        theirs = timer(lambda: llm(text, max_tokens=new_tokens, ignore_eos=True))
+        note = "llama.cpp runs 4-bit weights (1/8 of the bytes per step): context, not a target"
+        return [Row(6, case, ours, f"llama.cpp (Q4_1, {threads} threads)", theirs, None, note)]
+
+    return [Case(6, "llama.cpp", run)]
