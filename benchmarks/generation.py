@@ -39,6 +39,7 @@ from attnkit.engine.speculative import (
 )
 from attnkit.models import load_model
 from attnkit.models.loading import smollm2_path
+from attnkit.tools.bench.endtoend import sample_prompts
 from attnkit.tools.measure import median_seconds
 
 
@@ -49,15 +50,7 @@ def median_time(fn, repeats: int) -> float:
 
 def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     """`n` prompts of 20 to 200 tokens cut from Python's documentation."""
-    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:40])
-    ids = tokenizer(text)["input_ids"]
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(20, 200, (1,), generator=gen))
-        start = int(torch.randint(0, len(ids) - length, (1,), generator=gen))
-        out.append(ids[start : start + length])
-    return out
+    return sample_prompts(tokenizer, n, seed)
 
 
 def decode_rows(model, tokenizer, hf, repeats: int, new_tokens: int):

@@ -78,18 +78,25 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), indent=2, allow_nan=True))
     else:
-        print_table(result, Console())
+        print_table(result, Console(width=max(Console().width, 160)))
     return 0
 
 
 def print_table(result: BenchResult, console: Console) -> None:
-    table = Table(title=f"attnkit bench ({'quick' if result.settings.quick else 'full'})")
+    """One row per comparison; notes become numbered footnotes under the table."""
+    table = Table(title=f"attnkit bench ({'quick' if result.settings.quick else 'full'} run)")
     for name in ("#", "case", "attnkit ms", "baseline", "baseline ms", "speed", "goal", "met"):
-        table.add_column(name, justify="left" if name in ("case", "baseline", "goal") else "right")
+        left = name in ("case", "baseline", "goal")
+        table.add_column(name, justify="left" if left else "right", overflow="fold")
+    notes: list[str] = []
     for row in result.rows:
+        case = row.case
+        if row.note:
+            notes.append(row.note)
+            case += f" [{len(notes)}]"
         table.add_row(
             str(row.target),
-            row.case + (f"\n[dim]{row.note}[/dim]" if row.note else ""),
+            case,
             _ms(row.attnkit_s),
             row.baseline,
             _ms(row.baseline_s),
@@ -98,9 +105,12 @@ def print_table(result: BenchResult, console: Console) -> None:
             {True: "[green]yes[/green]", False: "[red]no[/red]", None: ""}[row.met],
         )
     console.print(table)
+    for number, note in enumerate(notes, 1):
+        console.print(f"[{number}] {note}", highlight=False)
     console.print(
         f"{result.machine.description}. speed = baseline time / attnkit time (medians of "
-        f"{result.settings.repeats}); goal: the minimum speed the target asks for."
+        f"{result.settings.repeats}); goal: the least speed the target asks for.",
+        highlight=False,
     )
 
 

@@ -1,0 +1,106 @@
+"""`attnkit bench`: rows, settings, the suite's plan, and a quick run through the CLI.
+
+Timings are not asserted here (performance lives in the benchmark's own output); these
+tests check that every row is a ratio of two real measurements, that goals are judged
+the way the table says, and that the command runs and reports every target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from attnkit.cli import main
+from attnkit.tools.bench import TARGETS, BenchSettings, Machine, Row, plan
+from attnkit.tools.bench.kernels import causal_flops
+
+MACHINE = Machine(copy_bytes_per_s=30e9, matmul_flops_per_s=1.5e11, description="test")
+
+
+def test_speed_is_baseline_over_attnkit_and_goal_is_a_minimum_speed():
+    row = Row(3, "decode", attnkit_s=0.012, baseline="memory floor", baseline_s=0.008, goal=1 / 1.5)
+    assert row.speed == pytest.approx(0.008 / 0.012)
+    assert row.met is True  # 1.5x the floor's time is exactly the limit
+    assert row.goal_text == "<= 1.5x its time"
+    slow = Row(1, "prefill", attnkit_s=1.0, baseline="enable_gqa", baseline_s=1.2, goal=1.5)
+    assert slow.met is False and slow.goal_text == ">= 1.5x faster"
+    info = Row(1, "prefill", attnkit_s=1.0, baseline="compute floor", baseline_s=0.6, goal=None)
+    assert info.met is None and info.goal_text == "—"
+
+
+def test_a_baseline_that_could_not_run_is_not_judged():
+    row = Row(6, "generate", 1.0, "transformers generate", math.nan, 2.0, "needs accelerate")
+    assert math.isnan(row.speed) and row.met is None
+    assert row.as_dict()["note"] == "needs accelerate"
+
+
+def test_causal_flops_count_the_kept_pairs():
+    # n = 2: pairs (0,0), (1,0), (1,1); two matmuls of 2·d flops per pair and head
+    assert causal_flops(2, heads=3, d=4) == 3 * 3 * 2 * 2 * 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"targets": (7,)}, "targets must be a non-empty subset"),
+        ({"targets": ()}, "targets must be a non-empty subset"),
+        ({"repeats": 0}, "repeats must be an integer >= 1, got 0"),
+        ({"repeats": 2.5}, "repeats must be an integer >= 1, got 2.5"),
+    ],
+)
+def test_settings_reject_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BenchSettings(**kwargs)
+
+
+def test_full_plan_covers_every_target_and_the_issue_sizes():
+    cases = plan(BenchSettings(), MACHINE)
+    assert {c.target for c in cases} == set(TARGETS)
+    names = [c.name for c in cases]
+    # prefill at 4k and 16k for GQA and MQA; decode over batch 1..32 x context 1k..16k
+    assert {"prefill N=4096 kv=2", "prefill N=16384 kv=1"} <= set(names)
+    decode = [n for n in names if n.startswith("decode")]
+    assert len(decode) == 9 and "decode b=32 ctx=16384" in decode
+    assert "window N=16384 + sinks" in names and "MLA decode ctx=4096" in names
+    quick = plan(BenchSettings(quick=True, targets=(3,)), MACHINE)
+    assert [c.name for c in quick] == [
+        "decode b=1 ctx=1024",
+        "decode b=1 ctx=4096",
+        "decode b=8 ctx=1024",
+        "decode b=8 ctx=4096",
+    ]
+
+
+def test_cli_rejects_unknown_targets(capsys):
+    assert main(["bench", "--targets", "2,9"]) == 2
+    assert "--targets must be comma-separated numbers from [1, 2, 3, 4, 5, 6]" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.slow
+def test_quick_run_of_the_kernel_targets_reports_measured_ratios(capsys):
+    assert main(["bench", "--quick", "--targets", "3,4,5", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["rows"]
+    assert {r["target"] for r in rows} == {3, 4, 5}
+    assert result["copy_GBps"] > 0 and result["matmul_GFLOPps"] > 0
+    for r in rows:
+        assert r["attnkit_s"] > 0 and r["baseline_s"] > 0, r
+        assert r["speed"] == pytest.approx(r["baseline_s"] / r["attnkit_s"])
+        assert r["met"] == (r["speed"] >= r["goal"])
+    decode = [r for r in rows if r["target"] == 3]
+    assert len(decode) == 4 * 3  # 4 problems x (contiguous, paged vs floor, paged vs contiguous)
+    (mla,) = [r for r in rows if r["target"] == 4]
+    assert "cache 2304 B/token/layer" in mla["note"]  # (512 + 64) x float32, as the formula
+
+
+@pytest.mark.slow
+def test_table_output_names_every_column(capsys):
+    assert main(["bench", "--quick", "--targets", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for column in ("attnkit ms", "baseline ms", "speed", "goal", "met", "MLA naive mode"):
+        assert column in out
+    assert "[1] cache 2304 B/token/layer" in out
