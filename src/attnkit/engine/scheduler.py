@@ -119,7 +119,7 @@ class Scheduler:
                 logits = None
                 for start in range(reused, len(context), self.prefill_chunk):
                     chunk = context[start : start + self.prefill_chunk]
-                    logits = self._forward([request], [chunk], seq_ids=[seq])
+                    logits = self._forward([request], [chunk], seq_ids=[seq], last_only=True)
             except CacheFull as full:
                 self.cache.free(seq)
                 if not self.running:  # even an otherwise empty cache cannot hold it
@@ -132,10 +132,10 @@ class Scheduler:
             self.running.append(request)
             self._choose_next(request, logits[0, -1])
 
-    def _forward(self, requests, token_rows, seq_ids=None):
+    def _forward(self, requests, token_rows, seq_ids=None, last_only=False):
         ids = torch.tensor(token_rows, device=self._device)
         seq_ids = seq_ids if seq_ids is not None else [r._seq for r in requests]
-        return self.model(ids, cache=self.cache, seq_ids=seq_ids)
+        return self.model(ids, cache=self.cache, seq_ids=seq_ids, last_only=last_only)
 
     def _choose_next(self, request: Request, logits_row) -> None:
         """Sample the next token, or finish the request (stop token / length)."""
