@@ -11,6 +11,7 @@ from attnkit.cache.base import KVCache, narrow_mask
 from attnkit.cache.contiguous import ContiguousCache
 from attnkit.cache.encoder import EncoderCache, check_source_lengths
 from attnkit.cache.window import SlidingWindowCache
+from attnkit.layers.projection import Linear
 from attnkit.layers.rope import apply_rotary
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import Mask, padding, sinks, sliding_window
@@ -79,10 +80,10 @@ class Attention(nn.Module):
         )
         self.backend = backend
         self.cross, self.memory_hidden = cross_options(cross, memory_hidden, hidden, self.pattern)
-        self.wq = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
-        self.wk = nn.Linear(self.memory_hidden, n_kv_heads * head_dim, bias=qkv_bias)
-        self.wv = nn.Linear(self.memory_hidden, n_kv_heads * head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(n_heads * head_dim, hidden, bias=out_bias)
+        self.wq = Linear(hidden, n_heads * head_dim, bias=qkv_bias)
+        self.wk = Linear(self.memory_hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = Linear(self.memory_hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wo = Linear(n_heads * head_dim, hidden, bias=out_bias)
 
     @property
     def cache_kind(self) -> tuple:

@@ -12,6 +12,7 @@ from attnkit._checks import check_positive_int
 from attnkit.cache.latent import LatentCache
 from attnkit.cache.layered import LayeredCache
 from attnkit.layers.attention import AttentionContext
+from attnkit.layers.projection import Linear
 from attnkit.layers.rope import apply_rotary
 from attnkit.ops.attention import attention
 
@@ -106,15 +107,15 @@ class LatentAttention(nn.Module):
         self.mode = mode
         qk_dim = nope_dim + rope_dim
         if q_rank is None:
-            self.wq = nn.Linear(hidden, n_heads * qk_dim, bias=qkv_bias)
+            self.wq = Linear(hidden, n_heads * qk_dim, bias=qkv_bias)
         else:
-            self.wq_a = nn.Linear(hidden, q_rank, bias=False)
+            self.wq_a = Linear(hidden, q_rank, bias=False)
             self.q_norm = nn.RMSNorm(q_rank, eps=norm_eps) if q_norm else None
-            self.wq_b = nn.Linear(q_rank, n_heads * qk_dim, bias=qkv_bias)
-        self.wkv_a = nn.Linear(hidden, kv_rank + rope_heads * rope_dim, bias=qkv_bias)
+            self.wq_b = Linear(q_rank, n_heads * qk_dim, bias=qkv_bias)
+        self.wkv_a = Linear(hidden, kv_rank + rope_heads * rope_dim, bias=qkv_bias)
         self.kv_norm = nn.RMSNorm(kv_rank, eps=norm_eps) if kv_norm else None
-        self.wkv_b = nn.Linear(kv_rank, n_heads * (nope_dim + v_head_dim), bias=False)
-        self.wo = nn.Linear(n_heads * v_head_dim, hidden, bias=out_bias)
+        self.wkv_b = Linear(kv_rank, n_heads * (nope_dim + v_head_dim), bias=False)
+        self.wo = Linear(n_heads * v_head_dim, hidden, bias=out_bias)
 
     @property
     def mode(self) -> str:

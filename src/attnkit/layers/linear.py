@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from attnkit._checks import check_positive_int
 from attnkit.cache.linear_state import LinearStateCache
 from attnkit.layers.attention import AttentionContext
+from attnkit.layers.projection import Linear
 from attnkit.ops.linear import feature_dim, linear_attention
 from attnkit.ops.masks import causal
 
@@ -60,10 +61,10 @@ class LinearAttention(nn.Module):
             head_dim,
         )
         self.feature_map, self.chunk_size, self.eps = feature_map, chunk_size, eps
-        self.wq = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
-        self.wk = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
-        self.wv = nn.Linear(hidden, n_kv_heads * self.v_head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(n_heads * self.v_head_dim, hidden, bias=out_bias)
+        self.wq = Linear(hidden, n_heads * head_dim, bias=qkv_bias)
+        self.wk = Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = Linear(hidden, n_kv_heads * self.v_head_dim, bias=qkv_bias)
+        self.wo = Linear(n_heads * self.v_head_dim, hidden, bias=out_bias)
 
     def new_cache(
         self,

@@ -18,6 +18,7 @@ from attnkit._checks import check_positive_int
 from attnkit.cache.base import KVCache
 from attnkit.cache.layered import LayeredCache
 from attnkit.layers.attention import Attention, AttentionContext
+from attnkit.layers.projection import Linear
 from attnkit.layers.rope import RopeScaling, RotaryEmbedding
 from attnkit.ops.masks import causal
 
@@ -118,9 +119,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate = nn.Linear(hidden, intermediate, bias=False)
-        self.up = nn.Linear(hidden, intermediate, bias=False)
-        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.gate = Linear(hidden, intermediate, bias=False)
+        self.up = Linear(hidden, intermediate, bias=False)
+        self.down = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -179,7 +180,7 @@ class Transformer(nn.Module):
             Block(config, attention(config, i)) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = rotary_for(config)

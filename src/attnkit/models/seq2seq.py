@@ -19,6 +19,7 @@ from attnkit._checks import check_positive_int
 from attnkit.cache.base import KVCache
 from attnkit.cache.encoder import EncoderCache
 from attnkit.layers.attention import Attention, AttentionContext
+from attnkit.layers.projection import Linear
 from attnkit.layers.rope import RotaryEmbedding
 from attnkit.models.llama import FeedForward, RMSNorm
 from attnkit.ops.masks import causal, padding
@@ -189,7 +190,7 @@ class Seq2Seq(nn.Module):
         self.encoder_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.decoder = nn.ModuleList(DecoderBlock(config, i) for i in range(config.decoder_layers))
         self.decoder_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from attnkit._checks import check_positive_int
 from attnkit.layers.attention import Attention
+from attnkit.layers.projection import Linear
 from attnkit.models.llama import Transformer
 
 
@@ -45,7 +46,7 @@ def _regroup(linear: nn.Linear, head_dim: int, fn) -> nn.Linear:
     bias = None
     if linear.bias is not None:
         bias = fn(linear.bias.detach().unflatten(0, (-1, head_dim))).flatten(0, 1)
-    out = nn.Linear(
+    out = Linear(
         linear.in_features,
         weight.shape[0],
         bias=bias is not None,

@@ -1,0 +1,20 @@
+"""`Linear`: nn.Linear whose forward takes attnkit's decode-sized matmul kernel on CPU.
+
+Every projection in attnkit's layers is this class. It is an `nn.Linear` (same parameters,
+state-dict keys, isinstance checks); only the forward differs, through
+`attnkit.ops.skinny_linear.linear`, which equals F.linear and is faster for the one to
+eight rows a decode step feeds it.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from attnkit.ops.skinny_linear import linear
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the skinny-matmul fast path for decode steps (inference only)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,57 @@
+"""`linear(x, weight, bias)`: F.linear, with a C++ kernel for decode-sized inputs on CPU.
+
+A decode step multiplies one to a few rows by every weight of the model, so its matmuls
+are matrix-vector products bounded by how fast the weights stream from memory. torch's BLAS
+call reaches ~10 GB/s there on a 2-core machine whose two cores can read ~35 GB/s, because
+it runs such shapes on one thread or packs the weight first. csrc/skinny_linear.cpp splits
+the output features across threads and streams each weight row once (see that file).
+
+The kernel serves float32 CPU inputs of 1 to `MAX_ROWS` rows with a contiguous weight and
+no autograd; everything else (and every machine where the kernel cannot be built, or
+`ATTNKIT_NO_CPP=1`) goes to F.linear. Results equal F.linear's up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnkit.ops.cpp_build import load_kernel
+
+SOURCE = "skinny_linear.cpp"
+MAX_ROWS = 8
+
+
+def cpp_kernels_enabled() -> bool:
+    """False when ATTNKIT_NO_CPP is set to anything but 0 or an empty string."""
+    return os.environ.get("ATTNKIT_NO_CPP", "0") in ("", "0")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`x @ weight.T + bias`, as F.linear, through the C++ kernel when it applies."""
+    if _kernel_applies(x, weight, bias):
+        module = load_kernel(SOURCE)
+        if module is not None:
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            out = module.skinny_linear(rows, weight, bias)
+            return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def _kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        return False  # F.linear raises its own error for mismatched shapes
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 1 <= rows <= MAX_ROWS or not weight.is_contiguous():
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return False
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # the kernel has no backward
+    return cpp_kernels_enabled()

@@ -1,0 +1,111 @@
+"""The decode-sized matmul kernel equals F.linear, and everything it does not serve falls back.
+
+Tolerance: float32 products of length `in` summed in a different order than BLAS; the error
+against float64 must stay within 2x plain float32 F.linear's own error plus 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnkit.layers.projection import Linear
+from attnkit.ops import skinny_linear
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason
+
+
+def test_the_kernel_builds_on_this_machine():
+    # CI machines have a C++ compiler; if this fails, every fast path below silently falls
+    # back to F.linear, so say so loudly here.
+    assert load_kernel(skinny_linear.SOURCE) is not None, unavailable_reason(skinny_linear.SOURCE)
+
+
+def _check(rows: int, n_in: int, n_out: int, with_bias: bool, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n_in, generator=gen)
+    w = torch.randn(n_out, n_in, generator=gen)
+    b = torch.randn(n_out, generator=gen) if with_bias else None
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    plain = F.linear(x, w, b).double()
+    module = load_kernel(skinny_linear.SOURCE)
+    got = module.skinny_linear(x, w, b).double()  # the kernel itself, no dispatch
+    err, plain_err = (got - want).abs().max().item(), (plain - want).abs().max().item()
+    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, skinny_linear.MAX_ROWS),
+    n_in=st.integers(1, 70),
+    n_out=st.integers(1, 41),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_float64_reference(rows, n_in, n_out, with_bias, seed):
+    _check(rows, n_in, n_out, with_bias, seed)
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(576, 1536), (1536, 576), (576, 49152)])
+def test_kernel_on_model_sized_weights(n_in, n_out):
+    _check(3, n_in, n_out, with_bias=True, seed=n_out)
+
+
+def test_dispatch_uses_the_kernel_for_decode_rows(monkeypatch):
+    calls = []
+    module = load_kernel(skinny_linear.SOURCE)
+
+    class Spy:
+        def skinny_linear(self, *args):
+            calls.append(args[0].shape)
+            return module.skinny_linear(*args)
+
+    monkeypatch.setattr(skinny_linear, "load_kernel", lambda source: Spy())
+    layer = Linear(24, 10)
+    x = torch.randn(2, 3, 24)  # 6 rows: the kernel's
+    with torch.no_grad():
+        out = layer(x)
+        assert calls == [torch.Size([6, 24])] and out.shape == (2, 3, 10)
+        layer(torch.randn(9, 24))  # 9 rows: F.linear
+        layer(torch.randn(2, 24, dtype=torch.float64).float().T.contiguous().T)  # strided x
+    assert len(calls) == 2  # a strided x is made contiguous for the kernel, 9 rows are not
+    layer(torch.randn(1, 24))  # autograd on: F.linear, which has a backward
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["grad", "float64", "strided weight", "too many rows", "disabled"],
+)
+def test_fallbacks_equal_f_linear(case, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(2, 16, generator=gen), torch.randn(8, 16, generator=gen), None
+    if case == "float64":
+        x, w = x.double(), w.double()
+    if case == "strided weight":
+        w = torch.randn(16, 8, generator=gen).T
+    if case == "too many rows":
+        x = torch.randn(skinny_linear.MAX_ROWS + 1, 16, generator=gen)
+    if case == "disabled":
+        monkeypatch.setenv("ATTNKIT_NO_CPP", "1")
+    if case == "grad":
+        w.requires_grad_(True)
+        out = skinny_linear.linear(x, w, b)
+        assert out.requires_grad  # went through F.linear
+    else:
+        assert not skinny_linear._kernel_applies(x, w, b)
+        out = skinny_linear.linear(x, w, b)
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=0, atol=0)
+
+
+def test_shape_mismatch_gives_torch_s_error_not_a_crash():
+    with torch.no_grad(), pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        skinny_linear.linear(torch.randn(1, 5), torch.randn(3, 4))
+
+
+def test_linear_is_an_nn_linear_with_the_same_state_dict():
+    layer = Linear(4, 3)
+    assert isinstance(layer, torch.nn.Linear)
+    assert set(layer.state_dict()) == {"weight", "bias"}
