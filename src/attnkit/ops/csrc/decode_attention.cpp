@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -57,56 +58,124 @@ struct WorkItem {
   int64_t part;  // -1: the item covers the whole sequence and writes the output directly
 };
 
-// Values per inner vector step: two 64-byte vectors, so a block of 4 queries keeps 8
-// independent accumulator chains in flight.
-template <typename acc_t>
-constexpr int64_t W = 128 / sizeof(acc_t);
+// 2^x for x <= 0, vectorisable: x = i + f with i = round(x), |f| <= 1/2; 2^f by its Taylor
+// series to degree 7 (relative error < 1e-8, below float32's resolution), 2^i through the
+// exponent bits. Rounding uses the 1.5 * 2^23 trick, so no float-to-int conversion is
+// needed; x below -126 gives 2^-126 (as good as 0 next to the tile's maximum, which is 1),
+// and NaN stays NaN.
+inline float exp2_nonpositive(float x) {
+  x = x < -126.0f ? -126.0f : x;
+  constexpr float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float shifted = x + magic;
+  const float i = shifted - magic;
+  const float f = x - i;
+  float p = 1.5252734e-05f;
+  p = p * f + 1.5403530e-04f;
+  p = p * f + 1.3333558e-03f;
+  p = p * f + 9.6181291e-03f;
+  p = p * f + 5.5504109e-02f;
+  p = p * f + 2.4022651e-01f;
+  p = p * f + 6.9314718e-01f;
+  p = p * f + 1.0f;
+  // The low bits of `shifted` hold i + 2^22; the exponent field of 2^i is (i + 127) << 23.
+  const int32_t bits = (std::bit_cast<int32_t>(shifted) - 0x4B400000 + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
 
-// scores[qb * TILE] = q[qb] . k for a block of QB queries (rows of q, `dim` apart).
+// exp2(s[i] - m) in place for a tile's scores; returns their sum.
+inline float exp2_tile(float* s, int64_t n, float m) {
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = exp2_nonpositive(s[i] - m);
+    sum += s[i];
+  }
+  return sum;
+}
+inline double exp2_tile(double* s, int64_t n, double m) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = std::exp2(s[i] - m);
+    sum += s[i];
+  }
+  return sum;
+}
+
+// 64 bytes of acc_t as one value (GCC/Clang vector extension): a zmm register with AVX-512,
+// split into narrower registers by the compiler elsewhere.
+template <typename acc_t>
+using Vec [[gnu::vector_size(64)]] = acc_t;
+template <typename acc_t>
+constexpr int64_t LANES = 64 / sizeof(acc_t);
+
+template <typename acc_t>
+inline Vec<acc_t> load(const acc_t* p) {
+  Vec<acc_t> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename acc_t>
+inline void store(acc_t* p, Vec<acc_t> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+template <typename acc_t>
+inline acc_t sum_lanes(Vec<acc_t> v) {
+  acc_t s = 0;
+  for (int64_t j = 0; j < LANES<acc_t>; ++j) s += v[j];
+  return s;
+}
+
+// scores[qb * TILE] = q[qb] . k for a block of QB queries (rows of q, `dim` apart); two
+// accumulators per query keep 2 * QB independent chains in flight.
 template <int QB, typename acc_t>
 inline void score_block(const acc_t* q, const acc_t* k, int64_t dim, acc_t* scores) {
-  constexpr int64_t w = W<acc_t> / 2;
-  acc_t part[QB][w] = {};
+  constexpr int64_t L = LANES<acc_t>;
+  Vec<acc_t> part[QB][2] = {};
   int64_t d0 = 0;
-  for (; d0 + w <= dim; d0 += w) {
+  for (; d0 + 2 * L <= dim; d0 += 2 * L) {
+    const Vec<acc_t> k0 = load(k + d0), k1 = load(k + d0 + L);
     for (int qb = 0; qb < QB; ++qb) {
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) part[qb][j] += q[qb * dim + d0 + j] * k[d0 + j];
+      part[qb][0] += load(q + qb * dim + d0) * k0;
+      part[qb][1] += load(q + qb * dim + d0 + L) * k1;
     }
   }
+  if (d0 + L <= dim) {
+    const Vec<acc_t> k0 = load(k + d0);
+    for (int qb = 0; qb < QB; ++qb) part[qb][0] += load(q + qb * dim + d0) * k0;
+    d0 += L;
+  }
   for (int qb = 0; qb < QB; ++qb) {
-    acc_t s = 0;
+    acc_t s = sum_lanes<acc_t>(part[qb][0] + part[qb][1]);
     for (int64_t d = d0; d < dim; ++d) s += q[qb * dim + d] * k[d];
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < w; ++j) s += part[qb][j];
     scores[qb * TILE] = s;
   }
 }
 
 // out[qb] += sum_i p[qb * TILE + i] * rows[i * row_step] for a block of QB queries, the
-// accumulators held in registers across the tile's n rows.
+// accumulators (2 vectors per query) held in registers across the tile's n rows.
 template <int QB, typename acc_t>
 inline void value_block(const acc_t* p, const acc_t* const* rows, int64_t row_step, int64_t n,
                         int64_t v_dim, acc_t* out) {
-  constexpr int64_t w = W<acc_t>;
+  constexpr int64_t L = LANES<acc_t>;
   int64_t d0 = 0;
-  for (; d0 + w <= v_dim; d0 += w) {
-    acc_t a[QB][w];
+  for (; d0 + 2 * L <= v_dim; d0 += 2 * L) {
+    Vec<acc_t> a[QB][2];
     for (int qb = 0; qb < QB; ++qb) {
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) a[qb][j] = out[qb * v_dim + d0 + j];
+      a[qb][0] = load(out + qb * v_dim + d0);
+      a[qb][1] = load(out + qb * v_dim + d0 + L);
     }
     for (int64_t i = 0; i < n; ++i) {
       const acc_t* v = rows[i * row_step] + d0;
+      const Vec<acc_t> v0 = load(v), v1 = load(v + L);
       for (int qb = 0; qb < QB; ++qb) {
         const acc_t pi = p[qb * TILE + i];
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) a[qb][j] += pi * v[j];
+        a[qb][0] += pi * v0;
+        a[qb][1] += pi * v1;
       }
     }
     for (int qb = 0; qb < QB; ++qb) {
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) out[qb * v_dim + d0 + j] = a[qb][j];
+      store<acc_t>(out + qb * v_dim + d0, a[qb][0]);
+      store<acc_t>(out + qb * v_dim + d0 + L, a[qb][1]);
     }
   }
   if (d0 == v_dim) return;
@@ -231,6 +300,7 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
     for (int64_t r = 0; r < NQ; ++r) {
       acc_t* sr = scores + r * TILE;
       acc_t tile_max = sr[0];
+#pragma omp simd reduction(max : tile_max)
       for (int64_t i = 1; i < n; ++i) tile_max = std::max(tile_max, sr[i]);
       const acc_t m_new = std::max(m[r], tile_max);
       if (m_new > m[r]) {
@@ -241,12 +311,7 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
         for (int64_t d = 0; d < DV; ++d) o[d] *= alpha;
         m[r] = m_new;
       }
-      acc_t sum = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        sr[i] = std::exp2(sr[i] - m_new);
-        sum += sr[i];
-      }
-      l[r] += sum;
+      l[r] += exp2_tile(sr, n, m_new);
     }
     // Values: each V row read once for its whole query group.
     for (int64_t h = 0; h < NH; ++h) {
