@@ -7,7 +7,7 @@ Tolerances: float64 inputs (the kernel accumulates in float64) 1e-12; float32, b
 float16 by the project's rule: error vs the float64 oracle <= 2x the error of the plain
 torch path (`backend="torch"`) in the same dtype, plus `NOISE_FLOOR` (4 eps of the dtype).
 Answers of the kernel with different split counts agree to 1e-13 (float64) and 1e-6
-(float32): the splits only change the order of float sums.
+(float32), relative to 1 + |lse| for the lse: the splits only change the order of sums.
 
 The kernel is compiled on first use. Without a compiler `test_the_kernel_builds` fails with
 the reason, and the other tests skip with that reason printed (`-ra`): never a silent pass.
@@ -109,9 +109,11 @@ def test_split_counts_give_the_same_answer(dtype):
     q, k, v, table, lens = make_problem(9, 3, 64, 48, [3000, 1, 0, 777], 16, dtype=dtype, seed=11)
     answers = [check_paged(q, k, v, table, lens, num_splits=s) for s in (1, 2, 7, 64, None)]
     tol = 1e-13 if dtype == torch.float64 else 1e-6
+    first_out, first_lse = answers[0]
+    lse_scale = 1 + first_lse[torch.isfinite(first_lse)].abs().max().item()  # lse ~ log(n)
     for out, lse in answers[1:]:
-        assert max_err(out, answers[0][0]) < tol
-        assert max_err(lse, answers[0][1]) < tol
+        assert max_err(out, first_out) < tol
+        assert max_err(lse, first_lse) < tol * lse_scale
 
 
 def test_more_splits_than_tokens():
