@@ -7,9 +7,12 @@
 // row is streamed from memory once for all of them. Each work item walks a slice of the
 // context a tile of TILE tokens at a time: scores for the tile, an online softmax (running
 // max, running sum, rescaled accumulator) in float32 (float64 for float64 inputs), then the
-// value rows. When there are too few (sequence, KV head) pairs to keep every thread busy the
-// context is split (FlashDecoding) and the slices' partial outputs merge by log-sum-exp.
-// Work items are handed out dynamically, longest first, so ragged batches stay balanced.
+// value rows. A work item takes one KV head, or every KV head of its tokens when their rows
+// lie side by side (a paged pool: the item then streams whole blocks instead of touching one
+// row per 4 KiB page). When there are too few items to keep every thread busy the context is
+// split (FlashDecoding) and the slices' partial outputs merge by log-sum-exp. Work items are
+// handed out dynamically, longest first, so ragged batches stay balanced. The next tile's
+// rows are prefetched while the current one computes.
 //
 // Softmax runs in base 2: queries are pre-scaled by scale * log2(e), so p = exp2(s - m) and
 // lse = (m + log2(l)) * ln(2).
@@ -34,13 +37,15 @@
 namespace {
 
 // Tokens whose scores are computed before their values are read. 16 and 32 measure alike;
-// 64 is slower (the paged tile of every KV head outgrows the share of L2 it should use).
+// 64 is slower (a paged tile of every KV head outgrows the share of L2 it should use).
 constexpr int64_t TILE = 16;
-// Software prefetch of the next tile's rows into L2 (locality 1: prefetcht2), spread over
+// Software prefetch of the rows AHEAD tiles on into L2 (locality 1: prefetcht2), spread over
 // the current tile's score loop. On a 2-core AVX-512 machine this took one thread from ~6
-// to ~11 GB/s of K/V read from memory; prefetching into L1 (locality 3) or all at the start
-// of a tile (a burst that stalls on the fill buffers) gave much less.
+// to ~11 GB/s of K/V read from memory; prefetching into L1 (locality 3), or all of a tile at
+// once (a burst that stalls on the fill buffers), gave much less; 2 or 4 tiles ahead (with
+// 8- to 32-token tiles) measured the same as 1.
 constexpr int PREFETCH_LOCALITY = 1;
+constexpr int AHEAD = 1;
 
 template <typename T>
 struct AccType {
@@ -125,11 +130,22 @@ template <typename acc_t>
 inline void store(acc_t* p, Vec<acc_t> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
+// The sum of a vector's lanes as a tree of whole-vector shuffles and adds (a plain loop is
+// a serial chain of scalar adds: without -ffast-math the compiler may not reorder it).
 template <typename acc_t>
 inline acc_t sum_lanes(Vec<acc_t> v) {
-  acc_t s = 0;
-  for (int64_t j = 0; j < LANES<acc_t>; ++j) s += v[j];
-  return s;
+  if constexpr (LANES<acc_t> == 16) {
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  } else {
+    static_assert(LANES<acc_t> == 8);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  }
+  return v[0];
 }
 
 // scores[qb * TILE] = q[qb] . k for a block of QB queries (rows of q, `dim` apart); two
@@ -233,17 +249,21 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
   acc_t* l = S.l.data();            // running sum of exp2(s - m)
   std::fill(out, out + NQ * DV, acc_t(0));
 
-  // Token base pointers (KV head w.head) of the current and the next tile; the block table
-  // is walked without a division per token.
-  const scalar_t* k_tok[2][TILE];
-  const scalar_t* v_tok[2][TILE];
+  // Token base pointers (KV head w.head) of the current tile and the AHEAD tiles after it,
+  // in a ring; the block table is walked without a division per token.
+  constexpr int RING = AHEAD + 1;
+  const scalar_t* k_tok[RING][TILE];
+  const scalar_t* v_tok[RING][TILE];
+  int64_t count[RING] = {};
   if (w.start >= w.end) {  // nothing to attend to (block_size may even be 0)
     std::fill(lse2, lse2 + NQ, -std::numeric_limits<acc_t>::infinity());
     return;
   }
   int64_t block_index = w.start / L.block_size;
   int64_t offset = w.start - block_index * L.block_size;
-  auto locate = [&](int64_t t0, int64_t n, int slot) {
+  int64_t located = w.start;  // tokens before this one have pointers
+  auto locate_next = [&](int slot) {
+    const int64_t n = std::min(TILE, w.end - located);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t block = L.table ? L.table[w.b * L.table_stride + block_index] : w.b;
       k_tok[slot][i] = K + block * L.k_block + offset * L.k_token + w.head * L.k_head;
@@ -253,13 +273,17 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
         ++block_index;
       }
     }
+    located += std::max<int64_t>(n, 0);
+    count[slot] = std::max<int64_t>(n, 0);
   };
-  int slot = 0;
-  locate(w.start, std::min(TILE, w.end - w.start), slot);
-  for (int64_t t0 = w.start; t0 < w.end; t0 += TILE) {
+  for (int j = 0; j < AHEAD; ++j) locate_next(j);
+  int64_t tile = 0;
+  for (int64_t t0 = w.start; t0 < w.end; t0 += TILE, ++tile) {
+    const int slot = static_cast<int>(tile % RING);
+    const int ahead = static_cast<int>((tile + AHEAD) % RING);
+    locate_next(ahead);  // prefetched during this tile's scores
     const int64_t n = std::min(TILE, w.end - t0);
-    const int64_t n_next = std::min(TILE, std::max<int64_t>(0, w.end - t0 - TILE));
-    if (n_next > 0) locate(t0 + TILE, n_next, 1 - slot);  // prefetched during the scores
+    const int64_t n_next = count[ahead];
     // Rows of this tile, token-major: (i, h) at [i * NH + h]; half precision widened once.
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t h = 0; h < NH; ++h) {
@@ -280,12 +304,11 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
     }
     // Scores: each K row read once for its whole query group.
     for (int64_t i = 0; i < n; ++i) {
-
       for (int64_t h = 0; h < NH; ++h) {
         if (i < n_next) {  // the next tile's rows, spread over this tile's work
           constexpr int64_t line = 64 / sizeof(scalar_t);
-          const scalar_t* kr = k_tok[1 - slot][i] + h * L.k_head;
-          const scalar_t* vr = v_tok[1 - slot][i] + h * L.v_head;
+          const scalar_t* kr = k_tok[ahead][i] + h * L.k_head;
+          const scalar_t* vr = v_tok[ahead][i] + h * L.v_head;
           for (int64_t d = 0; d < D; d += line) __builtin_prefetch(kr + d, 0, PREFETCH_LOCALITY);
           for (int64_t d = 0; d < DV; d += line) __builtin_prefetch(vr + d, 0, PREFETCH_LOCALITY);
         }
@@ -323,7 +346,6 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
                                out + row * DV);
       });
     }
-    slot = 1 - slot;
   }
   for (int64_t r = 0; r < NQ; ++r) {
     acc_t* o = out + r * DV;
