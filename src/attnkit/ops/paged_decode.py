@@ -10,7 +10,13 @@ place through the block table instead. Backends:
   kernel (FlashDecoding). Each program takes one sequence, one KV head with its whole query
   group folded into the tile's rows (GQA: K/V read once per group, not once per query head)
   and one slice of the context; the slices' partial outputs merge by their log-sum-exp.
-- `auto`: `triton` for CUDA tensors when Triton is importable, else `torch`.
+- `cpp` (CPU tensors): the fused C++ kernel of `attnkit.ops.cpu_decode`, built on first use.
+  The same split-K, GQA-folded walk through the block table as `triton`, with a work item per
+  (sequence, context slice) streaming whole blocks (every KV head of a token at once);
+  float32/float64 (float64 accumulates in float64), bfloat16/float16 widened on load. It
+  checks lengths and block ids itself, always: it reads host memory directly.
+- `auto`: `triton` for CUDA tensors when Triton is importable; `cpp` for CPU tensors when
+  the kernel builds; else `torch`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import torch
 from torch import Tensor
 
+from attnkit.ops import cpu_decode
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import padding
 
@@ -29,7 +36,7 @@ try:  # optional: CUDA kernels, or the interpreter on CPU
 except ImportError:  # pragma: no cover - triton is a dev dependency
     triton_paged_decode = None
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpp")
 
 
 def paged_decode(
@@ -51,16 +58,23 @@ def paged_decode(
     / v_head_dim), one layer of `PagedCache.k_pool`/`v_pool`. block_table: (batch,
     max_blocks) integer block ids; row b's first ceil(lengths[b] / block_size) entries are
     used. lengths: (batch,) cached tokens per sequence (0 gives zeros and lse -inf).
-    `num_splits` (triton): context slices per sequence, default chosen to fill the GPU.
-    `check=False` skips the value checks (lengths and block ids in range), the one device
-    sync: for an engine whose tables are valid by construction; shapes are always checked.
+    `num_splits` (triton, cpp): context slices per sequence, default chosen to fill the GPU
+    or the CPU threads. `check=False` skips the value checks (lengths and block ids in
+    range), the one device sync: for an engine whose tables are valid by construction;
+    shapes are always checked, and `cpp` checks values regardless (on the host, no sync).
     Returns (batch, heads, v_head_dim), and lse (batch, heads) with `return_lse`.
     """
     _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits)
-    longest = _check_values(k_pool, block_table, lengths) if check else None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and triton_paged_decode is not None else "torch"
+        backend = _choose(q)
+    if backend == "cpp":  # values are checked inside, with the same messages
+        cpu_decode.check_request(q)
+        # The kernel needs each row's last dim contiguous; anything else is copied (slow).
+        k_pool, v_pool = (p if p.stride(-1) == 1 else p.contiguous() for p in (k_pool, v_pool))
+        out, lse = cpu_decode.cpp_decode(q, k_pool, v_pool, block_table, lengths, scale, num_splits)
+        return (out, lse) if return_lse else out
+    longest = _check_values(k_pool, block_table, lengths) if check else None
     if backend == "triton":
         _check_triton(q)
         out, lse = triton_paged_decode(
@@ -69,6 +83,14 @@ def paged_decode(
     else:
         out, lse = _gathered(q, k_pool, v_pool, block_table, lengths, scale, longest)
     return (out, lse) if return_lse else out
+
+
+def _choose(q: Tensor) -> str:
+    if q.is_cuda and triton_paged_decode is not None:
+        return "triton"
+    if cpu_decode.can_take(q):
+        return "cpp"
+    return "torch"
 
 
 def _check_triton(q: Tensor) -> None:
