@@ -27,7 +27,7 @@ from attn_testing import NOISE_FLOOR, max_err
 from attnkit import attention
 from attnkit.cache import ContiguousCache
 from attnkit.cache.paged import PagedCache
-from attnkit.ops import cpu_decode
+from attnkit.ops import cpp_build, cpu_decode
 from attnkit.ops.decode_attention import decode_attention
 from attnkit.ops.masks import padding
 from attnkit.ops.paged_decode import paged_decode
@@ -176,7 +176,7 @@ def test_auto_picks_cpp_on_cpu():
 
 
 def test_without_a_compiler_auto_falls_back_and_cpp_says_why(monkeypatch):
-    monkeypatch.setattr(cpu_decode, "_state", {"error": "CalledProcessError: no g++"})
+    monkeypatch.setitem(cpp_build._built, cpu_decode.SOURCE_NAME, "CalledProcessError: no g++")
     q, k, v, table, lens = make_problem(4, 2, 16, 16, [9, 0], 4, dtype=torch.float64)
     want = paged_decode(q, k, v, table, lens, backend="torch")
     assert torch.equal(paged_decode(q, k, v, table, lens), want)

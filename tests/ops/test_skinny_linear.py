@@ -94,6 +94,10 @@ def test_fallbacks_equal_f_linear(case, monkeypatch):
         w.requires_grad_(True)
         out = skinny_linear.linear(x, w, b)
         assert out.requires_grad  # went through F.linear
+    elif case == "disabled":
+        assert load_kernel(skinny_linear.SOURCE) is None
+        assert "ATTNKIT_NO_CPP" in unavailable_reason(skinny_linear.SOURCE)
+        out = skinny_linear.linear(x, w, b)
     else:
         assert not skinny_linear._kernel_applies(x, w, b)
         out = skinny_linear.linear(x, w, b)

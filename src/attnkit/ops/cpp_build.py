@@ -7,7 +7,8 @@ build. On x86-64 it is compiled for the host CPU (`-march=native`: AVX-512 or AV
 lets the kernels stream memory at full speed), so the build's name carries a hash of the
 CPU's model and flags and of torch's version: a home directory shared by different
 machines keeps one build per kind of CPU. A machine without a compiler gets `None` and the
-reason, and callers fall back to plain torch.
+reason, and callers fall back to plain torch; so does every machine with `ATTNKIT_NO_CPP=1`
+(to compare against plain torch, or to rule the kernels out).
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ def unavailable_reason(source: str) -> str | None:
     return None if isinstance(result, ModuleType) else result
 
 
+def cpp_kernels_enabled() -> bool:
+    """False when ATTNKIT_NO_CPP is set to anything but 0 or an empty string."""
+    return os.environ.get("ATTNKIT_NO_CPP", "0") in ("", "0")
+
+
 def _get(source: str) -> ModuleType | str:
+    if not cpp_kernels_enabled():
+        return "ATTNKIT_NO_CPP is set: attnkit's C++ kernels are switched off"
     if source not in _built:
         with _lock:
             if source not in _built:

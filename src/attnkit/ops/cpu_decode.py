@@ -1,16 +1,9 @@
 """The fused CPU decode-attention kernel (csrc/decode_attention.cpp), built on first use.
 
-The C++ source ships inside the package and is compiled once per process, the first time a
-`cpp` backend is asked for, with `torch.utils.cpp_extension.load` into torch's extensions
-directory (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`). Later processes
-reuse the build: only a changed source, compiler flag or machine rebuilds it. The first
-build takes ~40 s (g++ 12, 2 cores); loading a cached build in a new process ~0.2 s.
-
-On x86-64 it is compiled for the host CPU (`-march=native`): the baseline x86-64 build
-(SSE2) read K/V ~6x slower on an AVX-512 machine, far from memory speed. The build's name
-therefore carries a hash of the CPU's model and flags, so a home directory shared between
-different machines keeps one build per kind of CPU. Other architectures get no `-march`
-flag (portable, and slower).
+`attnkit.ops.cpp_build` compiles it the first time a `cpp` backend is asked for (~40 s with
+g++ 12 on 2 cores; a cached build loads in ~0.2 s in a new process), for the host CPU:
+the baseline x86-64 build (SSE2) read K/V ~6x slower on an AVX-512 machine, far from
+memory speed.
 
 `cpu_decode_available()` says whether the kernel can be had (building it if needed) and
 `cpu_decode_unavailable_reason()` why not; the explicit `cpp` backends raise that reason,
@@ -19,20 +12,15 @@ flag (portable, and slower).
 
 from __future__ import annotations
 
-import hashlib
-import platform
-import threading
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "module" once built, or "error" with the reason it failed
+SOURCE_NAME = "decode_attention.cpp"
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def cpu_decode_available() -> bool:
@@ -42,8 +30,7 @@ def cpu_decode_available() -> bool:
 
 def cpu_decode_unavailable_reason() -> str | None:
     """Why the C++ decode kernel cannot be used (None when it can); tries the build first."""
-    _load()
-    return _state.get("error")  # type: ignore[return-value]
+    return unavailable_reason(SOURCE_NAME)
 
 
 def can_take(q: Tensor) -> bool:
@@ -66,7 +53,7 @@ def require_kernel() -> ModuleType:
     """The compiled kernel module, or a RuntimeError saying why it is not available."""
     module = _load()
     if module is None:
-        raise RuntimeError(f"backend='cpp' is not available: {_state['error']}")
+        raise RuntimeError(f"backend='cpp' is not available: {unavailable_reason(SOURCE_NAME)}")
     return module
 
 
@@ -91,52 +78,4 @@ def cpp_decode(
 
 
 def _load() -> ModuleType | None:
-    if "module" in _state or "error" in _state:
-        return _state.get("module")  # type: ignore[return-value]
-    with _lock:
-        if "module" not in _state and "error" not in _state:
-            try:
-                _state["module"] = _build()
-            except Exception as error:  # no compiler, no headers, a failed compile, ...
-                _state["error"] = f"{type(error).__name__}: {error}".strip()
-    return _state.get("module")  # type: ignore[return-value]
-
-
-def _build() -> ModuleType:
-    from torch.utils.cpp_extension import load
-
-    if not SOURCE.is_file():
-        raise FileNotFoundError(f"the kernel source {SOURCE} is missing from the installation")
-    flags = _compile_flags()
-    return load(
-        name=_build_name(flags),
-        sources=[str(SOURCE)],
-        extra_cflags=flags,
-        verbose=False,
-    )
-
-
-def _compile_flags() -> list[str]:
-    # -fopenmp: at::parallel_for's OpenMP region is compiled into this module (libtorch
-    # provides the runtime); it also honours `#pragma omp simd`.
-    flags = ["-O3", "-fopenmp"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        flags.append("-march=native")
-    return flags
-
-
-def _build_name(flags: list[str]) -> str:
-    """`attnkit_decode_<hash>`: one build per CPU kind (flags are host-specific) and torch."""
-    key = "|".join([torch.__version__, platform.machine(), _cpu_identity(), *flags])
-    return "attnkit_decode_" + hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def _cpu_identity() -> str:
-    """The CPU's model and feature flags (Linux), else whatever platform can tell."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    wanted = ("model name", "flags", "Features", "CPU part")
-    lines = {line.split(":", 1)[0].strip(): line for line in info.splitlines() if ":" in line}
-    return "\n".join(lines[key] for key in wanted if key in lines) or platform.processor()
+    return load_kernel(SOURCE_NAME)

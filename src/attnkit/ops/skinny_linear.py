@@ -13,8 +13,6 @@ no autograd; everything else (and every machine where the kernel cannot be built
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,11 +21,6 @@ from attnkit.ops.cpp_build import load_kernel
 
 SOURCE = "skinny_linear.cpp"
 MAX_ROWS = 8
-
-
-def cpp_kernels_enabled() -> bool:
-    """False when ATTNKIT_NO_CPP is set to anything but 0 or an empty string."""
-    return os.environ.get("ATTNKIT_NO_CPP", "0") in ("", "0")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -52,6 +45,5 @@ def _kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return False
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # the kernel has no backward
-    return cpp_kernels_enabled()
+    # the kernel has no backward
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
