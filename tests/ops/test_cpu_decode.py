@@ -175,6 +175,24 @@ def test_auto_picks_cpp_on_cpu():
     assert torch.equal(decode_attention(q, kc, vc), decode_attention(q, kc, vc, backend="cpp"))
 
 
+def test_inputs_that_require_grad_go_to_torch_or_raise():
+    """The kernel has no backward: auto must not hand it a request that wants gradients."""
+    q, k, v, table, lens = make_problem(4, 2, 16, 16, [9, 3], 4, dtype=torch.float64)
+    q.requires_grad_(True)
+    out = paged_decode(q, k, v, table, lens)
+    out.sum().backward()  # the torch path: gradients flow
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    with pytest.raises(ValueError, match="the cpp backend computes no gradients"):
+        paged_decode(q, k, v, table, lens, backend="cpp")
+    kc, vc = k[:2].transpose(1, 2), v[:2].transpose(1, 2)
+    with pytest.raises(ValueError, match="the cpp backend computes no gradients"):
+        decode_attention(q, kc, vc, backend="cpp")
+    assert decode_attention(q, kc, vc).grad_fn is not None
+    with torch.no_grad():  # no gradient wanted: the kernel again
+        want = decode_attention(q.detach(), kc, vc, backend="cpp")
+        assert torch.equal(decode_attention(q, kc, vc), want)
+
+
 def test_without_a_compiler_auto_falls_back_and_cpp_says_why(monkeypatch):
     monkeypatch.setitem(cpp_build._built, cpu_decode.SOURCE_NAME, "CalledProcessError: no g++")
     q, k, v, table, lens = make_problem(4, 2, 16, 16, [9, 0], 4, dtype=torch.float64)

@@ -33,20 +33,34 @@ def cpu_decode_unavailable_reason() -> str | None:
     return unavailable_reason(SOURCE_NAME)
 
 
-def can_take(q: Tensor) -> bool:
-    """Whether `auto` may pick the kernel for queries like `q` (CPU, a supported dtype)."""
-    return q.device.type == "cpu" and q.dtype in DTYPES and cpu_decode_available()
+def can_take(q: Tensor, *kv: Tensor) -> bool:
+    """Whether `auto` may pick the kernel: CPU, a supported dtype, no gradient wanted."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in DTYPES
+        and not _wants_grad(q, *kv)
+        and cpu_decode_available()
+    )
 
 
-def check_request(q: Tensor) -> None:
-    """Raise why an explicit `cpp` backend cannot serve queries like `q`, if it cannot."""
+def check_request(q: Tensor, *kv: Tensor) -> None:
+    """Raise why an explicit `cpp` backend cannot serve this request, if it cannot."""
     if q.device.type != "cpu":
         raise ValueError(f"the cpp backend takes CPU tensors, got {q.device}")
     if q.dtype not in DTYPES:
         raise ValueError(
             f"the cpp backend takes float32, float64, bfloat16 or float16, got {q.dtype}"
         )
+    if _wants_grad(q, *kv):
+        raise ValueError(
+            "the cpp backend computes no gradients, but an input requires grad: use "
+            "backend='torch', or call it under torch.no_grad()"
+        )
     require_kernel()
+
+
+def _wants_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def require_kernel() -> ModuleType:

@@ -9,7 +9,8 @@ sequence's query attends to its first `lengths[b]` keys. Backends:
   context split across threads when there are few sequences. float32/float64, and bfloat16/
   float16 widened to float32 on load.
 - `torch`: `attnkit.attention` with key padding (any device and dtype).
-- `auto`: `cpp` for CPU tensors when the kernel builds, else `torch`.
+- `auto`: `cpp` for CPU tensors when the kernel builds and no input requires grad (the
+  kernel has no backward), else `torch`.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def decode_attention(
     q3 = q.squeeze(2) if squeeze else q
     scale = 1.0 / math.sqrt(q3.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
-        backend = "cpp" if cpu_decode.can_take(q3) else "torch"
+        backend = "cpp" if cpu_decode.can_take(q3, k, v) else "torch"
     if backend == "cpp":
-        cpu_decode.check_request(q3)
+        cpu_decode.check_request(q3, k, v)
         # (batch, kv_heads, n, d) is a pool of `batch` blocks of n tokens: token-major view.
         k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
         out, lse = cpu_decode.cpp_decode(

@@ -16,7 +16,7 @@ place through the block table instead. Backends:
   float32/float64 (float64 accumulates in float64), bfloat16/float16 widened on load. It
   checks lengths and block ids itself, always: it reads host memory directly.
 - `auto`: `triton` for CUDA tensors when Triton is importable; `cpp` for CPU tensors when
-  the kernel builds; else `torch`.
+  the kernel builds and no input requires grad (it has no backward); else `torch`.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def paged_decode(
     _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
-        backend = _choose(q)
+        backend = _choose(q, k_pool, v_pool)
     if backend == "cpp":  # values are checked inside, with the same messages
-        cpu_decode.check_request(q)
+        cpu_decode.check_request(q, k_pool, v_pool)
         # The kernel needs each row's last dim contiguous; anything else is copied (slow).
         k_pool, v_pool = (p if p.stride(-1) == 1 else p.contiguous() for p in (k_pool, v_pool))
         out, lse = cpu_decode.cpp_decode(q, k_pool, v_pool, block_table, lengths, scale, num_splits)
@@ -85,10 +85,10 @@ def paged_decode(
     return (out, lse) if return_lse else out
 
 
-def _choose(q: Tensor) -> str:
+def _choose(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> str:
     if q.is_cuda and triton_paged_decode is not None:
         return "triton"
-    if cpu_decode.can_take(q):
+    if cpu_decode.can_take(q, k_pool, v_pool):
         return "cpp"
     return "torch"
 
