@@ -49,7 +49,12 @@ def attention(
 
 
 def choose_backend(problem: AttentionProblem) -> Backend:
-    """The backend `auto` uses: torch SDPA unless block skipping or a feature needs `tiled`."""
+    """The backend `auto` uses: the C++ decode kernel for one query row per sequence on CPU;
+    else torch SDPA unless block skipping or a feature needs `tiled`."""
+    if problem.n_q == 1 and problem.q.device.type == "cpu":
+        decode = get_backend("cpp_decode")
+        if decode.unsupported(problem) is None:
+            return decode
     sdpa, tiled = get_backend("sdpa"), get_backend("tiled")
     if sdpa.unsupported(problem) is not None:
         return tiled

@@ -1,6 +1,7 @@
 """Attention backends: `reference`, `tiled`, `sdpa` always; others register if importable."""
 
 from attnkit.ops.backends.base import Backend, available_backends, get_backend, register
+from attnkit.ops.backends.cpu_decode import CppDecodeBackend
 from attnkit.ops.backends.gathered import GatheredBackend
 from attnkit.ops.backends.reference import ReferenceBackend
 from attnkit.ops.backends.sdpa import SdpaBackend
@@ -10,9 +11,11 @@ register(ReferenceBackend())
 register(TiledBackend())
 register(SdpaBackend())
 register(GatheredBackend())
+register(CppDecodeBackend())
 
 __all__ = [
     "Backend",
+    "CppDecodeBackend",
     "GatheredBackend",
     "ReferenceBackend",
     "SdpaBackend",
