@@ -11,7 +11,7 @@ from attnkit.cache.base import KVCache, narrow_mask
 from attnkit.cache.contiguous import ContiguousCache
 from attnkit.cache.encoder import EncoderCache, check_source_lengths
 from attnkit.cache.window import SlidingWindowCache
-from attnkit.layers.projection import Linear
+from attnkit.layers.projection import Linear, project
 from attnkit.layers.rope import apply_rotary
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import Mask, padding, sinks, sliding_window
@@ -117,9 +117,10 @@ class Attention(nn.Module):
             return self._cross_forward(x, ctx)
         b, t, _ = x.shape
         # (B, T, H·d) -> (B, H, T, d)
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, (self.wq, self.wk, self.wv))
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, ctx.cos, ctx.sin, interleaved=ctx.interleaved)
         k = apply_rotary(k, ctx.cos, ctx.sin, interleaved=ctx.interleaved)
         if ctx.cache is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from attnkit.ops.skinny_linear import linear
+from attnkit.ops.skinny_linear import linear, linear_many
 
 
 class Linear(nn.Linear):
@@ -18,3 +18,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def project(x: Tensor, layers: tuple[nn.Linear, ...]) -> list[Tensor]:
+    """`[layer(x) for layer in layers]`, in one kernel call at decode (shared input)."""
+    return linear_many(x, [m.weight for m in layers], [m.bias for m in layers])

@@ -18,7 +18,7 @@ from attnkit._checks import check_positive_int
 from attnkit.cache.base import KVCache
 from attnkit.cache.layered import LayeredCache
 from attnkit.layers.attention import Attention, AttentionContext
-from attnkit.layers.projection import Linear
+from attnkit.layers.projection import Linear, project
 from attnkit.layers.rope import RopeScaling, RotaryEmbedding
 from attnkit.ops.masks import causal
 
@@ -109,8 +109,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op
         return self.weight * normed.to(x.dtype)
 
 
@@ -124,7 +123,8 @@ class FeedForward(nn.Module):
         self.down = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = project(x, (self.gate, self.up))
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -34,6 +34,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def linear_many(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> list[Tensor]:
+    """`[linear(x, w, b) for w, b in zip(weights, biases)]` in one kernel call when it applies
+    to all of them (a layer's q/k/v or gate/up projections share their input)."""
+    if all(_kernel_applies(x, w, b) for w, b in zip(weights, biases, strict=True)):
+        module = load_kernel(SOURCE)
+        if module is not None:
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            outs = module.skinny_linear_many(rows, weights, biases)
+            return [o.view(*x.shape[:-1], w.shape[0]) for o, w in zip(outs, weights, strict=True)]
+    return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+
+
 def _kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
