@@ -267,7 +267,7 @@ def test_lse_is_float32_for_half_inputs_on_every_backend(backend):
     assert lse.dtype == torch.float32
 
 
-def test_auto_picks_tiled_for_sparse_masks_and_lse_and_sdpa_for_dense():
+def test_auto_picks_gathered_for_sparse_masks_tiled_for_lse_and_sdpa_for_dense():
     gen = torch.Generator().manual_seed(0)
     q, k, v = random_qkv(gen, batch=1, n_q=4096, n_k=4096, head_dim=8)
     problem = attnkit.ops.problem.make_problem
@@ -276,8 +276,9 @@ def test_auto_picks_tiled_for_sparse_masks_and_lse_and_sdpa_for_dense():
         args = dict(scale=None, softcap=None, q_offset=None, return_lse=False) | kw
         return attnkit.choose_backend(problem(q, k, v, mask, **args)).name
 
-    assert chosen(masks.sliding_window(512)) == "tiled"
-    assert chosen(masks.causal() & masks.document(torch.arange(4096) // 512)) == "tiled"
+    assert chosen(masks.sliding_window(512)) == "gathered"
+    assert chosen(masks.causal() & masks.document(torch.arange(4096) // 512)) == "gathered"
+    assert chosen(masks.sliding_window(512), return_lse=True) == "tiled"
     assert chosen(masks.causal()) == "sdpa"
     assert chosen(masks.padding([4000])) == "sdpa"  # dense: nothing to skip
     assert chosen(None) == "sdpa"

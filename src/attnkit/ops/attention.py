@@ -8,11 +8,13 @@ from attnkit.ops.backends import Backend, TiledBackend, get_backend
 from attnkit.ops.masks import Mask, causal
 from attnkit.ops.problem import AttentionProblem, make_problem
 
-# `auto` sends a masked problem to `tiled` when block skipping leaves at most this share
-# of the tiles and the problem is big enough for tiling overhead not to dominate. Measured
-# on 2 CPU cores, torch 2.13, 9/3 heads, d 64 (SDPA with a dense mask vs tiled): window
-# 256 at N=1024 (33% of tiles) 1.24x, window 512 at N=1024 (47%) 0.97x, window 1024 at
-# N=2048 (42%) 1.39x, window 512 at N=4096 (15%) 4.2x, window 64 at N=4096 6.4x.
+# `auto` sends a masked problem to a block-skipping backend when skipping leaves at most
+# this share of the 128 x 128 tiles and the problem is big enough for the skipping to pay:
+# `gathered` (torch SDPA over each chunk's keys), or `tiled` where the log-sum-exp or a
+# softcap is asked for. Measured on 2 CPU cores, torch 2.13, 8/2 heads, d 64, in ms
+# (SDPA with a dense mask / tiled / gathered): window 256 at N=1024 16.8 / 14.1 / 7.8;
+# window 512 at N=4096 333 / 72 / 47; window 1024 at N=4096 324 / 93 / 85; window 512
+# at N=16384 — / 327 / 200 (benchmarks/attention.py and `attnkit bench` measure it).
 SPARSE_MAX_DENSITY = 0.5
 SPARSE_MIN_PAIRS = 1024 * 1024
 
@@ -68,7 +70,8 @@ def choose_backend(problem: AttentionProblem) -> Backend:
         # tiled skips a tile only if it is empty for every sequence of the batch
         computed = summary.nonempty.any(0).float().mean().item()
         if computed <= SPARSE_MAX_DENSITY:
-            return tiled
+            gathered = get_backend("gathered")
+            return gathered if gathered.unsupported(problem) is None else tiled
     return sdpa
 
 
