@@ -64,6 +64,10 @@ def prefill_rows(n: int, heads: int, kv_heads: int, repeats: int):
             "auto": lambda mask=mask: attnkit.attention(q, k, v, mask),
             "tiled": lambda mask=mask: attnkit.attention(q, k, v, mask, backend="tiled"),
         }
+        if name != "causal":
+            contenders["gathered"] = lambda mask=mask: attnkit.attention(
+                q, k, v, mask, backend="gathered"
+            )
         if layout == "GQA" and name == "causal":
             contenders["torch SDPA, K/V repeated"] = lambda: F.scaled_dot_product_attention(
                 q, k_full, v_full, is_causal=True

@@ -104,3 +104,12 @@ def test_table_output_names_every_column(capsys):
     for column in ("attnkit ms", "baseline ms", "speed", "goal", "met", "MLA naive mode"):
         assert column in out
     assert "[1] cache 2304 B/token/layer" in out
+
+
+@pytest.mark.slow
+def test_markdown_output_is_a_table_with_footnotes(capsys):
+    assert main(["bench", "--quick", "--targets", "4", "--repeats", "1", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| # | case | attnkit ms | baseline | baseline ms | speed | goal | met |" in out
+    assert "| 4 | MLA decode (DeepSeek-V2-Lite dims), batch 1, context 1024 [1] |" in out
+    assert "[1] cache 2304 B/token/layer" in out

@@ -34,6 +34,9 @@ def add_parser(commands, positive) -> None:
         "--repeats", type=positive, default=5, help="timed runs per figure; medians (5)"
     )
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.add_argument(
+        "--markdown", action="store_true", help="print a markdown table (benchmarks/RESULTS.md)"
+    )
     bench.set_defaults(handler=run)
 
 
@@ -77,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         bars.update(task, description="done", completed=bars.tasks[0].total)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2, allow_nan=True))
+    elif args.markdown:
+        print(markdown(result))
     else:
         print_table(result, Console(width=max(Console().width, 160)))
     return 0
@@ -112,6 +117,32 @@ def print_table(result: BenchResult, console: Console) -> None:
         f"{result.settings.repeats}); goal: the least speed the target asks for.",
         highlight=False,
     )
+
+
+def markdown(result: BenchResult) -> str:
+    """The table as markdown, notes as numbered footnotes, and the machine line."""
+    lines = [
+        "| # | case | attnkit ms | baseline | baseline ms | speed | goal | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes: list[str] = []
+    for row in result.rows:
+        case = row.case
+        if row.note:
+            notes.append(row.note)
+            case += f" [{len(notes)}]"
+        speed = "—" if math.isnan(row.speed) else f"{row.speed:.2f}x"
+        met = {True: "yes", False: "**no**", None: ""}[row.met]
+        lines.append(
+            f"| {row.target} | {case} | {_ms(row.attnkit_s)} | {row.baseline} | "
+            f"{_ms(row.baseline_s)} | {speed} | {row.goal_text} | {met} |"
+        )
+    lines += [""] + [f"[{i}] {note}  " for i, note in enumerate(notes, 1)]
+    lines += [
+        "",
+        f"{result.machine.description}; {result.date}; medians of {result.settings.repeats}.",
+    ]
+    return "\n".join(lines)
 
 
 def _ms(seconds: float) -> str:
