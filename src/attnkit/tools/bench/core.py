@@ -107,11 +107,16 @@ class Machine:
     matmul_flops_per_s: float  # float32 1024^3 matmul
     description: str
 
+    @staticmethod
+    def copy_rate(timer: Timer) -> float:
+        """Read + write bytes per second of a 64 MiB tensor copy (well past the caches)."""
+        src = torch.randn(64 * 2**20 // 4)
+        dst = torch.empty_like(src)
+        return 2 * src.nbytes / timer(lambda: dst.copy_(src))
+
     @classmethod
     def measure(cls, timer: Timer) -> Machine:
-        src = torch.randn(64 * 2**20 // 4)  # 64 MiB: well past the caches
-        dst = torch.empty_like(src)
-        copy = 2 * src.nbytes / timer(lambda: dst.copy_(src))
+        copy = cls.copy_rate(timer)
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
         flops = 2 * 1024**3 / timer(lambda: a @ b)
         cpu = platform.processor() or platform.machine()
@@ -120,10 +125,6 @@ class Machine:
             f"copy {copy / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s (float32)"
         )
         return cls(copy, flops, text)
-
-    def bytes_floor(self, nbytes: int) -> float:
-        """Seconds to read `nbytes` once at the measured copy bandwidth."""
-        return nbytes / self.copy_bytes_per_s
 
     def flops_floor(self, flops: float) -> float:
         """Seconds for `flops` at the measured matmul rate."""
