@@ -39,7 +39,7 @@ from attnkit.engine.speculative import (
 )
 from attnkit.models import load_model
 from attnkit.models.loading import smollm2_path
-from attnkit.tools.bench.endtoend import sample_prompts
+from attnkit.tools.bench.endtoend import hf_generate_call, sample_prompts
 from attnkit.tools.measure import median_seconds
 
 
@@ -62,27 +62,7 @@ def decode_rows(model, tokenizer, hf, repeats: int, new_tokens: int):
             ),
             repeats,
         )
-        # HF needs a rectangular batch: left-pad to the longest prompt, with an attention mask.
-        longest = max(len(p) for p in batch_prompts)
-        ids = torch.tensor(
-            [[tokenizer.pad_token_id] * (longest - len(p)) + p for p in batch_prompts]
-        )
-        mask = (
-            torch.arange(longest)
-            >= torch.tensor([longest - len(p) for p in batch_prompts])[:, None]
-        ).long()
-
-        def hf_generate(ids=ids, mask=mask):
-            with torch.no_grad():
-                hf.generate(
-                    ids,
-                    attention_mask=mask,
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-
+        hf_generate = hf_generate_call(hf, tokenizer.pad_token_id, batch_prompts, new_tokens)
         theirs = median_time(hf_generate, repeats)
         tokens = batch * new_tokens
         row = {

@@ -23,6 +23,7 @@ from torch import Tensor
 from attnkit.ops import cpu_decode
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import padding
+from attnkit.ops.paged_decode import check_tensors_and_options
 
 BACKENDS = ("auto", "cpp", "torch")
 
@@ -88,15 +89,7 @@ def _torch_path(q, k, v, lengths, scale) -> tuple[Tensor, Tensor]:
 def _check(q, k, v, lengths, backend, num_splits) -> bool:
     """Shapes, dtypes and options; returns whether q has the (batch, heads, 1, d) form."""
     named = [("q", q), ("k", k), ("v", v)] + ([] if lengths is None else [("lengths", lengths)])
-    for name, t in named:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if num_splits is not None and (
-        isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
-    ):
-        raise ValueError(f"num_splits must be a positive integer or None, got {num_splits!r}")
+    check_tensors_and_options(named, backend, BACKENDS, num_splits)
     squeeze = q.dim() == 4 and q.shape[2] == 1
     if q.dim() != 3 and not squeeze:
         raise ValueError(

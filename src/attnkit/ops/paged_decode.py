@@ -134,21 +134,18 @@ def _in_use(block_table: Tensor, lengths: Tensor, block_size: int) -> Tensor:
 
 
 def _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits) -> None:
-    for name, t in (
-        ("q", q),
-        ("k_pool", k_pool),
-        ("v_pool", v_pool),
-        ("block_table", block_table),
-        ("lengths", lengths),
-    ):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if num_splits is not None and (
-        isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
-    ):
-        raise ValueError(f"num_splits must be a positive integer or None, got {num_splits!r}")
+    check_tensors_and_options(
+        [
+            ("q", q),
+            ("k_pool", k_pool),
+            ("v_pool", v_pool),
+            ("block_table", block_table),
+            ("lengths", lengths),
+        ],
+        backend,
+        BACKENDS,
+        num_splits,
+    )
     if q.dim() != 3:
         raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
     for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
@@ -209,3 +206,16 @@ def _check_values(k_pool: Tensor, block_table: Tensor, lengths: Tensor) -> int:
             f"block_table entries in use must lie in [0, {num_blocks}), got [{first}, {last}]"
         )
     return longest
+
+
+def check_tensors_and_options(named, backend: str, backends: tuple, num_splits) -> None:
+    """The checks every decode entry point starts with: tensors, backend name, num_splits."""
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+    if num_splits is not None and (
+        isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
+    ):
+        raise ValueError(f"num_splits must be a positive integer or None, got {num_splits!r}")

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from attnkit._checks import check_positive_int
 from attnkit.ops.backends.base import Backend
+from attnkit.ops.backends.sdpa import sdpa_limits
 from attnkit.ops.problem import AttentionProblem
 
 # A band is used when it is at most this much wider than the busiest chunk's tile count.
@@ -42,11 +43,7 @@ class GatheredBackend(Backend):
         self.max_keys = check_positive_int("max_keys", max_keys)
 
     def unsupported(self, p: AttentionProblem) -> str | None:
-        if p.return_lse:
-            return "torch SDPA does not return the log-sum-exp (use 'tiled')"
-        if p.softcap is not None:
-            return "torch SDPA has no softcap (use 'tiled')"
-        return None
+        return sdpa_limits(p)
 
     def run(self, p: AttentionProblem) -> tuple[Tensor, None]:
         c = self.chunk

@@ -23,11 +23,7 @@ class SdpaBackend(Backend):
     name = "sdpa"
 
     def unsupported(self, p: AttentionProblem) -> str | None:
-        if p.return_lse:
-            return "torch SDPA does not return the log-sum-exp (use 'tiled')"
-        if p.softcap is not None:
-            return "torch SDPA has no softcap (use 'tiled')"
-        return None
+        return sdpa_limits(p)
 
     def run(self, p: AttentionProblem) -> tuple[Tensor, None]:
         q, k, v = p.q, p.k, p.v
@@ -55,3 +51,12 @@ class SdpaBackend(Backend):
             # Rows that see no key must be 0; torch's math kernel (float64) gives NaN there.
             out = out.masked_fill(~allowed.any(-1, keepdim=True), 0)
         return (unfold_groups(out, p.heads) if fold else out), None
+
+
+def sdpa_limits(p: AttentionProblem) -> str | None:
+    """What torch SDPA cannot do for `p` (backends built on it share these limits)."""
+    if p.return_lse:
+        return "torch SDPA does not return the log-sum-exp (use 'tiled')"
+    if p.softcap is not None:
+        return "torch SDPA has no softcap (use 'tiled')"
+    return None

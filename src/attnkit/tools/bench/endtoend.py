@@ -74,29 +74,34 @@ def decode_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         hf = hf_smollm2()
         if isinstance(hf, str):
             return [Row(6, case, ours, "transformers generate", math.nan, 2.0, hf)]
-        ids, mask = _left_padded(prompts, tokenizer.pad_token_id)
-
-        def theirs():
-            hf.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-
+        theirs = hf_generate_call(hf, tokenizer.pad_token_id, prompts, new_tokens)
         note = "whole generate calls (prefill included), prompts of 20-200 tokens"
         return [Row(6, case, ours, "transformers generate", timer(theirs), 2.0, note)]
 
     return [Case(6, f"generate batch {b}", lambda t, b=b: run(b, t)) for b in (1, 8)]
 
 
-def _left_padded(prompts: list[list[int]], pad: int):
+def hf_generate_call(hf, pad: int, prompts: list[list[int]], new_tokens: int):
+    """A call of transformers' greedy `generate` producing exactly `new_tokens` per prompt.
+
+    HF needs a rectangular batch: prompts are left-padded to the longest, with a mask.
+    """
     longest = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
     mask = torch.arange(longest) >= torch.tensor([longest - len(p) for p in prompts])[:, None]
-    return ids, mask.long()
+
+    def call():
+        with torch.no_grad():
+            hf.generate(
+                ids,
+                attention_mask=mask.long(),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+
+    return call
 
 
 def batching_cases(s: BenchSettings, machine: Machine) -> list[Case]:
