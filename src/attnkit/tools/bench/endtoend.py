@@ -76,9 +76,28 @@ def decode_cases(s: BenchSettings, machine: Machine) -> list[Case]:
             return [Row(6, case, ours, "transformers generate", math.nan, 2.0, hf)]
         theirs = hf_generate_call(hf, tokenizer.pad_token_id, prompts, new_tokens)
         note = "whole generate calls (prefill included), prompts of 20-200 tokens"
-        return [Row(6, case, ours, "transformers generate", timer(theirs), 2.0, note)]
+        rows = [Row(6, case, ours, "transformers generate", timer(theirs), 2.0, note)]
+        return rows + ([_step_vs_weights(model, timer)] if batch == 1 else [])
 
     return [Case(6, f"generate batch {b}", lambda t, b=b: run(b, t)) for b in (1, 8)]
+
+
+def _step_vs_weights(model, timer: Timer) -> Row:
+    """One batch-1 decode step against reading every weight once (the step's floor)."""
+    cache_ = model.new_cache(1)
+    model(torch.randint(0, model.config.vocab_size, (1, 128)), cache_)
+    token = torch.randint(0, model.config.vocab_size, (1, 1))
+
+    def step():
+        model(token, cache_)
+        cache_.truncate(cache_.sequences[0], 128)
+
+    weights = sum(p.nbytes for p in model.parameters())  # the tied embedding counts once
+    floor = weights / Machine.copy_rate(timer)
+    note = f"{weights / 1e6:.0f} MB of weights per step, at the copy bandwidth measured beside it"
+    return Row(
+        6, "one decode step, batch 1, context 128", timer(step), "weights floor", floor, None, note
+    )
 
 
 def hf_generate_call(hf, pad: int, prompts: list[list[int]], new_tokens: int):
