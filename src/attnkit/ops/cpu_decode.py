@@ -35,28 +35,38 @@ def cpu_decode_unavailable_reason() -> str | None:
 
 def can_take(q: Tensor, *kv: Tensor) -> bool:
     """Whether `auto` may pick the kernel: CPU, a supported dtype, no gradient wanted."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype in DTYPES
-        and not _wants_grad(q, *kv)
-        and cpu_decode_available()
-    )
+    return request_limits(q, *kv) is None and cpu_decode_available()
 
 
 def check_request(q: Tensor, *kv: Tensor) -> None:
     """Raise why an explicit `cpp` backend cannot serve this request, if it cannot."""
-    if q.device.type != "cpu":
-        raise ValueError(f"the cpp backend takes CPU tensors, got {q.device}")
-    if q.dtype not in DTYPES:
-        raise ValueError(
-            f"the cpp backend takes float32, float64, bfloat16 or float16, got {q.dtype}"
-        )
-    if _wants_grad(q, *kv):
-        raise ValueError(
-            "the cpp backend computes no gradients, but an input requires grad: use "
-            "backend='torch', or call it under torch.no_grad()"
-        )
+    reason = request_limits(q, *kv)
+    if reason is not None:
+        raise ValueError(reason)
     require_kernel()
+
+
+def request_limits(q: Tensor, *kv: Tensor) -> str | None:
+    """Why the kernel cannot serve these inputs (device, dtype, gradients), or None."""
+    if q.device.type != "cpu":
+        return f"the cpp backend takes CPU tensors, got {q.device}"
+    if q.dtype not in DTYPES:
+        return f"the cpp backend takes float32, float64, bfloat16 or float16, got {q.dtype}"
+    if _wants_grad(q, *kv):
+        return (
+            "the cpp backend computes no gradients (it has no backward), but an input "
+            "requires grad: use backend='torch', or call it under torch.no_grad()"
+        )
+    return None
+
+
+def decode_contiguous(
+    q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, scale: float, num_splits=None
+) -> tuple[Tensor, Tensor]:
+    """The kernel on contiguous-cache K/V `(batch, kv_heads, n, d)` (any strides, d
+    contiguous or copied): read as a pool of `batch` blocks of n tokens, no copy."""
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    return cpp_decode(q, k.transpose(1, 2), v.transpose(1, 2), None, lengths, scale, num_splits)
 
 
 def _wants_grad(*tensors: Tensor) -> bool:

@@ -55,11 +55,7 @@ def decode_attention(
         backend = "cpp" if cpu_decode.can_take(q3, k, v) else "torch"
     if backend == "cpp":
         cpu_decode.check_request(q3, k, v)
-        # (batch, kv_heads, n, d) is a pool of `batch` blocks of n tokens: token-major view.
-        k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-        out, lse = cpu_decode.cpp_decode(
-            q3, k4.transpose(1, 2), v4.transpose(1, 2), None, lengths, scale, num_splits
-        )
+        out, lse = cpu_decode.decode_contiguous(q3, k, v, lengths, scale, num_splits)
     else:
         out, lse = _torch_path(q3, k, v, lengths, scale)
     if squeeze:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from attnkit.ops import cpu_decode
-from attnkit.ops.backends.base import Backend
+from attnkit.ops.backends.base import Backend, get_backend
 from attnkit.ops.problem import AttentionProblem
 
 
@@ -28,28 +28,17 @@ class CppDecodeBackend(Backend):
             return f"it serves one query row per sequence (decode), got {p.n_q}"
         if p.softcap is not None:
             return "the decode kernel has no softcap (use 'tiled')"
-        if p.q.device.type != "cpu":
-            return f"it runs on CPU tensors, got {p.q.device}"
-        if p.q.dtype not in cpu_decode.DTYPES:
-            return f"it takes float32, float64, bfloat16 or float16, got {p.q.dtype}"
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (p.q, p.k, p.v)):
-            return "the decode kernel has no backward (run under torch.no_grad())"
-        return cpu_decode.cpu_decode_unavailable_reason()
+        limits = cpu_decode.request_limits(p.q, p.k, p.v)
+        return limits if limits is not None else cpu_decode.cpu_decode_unavailable_reason()
 
     def run(self, p: AttentionProblem) -> tuple[Tensor, Tensor | None]:
         lengths = None
         if p.mask is not None:
             lengths = key_prefix_lengths(p)
             if lengths is None:  # not a prefix per sequence: torch's kernel takes any mask
-                from attnkit.ops.backends import get_backend
-
                 return get_backend("sdpa" if not p.return_lse else "tiled").run(p)
         q = p.q[:, :, 0].contiguous()
-        # (batch, kv_heads, n, d) read as a pool of `batch` blocks of n tokens, no copy
-        k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.k, p.v))
-        out, lse = cpu_decode.cpp_decode(
-            q, k.transpose(1, 2), v.transpose(1, 2), None, lengths, p.scale, None
-        )
+        out, lse = cpu_decode.decode_contiguous(q, p.k, p.v, lengths, p.scale)
         return out.unsqueeze(2), (lse.unsqueeze(2) if p.return_lse else None)
 
 
