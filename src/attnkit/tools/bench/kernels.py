@@ -164,27 +164,34 @@ def decode_cases(s: BenchSettings, machine: Machine) -> list[Case]:
     return [Case(3, f"decode b={b} ctx={c}", lambda t, b=b, c=c: run(b, c, t)) for b, c in grid]
 
 
+def one_layer_model(hidden: int, heads: int, attention, **config) -> Transformer:
+    """A seeded one-layer decoder around `attention` (a tiny vocabulary and MLP, so a step
+    is the attention layer's cost), in eval mode."""
+    torch.manual_seed(0)
+    base = dict(vocab_size=256, intermediate_size=8, num_hidden_layers=1)
+    config = LlamaConfig(
+        **base,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        **config,
+    )
+    return Transformer(config, attention).eval()
+
+
 def mla_cases(s: BenchSettings, machine: Machine) -> list[Case]:
     """4. MLA decode with DeepSeek-V2-Lite's attention dims: absorbed vs naive mode."""
     from attnkit.layers.latent import LatentAttention
 
     def run(context: int, timer: Timer) -> list[Row]:
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=2048,
-            intermediate_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            head_dim=64,  # MLA models size RoPE by config.head_dim = rope_dim
-        )
-        model = Transformer(
-            config,
+        model = one_layer_model(
+            2048,
+            16,
             lambda c, i: LatentAttention(
                 i, 2048, 16, kv_rank=512, rope_dim=64, nope_dim=128, v_head_dim=128
             ),
-        ).eval()
+            head_dim=64,  # MLA models size RoPE by config.head_dim = rope_dim
+        )
         attn = model.blocks[0].attn
         cache = model.new_cache(1, initial_len=context + 64)
         with torch.inference_mode():
@@ -223,16 +230,7 @@ def linear_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         return [Row(5, case, ours, "softmax causal attention (torch SDPA)", softmax, 5.0)]
 
     def decode(short: int, long: int, timer: Timer) -> list[Row]:
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=512,
-            intermediate_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-        )
-        model = Transformer(config, lambda c, i: LinearAttention(i, 512, 8, 8, 64)).eval()
+        model = one_layer_model(512, 8, lambda c, i: LinearAttention(i, 512, 8, 8, 64))
         token = torch.randint(0, 256, (1, 1))
         caches = {}
         for n in (short, long):  # both prefilled before either is timed
