@@ -56,7 +56,9 @@ class GatheredBackend(Backend):
         # take that path.
         finite = bool(torch.isfinite(p.k).all() and torch.isfinite(p.v).all())
         banded = finite and width <= BAND_SLACK * tile_count
-        keys = _BandedKeys(p, c, delta, width) if banded else _GatheredKeys(p, c, nonempty)
+        keys = (
+            _BandedKeys(p, c, delta, width) if banded else _GatheredKeys(p, c, nonempty, tile_count)
+        )
 
         b, d, dv = p.batch, p.q.shape[-1], p.v.shape[-1]
         q = F.pad(p.q, (0, 0, 0, n_qt * c - p.n_q)) if p.n_q % c else p.q
@@ -141,9 +143,9 @@ class _BandedKeys:
 class _GatheredKeys:
     """Chunk i's nonempty tiles copied side by side, padded with an all-zero tile."""
 
-    def __init__(self, p: AttentionProblem, c: int, nonempty: Tensor) -> None:
+    def __init__(self, p: AttentionProblem, c: int, nonempty: Tensor, width: int) -> None:
+        """`width`: the busiest chunk's tile count, which every chunk is padded to."""
         n_kt = nonempty.shape[1]
-        width = max(int(nonempty.sum(1).max()), 1) if nonempty.numel() else 1
         ids = torch.where(nonempty, torch.arange(n_kt, device=nonempty.device), n_kt)
         self.ids = ids.sort(dim=1).values[:, :width]  # ascending; n_kt = the zero tile
         self.c, self.n_kt, self.span = c, n_kt, width * c
