@@ -27,6 +27,7 @@ from rich.table import Table
 
 import attnkit
 from attnkit import masks
+from attnkit.tools.bench.core import Machine, Timer
 from attnkit.tools.measure import median_seconds, peak_bytes
 
 WINDOW = 512
@@ -34,9 +35,7 @@ WINDOW = 512
 
 def copy_bandwidth(repeats: int) -> float:
     """Bytes moved per second (read + write) by a large tensor copy: the memory roofline."""
-    src = torch.randn(64 * 2**20 // 4)  # 64 MiB, well past the caches
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / median_seconds(lambda: dst.copy_(src), repeats=repeats)
+    return Machine.copy_rate(Timer(repeats))
 
 
 def prefill_rows(n: int, heads: int, kv_heads: int, repeats: int):
