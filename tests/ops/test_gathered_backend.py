@@ -57,3 +57,11 @@ def test_non_finite_keys_take_the_copy_that_zeroes_them():
     want = attnkit.attention(q, clean_k, clean_v, mask, backend="reference")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"), [({"chunk": 0}, "chunk"), ({"max_keys": -3}, "max_keys")]
+)
+def test_bad_sizes_are_refused_by_name(kwargs, name):
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got"):
+        GatheredBackend(**kwargs)
