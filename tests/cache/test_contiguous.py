@@ -137,3 +137,30 @@ def test_constructor_arguments_must_be_positive(arg):
     kwargs[arg] = 0
     with pytest.raises(ValueError, match=f"{arg} must be an integer >= 1, got 0"):
         ContiguousCache(**kwargs)
+
+
+def test_batched_writes_land_at_each_sequence_s_own_length():
+    # Equal lengths in consecutive slots are written as one block copy, ragged lengths and
+    # scattered slots through an index: both must put every token where its sequence ends.
+    gen = torch.Generator().manual_seed(5)
+    cache = ContiguousCache(2, 2, 4, max_seqs=4, dtype=torch.float64)
+    seqs = [cache.add_sequence() for _ in range(4)]
+    written = {s: [[], []] for s in seqs}
+    for batch, n in (
+        (seqs, 3),  # all empty: one block
+        (seqs[:2], 2),  # ragged from here on
+        (seqs, 1),
+        ([seqs[3], seqs[1]], 2),  # out of slot order
+        (seqs[2:], 4),  # equal again
+    ):
+        cache.prepare(batch, n)
+        for layer in range(2):
+            k = torch.randn(len(batch), 2, n, 4, generator=gen, dtype=torch.float64)
+            cache.update(layer, k, -k)
+            for row, seq in enumerate(batch):
+                written[seq][layer].append(k[row])
+    for seq in seqs:
+        for layer in range(2):
+            want = torch.cat(written[seq][layer], dim=1)
+            assert torch.equal(stored(cache, seq, layer), want)
+            assert torch.equal(cache.v[layer, cache._slot[seq], :, : cache.length(seq)], -want)

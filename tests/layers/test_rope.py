@@ -19,6 +19,7 @@ from attnkit.layers.rope import (
     RotaryEmbedding,
     YarnScaling,
     apply_rotary,
+    rotation_phasors,
 )
 
 # name: (HF rope_parameters without rope_theta, attnkit scaling, theta, max_position_embeddings)
@@ -596,3 +597,32 @@ def test_from_hf_ignores_a_lone_or_zero_mscale_like_hf(extra):
     )
     _, hf_scaling = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
     assert scaling.attention_scaling == pytest.approx(hf_scaling, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("positions_shape", [(7,), (3, 7)])
+def test_phasor_rotation_equals_the_real_valued_one(dtype, positions_shape, gen):
+    # The complex multiply is the same two products and one sum per output: equal up to
+    # rounding of float32 products (2 ulp of the inputs' scale).
+    rope = RotaryEmbedding(64, 1e4, interleaved=True)
+    positions = torch.randint(0, 5000, positions_shape, generator=gen)
+    cos, sin = rope.cos_sin(positions, dtype)
+    x = torch.randn(3, 12, 7, 64, generator=gen, dtype=dtype).transpose(1, 2).transpose(1, 2)
+    phasors = rotation_phasors(cos, sin)
+    fast = apply_rotary(x, cos, sin, interleaved=True, phasors=phasors)
+    plain = apply_rotary(x, cos, sin, interleaved=True)
+    tol = 4 * torch.finfo(dtype).eps * x.abs().max().item()
+    torch.testing.assert_close(fast, plain, rtol=0, atol=tol)
+
+
+def test_phasors_fall_back_where_the_complex_view_cannot_apply(gen):
+    rope = RotaryEmbedding(64, 1e4, rotary_dim=32, interleaved=True)
+    cos, sin = rope.cos_sin(torch.arange(5))
+    phasors = rotation_phasors(cos, sin)
+    partial = torch.randn(1, 2, 5, 64, generator=gen)  # half the dims rotate
+    odd = torch.randn(1, 2, 5, 33, generator=gen)[..., 1:]  # odd offset and strides
+    for x in (partial, odd):
+        plain = apply_rotary(x, cos, sin, interleaved=True)
+        assert torch.equal(apply_rotary(x, cos, sin, interleaved=True, phasors=phasors), plain)
+    half_cos, half_sin = cos.half(), sin.half()
+    assert rotation_phasors(half_cos, half_sin) is None  # half precision keeps the real form

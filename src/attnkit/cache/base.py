@@ -14,6 +14,7 @@ is the longest sequence of the step; shorter sequences are hidden by `step.mask`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -41,7 +42,7 @@ class CacheStep:
     kv_len: int  # keys in this step's views: max over the batch of start + n_new
     mask: Mask | None  # for attention(q, k_view, v_view); None: every key visible
 
-    @property
+    @cached_property  # every layer's RoPE and mask asks; computed once per step
     def positions(self) -> Tensor:
         """(batch, n_new) absolute positions of the new tokens (RoPE uses them)."""
         return self.start.unsqueeze(1) + torch.arange(self.n_new, device=self.start.device)

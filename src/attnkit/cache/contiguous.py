@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheFull, CacheStep, KVCache, SlotPool, causal_step_mask
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where one step's new K/V go: the slots `rows` (a slice when consecutive) and, per
+    sequence, the buffer `positions` (batch, n_new); `start` when all start at one index
+    in consecutive slots, so the write is one block copy."""
+
+    rows: slice | Tensor
+    slot_index: Tensor  # (batch, 1)
+    positions: Tensor
+    start: int | None
 
 
 class ContiguousCache(KVCache):
@@ -51,6 +65,7 @@ class ContiguousCache(KVCache):
         self.v = torch.zeros(*shape, self.v_head_dim, dtype=dtype, device=device)
         self._slots = SlotPool(max_seqs)
         self._slot: dict[int, int] = {}
+        self._placed: tuple[CacheStep, _Placement] | None = None
 
     @property
     def capacity(self) -> int:
@@ -79,24 +94,41 @@ class ContiguousCache(KVCache):
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         step = self._check_update(layer, k, v, self.n_layers)
-        slots = [self._slot[s] for s in step.seq_ids]
-        slot_idx = torch.tensor(slots, device=self.k.device).view(-1, 1)
-        positions = self._storage_positions(step)
-        # Advanced indices on dims 0 and 2 come first: the target is (batch, n_new, heads, dim).
-        self.k[layer][slot_idx, :, positions] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][slot_idx, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        if slots == list(range(slots[0], slots[0] + len(slots))):  # consecutive: a view
-            rows = slice(slots[0], slots[0] + len(slots))
-            return self.k[layer, rows, :, : step.kv_len], self.v[layer, rows, :, : step.kv_len]
-        index = slot_idx.view(-1)
-        return self.k[layer, index, :, : step.kv_len], self.v[layer, index, :, : step.kv_len]
+        place = self._placement(step)
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if place.start is not None:  # one block of the buffer: a plain copy
+            new = slice(place.start, place.start + step.n_new)
+            self.k[layer, place.rows, :, new] = k
+            self.v[layer, place.rows, :, new] = v
+        else:
+            # Advanced indices on dims 0 and 2 come first: the target is (batch, n_new, heads, dim).
+            self.k[layer][place.slot_index, :, place.positions] = k.transpose(1, 2)
+            self.v[layer][place.slot_index, :, place.positions] = v.transpose(1, 2)
+        return self.k[layer, place.rows, :, : step.kv_len], self.v[
+            layer, place.rows, :, : step.kv_len
+        ]
 
-    def _storage_positions(self, step: CacheStep) -> Tensor:
-        """(batch, n_new) buffer indices the step's tokens are written at: their positions.
+    def _placement(self, step: CacheStep) -> _Placement:
+        """Where `step`'s tokens go in the buffer; worked out once per step, used by every layer."""
+        if self._placed is None or self._placed[0] is not step:
+            slots = [self._slot[s] for s in step.seq_ids]
+            starts = self._storage_start(step)
+            slot_index = torch.tensor(slots, device=self.k.device).view(-1, 1)
+            rows: slice | Tensor = slot_index.view(-1)
+            if slots == list(range(slots[0], slots[0] + len(slots))):  # consecutive: a view
+                rows = slice(slots[0], slots[0] + len(slots))
+            first = starts.tolist()
+            common = first[0] if isinstance(rows, slice) and len(set(first)) == 1 else None
+            positions = starts.view(-1, 1) + torch.arange(step.n_new, device=starts.device)
+            self._placed = (step, _Placement(rows, slot_index, positions, common))
+        return self._placed[1]
+
+    def _storage_start(self, step: CacheStep) -> Tensor:
+        """(batch,) buffer index where each sequence's new tokens start: its length.
 
         Caches that pack kept tokens (eviction) write elsewhere than the RoPE position.
         """
-        return step.positions
+        return step.start
 
     def truncate(self, seq: int, length: int) -> None:
         self._check_truncate(seq, length)

@@ -176,8 +176,8 @@ class H2OCache(ContiguousCache):
         """Positions of the keys `update(layer, …)` just returned (before it evicted)."""
         return self._view_positions
 
-    def _storage_positions(self, step: CacheStep) -> Tensor:
-        return self._slot_step.positions  # kept tokens are packed; new ones follow them
+    def _storage_start(self, step: CacheStep) -> Tensor:
+        return self._slot_step.start  # kept tokens are packed; new ones follow them
 
     def _accumulate(self, layer: int, q: Tensor, k_all: Tensor) -> None:
         """Add this step's softmax weights, summed over heads and queries, to each slot."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from torch import Tensor, nn
 
@@ -12,7 +13,7 @@ from attnkit.cache.contiguous import ContiguousCache
 from attnkit.cache.encoder import EncoderCache, check_source_lengths
 from attnkit.cache.window import SlidingWindowCache
 from attnkit.layers.projection import Linear, project
-from attnkit.layers.rope import apply_rotary
+from attnkit.layers.rope import apply_rotary, rotation_phasors
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import Mask, padding, sinks, sliding_window
 
@@ -31,6 +32,11 @@ class AttentionContext:
     memory: Tensor | None = None
     memory_lengths: Tensor | None = None
     cross_cache: EncoderCache | None = None
+
+    @cached_property  # once per forward pass, for every layer
+    def phasors(self) -> Tensor | None:
+        """The interleaved rotation as complex numbers (`rotation_phasors`); None otherwise."""
+        return rotation_phasors(self.cos, self.sin) if self.interleaved else None
 
 
 class Attention(nn.Module):
@@ -121,8 +127,9 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, ctx.cos, ctx.sin, interleaved=ctx.interleaved)
-        k = apply_rotary(k, ctx.cos, ctx.sin, interleaved=ctx.interleaved)
+        rotate = {"interleaved": ctx.interleaved, "phasors": ctx.phasors}
+        q = apply_rotary(q, ctx.cos, ctx.sin, **rotate)
+        k = apply_rotary(k, ctx.cos, ctx.sin, **rotate)
         if ctx.cache is not None:
             if ctx.cache.wants_queries:
                 ctx.cache.record_queries(self.layer_idx, q)

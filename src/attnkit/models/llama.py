@@ -21,6 +21,7 @@ from attnkit.layers.attention import Attention, AttentionContext
 from attnkit.layers.projection import Linear, project
 from attnkit.layers.rope import RopeScaling, RotaryEmbedding
 from attnkit.ops.masks import causal
+from attnkit.ops.rms_norm import rms_norm
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -109,8 +110,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class FeedForward(nn.Module):
