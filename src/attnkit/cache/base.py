@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from attnkit._checks import check_positive_int
-from attnkit.ops.masks import Mask, causal, from_tensor
+from attnkit.ops.masks import Mask, causal, from_tensor, padding
 from attnkit.ops.masks.base import Geometry
 
 
@@ -57,10 +57,14 @@ def causal_step_mask(start: Tensor, n_new: int, kv_len: int) -> Mask | None:
 
     Keys are stored from slot 0, so sequence b's query i (position start_b + i) sees slots
     j <= start_b + i. Equal lengths reduce to bottom-right `causal()` (or nothing to hide,
-    for one new token); ragged batches get a dense `(batch, 1, n_new, kv_len)` mask.
+    for one new token); a ragged decode step (one new token each) is key `padding`, which
+    the decode kernels read as a length per sequence; other ragged steps get a dense
+    `(batch, 1, n_new, kv_len)` mask.
     """
     if bool((start == start[0]).all()) and int(start[0]) + n_new == kv_len:
         return None if n_new == 1 else causal()
+    if n_new == 1:
+        return padding(start + 1)
     rows = start.view(-1, 1, 1) + torch.arange(n_new, device=start.device).view(1, -1, 1)
     keys = torch.arange(kv_len, device=start.device).view(1, 1, -1)
     return from_tensor((keys <= rows).unsqueeze(1))

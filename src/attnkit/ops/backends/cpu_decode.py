@@ -15,6 +15,7 @@ from torch import Tensor
 
 from attnkit.ops import cpu_decode
 from attnkit.ops.backends.base import Backend, get_backend
+from attnkit.ops.masks import padding_lengths
 from attnkit.ops.problem import AttentionProblem
 
 
@@ -44,6 +45,9 @@ class CppDecodeBackend(Backend):
 
 def key_prefix_lengths(p: AttentionProblem) -> Tensor | None:
     """`(batch,)` keys each sequence's one query row sees, if they are its first keys."""
+    lengths = padding_lengths(p.mask)  # a ragged decode step's mask says so directly
+    if lengths is not None:
+        return lengths.to(p.q.device).expand(p.batch)
     allowed = p.mask.dense(1, p.n_k, p.q_offset, device=p.q.device)  # (B or 1, 1, 1, n_k)
     allowed = allowed.view(-1, p.n_k).expand(p.batch, p.n_k)
     lengths = allowed.sum(-1)

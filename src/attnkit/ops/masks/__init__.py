@@ -25,7 +25,14 @@ for a tile that is really empty, `full` may say False for a tile that is really 
 
 from attnkit.ops.masks.base import BlockSummary, Geometry, Mask
 from attnkit.ops.masks.positional import causal, chunked, sinks, sliding_window, strided
-from attnkit.ops.masks.tensors import block_sparse, document, from_tensor, padding, prefix_lm
+from attnkit.ops.masks.tensors import (
+    block_sparse,
+    document,
+    from_tensor,
+    padding,
+    padding_lengths,
+    prefix_lm,
+)
 
 __all__ = [
     "BlockSummary",
@@ -37,6 +44,7 @@ __all__ = [
     "document",
     "from_tensor",
     "padding",
+    "padding_lengths",
     "prefix_lm",
     "sinks",
     "sliding_window",

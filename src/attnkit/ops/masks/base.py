@@ -112,12 +112,27 @@ class Mask:
         q_offset: int | None = None,
         device: torch.device | str | None = None,
     ) -> BlockSummary:
-        """Classify each `block_q x block_k` tile as full, partial or empty."""
+        """Classify each `block_q x block_k` tile as full, partial or empty.
+
+        The last answer is kept on the mask: a decode step asks the same of one mask in
+        every layer.
+        """
         _positive_int("block_q", block_q)
         _positive_int("block_k", block_k)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        key = (n_q, n_k, block_q, block_k, q_offset, device)
+        last = self.__dict__.get("_last_summary")
+        if last is not None and last[0] == key:
+            return last[1]
+        summary = self._block_summary(n_q, n_k, block_q, block_k, q_offset, device)
+        self._last_summary = (key, summary)
+        return summary
+
+    def _block_summary(
+        self, n_q: int, n_k: int, block_q: int, block_k: int, q_offset, device: torch.device
+    ) -> BlockSummary:
         geo = Geometry.aligned(n_q, n_k, q_offset)
         self.check(self.batch_size or 1, geo)
-        device = torch.device(device) if device is not None else torch.device("cpu")
         q_lo, q_hi = _tile_bounds(n_q, block_q, device)
         k_lo, k_hi = _tile_bounds(n_k, block_k, device)
         shape = (self.batch_size or 1, len(q_lo), len(k_lo))

@@ -85,6 +85,8 @@ class _Padding(Mask):
         return (ke >= start) & (ks < stop), (ks >= start) & (ke < stop)
 
     def to(self, device):
+        if self.lengths.device == torch.device(device):
+            return self
         return _Padding(self.lengths.to(device), self.left)
 
     def __repr__(self) -> str:
@@ -263,6 +265,14 @@ def prefix_lm(prefix_len: int | Tensor) -> Mask:
 def padding(kv_lengths: Tensor | list[int], *, left: bool = False) -> Mask:
     """Per-sequence key padding: only the first (or, `left=True`, last) `kv_lengths[b]` keys."""
     return _Padding(kv_lengths, left)
+
+
+def padding_lengths(mask: Mask | None) -> Tensor | None:
+    """The `(batch,)` key counts of a right-`padding` mask (each row sees its first keys);
+    None for any other mask."""
+    if isinstance(mask, _Padding) and not mask.left:
+        return mask.lengths
+    return None
 
 
 def document(q_ids: Tensor, kv_ids: Tensor | None = None) -> Mask:

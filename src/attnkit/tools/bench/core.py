@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import platform
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -97,6 +99,21 @@ class Timer:
     def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> float:
         with torch.inference_mode():
             return median_seconds(fn, repeats=repeats or self.repeats, warmup=1)
+
+    def pair(
+        self, ours: Callable[[], object], theirs: Callable[[], object], repeats: int | None = None
+    ) -> tuple[float, float]:
+        """Median seconds of two calls timed in turn (ours, theirs, ours, ...), after one
+        warm-up call each: a drift in the machine's speed (a shared host) falls on both."""
+        times: tuple[list[float], list[float]] = ([], [])
+        with torch.inference_mode():
+            ours(), theirs()
+            for _ in range(repeats or self.repeats):
+                for fn, out in zip((ours, theirs), times, strict=True):
+                    start = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - start)
+        return statistics.median(times[0]), statistics.median(times[1])
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Target 6: SmolLM2-135M end to end, float32, greedy.
 
 - decode tokens/s of `attnkit.engine.generate` vs Hugging Face `generate` on the same GGUF
-  weights (needs `accelerate`: `pip install attnkit[hf]`), batch 1 and 8;
+  weights (needs `accelerate`: `pip install attnkit[hf]`), batch 1 and 8, timed in turn;
+  whole calls (prefill included) beside it, for context;
 - continuous batching of 32 mixed requests (the scheduler over a `PagedCache`) vs running
   them one by one through `generate`;
 - prefill of 8k tokens vs its floor: the model's matmuls timed alone at the same shapes
@@ -69,14 +70,52 @@ def decode_cases(s: BenchSettings, machine: Machine) -> list[Case]:
     def run(batch: int, timer: Timer) -> list[Row]:
         model, tokenizer = smollm2()
         prompts = sample_prompts(tokenizer, batch, seed=batch)
-        case = f"generate, batch {batch}, {new_tokens} new tokens"
-        ours = timer(lambda: generate(model, tokenizer, prompts, new_tokens, stop_token_ids=()))
+
+        def ours(n: int):
+            return lambda: generate(model, tokenizer, prompts, n, stop_token_ids=())
+
+        whole_case = f"generate, batch {batch}, {new_tokens} new tokens (prefill included)"
         hf = hf_smollm2()
         if isinstance(hf, str):
-            return [Row(6, case, ours, "transformers generate", math.nan, 2.0, hf)]
-        theirs = hf_generate_call(hf, tokenizer.pad_token_id, prompts, new_tokens)
-        note = "whole generate calls (prefill included), prompts of 20-200 tokens"
-        rows = [Row(6, case, ours, "transformers generate", timer(theirs), 2.0, note)]
+            return [
+                Row(
+                    6,
+                    whole_case,
+                    timer(ours(new_tokens)),
+                    "transformers generate",
+                    math.nan,
+                    2.0,
+                    hf,
+                )
+            ]
+
+        def theirs(n: int):
+            return hf_generate_call(hf, tokenizer.pad_token_id, prompts, n)
+
+        # Decode speed: a call making n tokens minus one making 1 (the same prefill and
+        # first token) leaves n - 1 decode steps, measured the same way for both.
+        long_ours, long_theirs = timer.pair(ours(new_tokens), theirs(new_tokens))
+        short_ours, short_theirs = timer.pair(ours(1), theirs(1))
+        steps = new_tokens - 1
+        step_ours, step_theirs = (
+            (long_ours - short_ours) / steps,
+            (long_theirs - short_theirs) / steps,
+        )
+        rate = f"{batch / step_ours:.1f} vs {batch / step_theirs:.1f} decode tok/s"
+        note = f"{rate}; per step: (generate {new_tokens} tokens - generate 1) / {steps}"
+        prompts_note = "whole calls, prompts of 20-200 tokens"
+        rows = [
+            Row(
+                6,
+                f"decode, batch {batch}",
+                step_ours,
+                "transformers generate",
+                step_theirs,
+                2.0,
+                note,
+            ),
+            Row(6, whole_case, long_ours, "transformers generate", long_theirs, None, prompts_note),
+        ]
         return rows + ([_step_vs_weights(model, timer)] if batch == 1 else [])
 
     return [Case(6, f"generate batch {b}", lambda t, b=b: run(b, t)) for b in (1, 8)]
@@ -154,7 +193,7 @@ def batching_cases(s: BenchSettings, machine: Machine) -> list[Case]:
                 generate(model, tokenizer, prompt, n, stop_token_ids=())
 
         repeats = min(timer.repeats, 3)  # minutes per repeat at 32 requests
-        ours, theirs = timer(continuous, repeats), timer(one_by_one, repeats)
+        ours, theirs = timer.pair(continuous, one_by_one, repeats)
         case = f"{n_requests} mixed requests (prompts 20-200, answers 8-96 tokens)"
         note = f"{sum(answers) / ours:.1f} vs {sum(answers) / theirs:.1f} new tok/s"
         return [Row(6, case, ours, "the same requests one by one", theirs, 4.0, note)]
