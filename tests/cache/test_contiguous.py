@@ -164,3 +164,17 @@ def test_batched_writes_land_at_each_sequence_s_own_length():
             want = torch.cat(written[seq][layer], dim=1)
             assert torch.equal(stored(cache, seq, layer), want)
             assert torch.equal(cache.v[layer, cache._slot[seq], :, : cache.length(seq)], -want)
+
+
+def test_a_ragged_decode_step_is_key_padding_with_each_sequence_s_length():
+    from attnkit.ops.masks import padding_lengths
+
+    cache = ContiguousCache(1, 2, 4, max_seqs=3, dtype=torch.float64)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    for seq, n in zip(seqs, (4, 1, 6), strict=True):
+        cache.prepare([seq], n)
+    step = cache.prepare(seqs, 1)
+    assert padding_lengths(step.mask).tolist() == [5, 2, 7]
+    keys = torch.arange(step.kv_len)
+    want = keys <= torch.tensor([4, 1, 6]).view(-1, 1)  # each sees itself and its past
+    assert torch.equal(step.mask.dense(1, step.kv_len)[:, 0, 0], want)

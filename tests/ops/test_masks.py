@@ -495,3 +495,20 @@ def test_dense_is_bool_on_cpu(kind):
     assert d.dtype == torch.bool and d.device.type == "cpu"
     assert d.shape == (mask.batch_size or 1, 1, 7, 11)
     assert mask.batch_size in (None, 2)
+
+
+def test_padding_lengths_reads_right_padding_only():
+    lengths = torch.tensor([3, 1])
+    assert torch.equal(M.padding_lengths(M.padding(lengths)), lengths)
+    assert M.padding_lengths(M.padding(lengths, left=True)) is None
+    assert M.padding_lengths(M.causal()) is None and M.padding_lengths(None) is None
+
+
+def test_the_kept_block_summary_answers_only_the_same_question():
+    mask = M.sliding_window(5)
+    first = mask.block_summary(20, 20, 4, 4)
+    assert mask.block_summary(20, 20, 4, 4) is first  # asked again: kept
+    other = mask.block_summary(20, 24, 4, 8)  # another question: computed afresh
+    fresh = M.sliding_window(5).block_summary(20, 24, 4, 8)
+    assert torch.equal(other.nonempty, fresh.nonempty) and torch.equal(other.full, fresh.full)
+    assert mask == M.sliding_window(5)  # the kept answer is not part of the mask's value
