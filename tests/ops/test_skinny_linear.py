@@ -49,8 +49,9 @@ def test_kernel_matches_float64_reference(rows, n_in, n_out, with_bias, seed):
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(576, 1536), (1536, 576), (576, 49152)])
-def test_kernel_on_model_sized_weights(n_in, n_out):
-    _check(3, n_in, n_out, with_bias=True, seed=n_out)
+@pytest.mark.parametrize("rows", [3, 32])
+def test_kernel_on_model_sized_weights(rows, n_in, n_out):
+    _check(rows, n_in, n_out, with_bias=True, seed=n_out)
 
 
 def test_dispatch_uses_the_kernel_for_decode_rows(monkeypatch):
@@ -68,9 +69,9 @@ def test_dispatch_uses_the_kernel_for_decode_rows(monkeypatch):
     with torch.no_grad():
         out = layer(x)
         assert calls == [torch.Size([6, 24])] and out.shape == (2, 3, 10)
-        layer(torch.randn(9, 24))  # 9 rows: F.linear
+        layer(torch.randn(skinny_linear.MAX_ROWS + 1, 24))  # too many rows: F.linear
         layer(torch.randn(2, 24, dtype=torch.float64).float().T.contiguous().T)  # strided x
-    assert len(calls) == 2  # a strided x is made contiguous for the kernel, 9 rows are not
+    assert len(calls) == 2  # a strided x is made contiguous for the kernel, 33 rows go to BLAS
     layer(torch.randn(1, 24))  # autograd on: F.linear, which has a backward
     assert len(calls) == 2
 

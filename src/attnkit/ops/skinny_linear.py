@@ -5,6 +5,9 @@ are matrix-vector products bounded by how fast the weights stream from memory. t
 call reaches ~10 GB/s there on a 2-core machine whose two cores can read ~35 GB/s, because
 it runs such shapes on one thread or packs the weight first. csrc/skinny_linear.cpp splits
 the output features across threads and streams each weight row once (see that file).
+Up to 32 rows (a continuous-batching decode step) it also beats BLAS once compute-bound:
+SmolLM2-135M's matmuls at 16 rows take 48 ms against F.linear's 72 ms, at 32 rows 85 vs
+92 ms (2 cores, measured interleaved).
 
 The kernel serves float32 CPU inputs of 1 to `MAX_ROWS` rows with a contiguous weight and
 no autograd; everything else (and every machine where the kernel cannot be built, or
@@ -20,7 +23,7 @@ from torch import Tensor
 from attnkit.ops.cpp_build import load_kernel
 
 SOURCE = "skinny_linear.cpp"
-MAX_ROWS = 8
+MAX_ROWS = 32
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -73,23 +73,29 @@ inline void tile(const float* x, const float* w, const float* bias, float* y, in
   }
 }
 
-// Output features [first, last) for all ROWS rows of x. One row streams 8 weight rows side
-// by side (more reads in flight); more rows take 4 weight rows at a time against groups of
-// up to 4 rows of x, so the accumulators fit the registers and the weight rows, read from
-// memory by the first group, are still in L1 for the others (one pass over W whatever ROWS).
-template <int ROWS>
+// Output features [first, last) for all `rows` rows of x. One row streams 8 weight rows
+// side by side (more reads in flight); more rows take 4 weight rows at a time against
+// groups of up to 4 rows of x, so the accumulators fit the registers and the weight rows,
+// read from memory by the first group, are still in L1 for the others: W moves from memory
+// once whatever the number of rows, and from 8 rows on the product is compute-bound.
+template <int FEATS>
 void features(const float* x, const float* w, const float* bias, float* y, int64_t in,
-              int64_t out, int64_t first, int64_t last) {
-  constexpr int FEATS = ROWS == 1 ? 8 : 4, GROUP = 4, REST = ROWS % GROUP;
+              int64_t out, int64_t rows, int64_t first, int64_t last) {
+  constexpr int GROUP = 4;
   int64_t o = first;
   for (; o + FEATS <= last; o += FEATS) {
     int64_t r0 = 0;
-    for (; r0 + GROUP <= ROWS; r0 += GROUP) tile<GROUP, FEATS>(x, w, bias, y, in, out, o, r0);
-    if (REST) tile<(REST ? REST : 1), FEATS>(x, w, bias, y, in, out, o, r0);
+    for (; r0 + GROUP <= rows; r0 += GROUP) tile<GROUP, FEATS>(x, w, bias, y, in, out, o, r0);
+    switch (rows - r0) {
+      case 1: tile<1, FEATS>(x, w, bias, y, in, out, o, r0); break;
+      case 2: tile<2, FEATS>(x, w, bias, y, in, out, o, r0); break;
+      case 3: tile<3, FEATS>(x, w, bias, y, in, out, o, r0); break;
+      default: break;
+    }
   }
   for (; o < last; ++o) {  // features left over
     const float* wr = w + o * in;
-    for (int r = 0; r < ROWS; ++r) {
+    for (int64_t r = 0; r < rows; ++r) {
       float s = 0.0f;
       for (int64_t i = 0; i < in; ++i) s += wr[i] * x[r * in + i];
       y[r * out + o] = s + (bias ? bias[o] : 0.0f);
@@ -97,11 +103,7 @@ void features(const float* x, const float* w, const float* bias, float* y, int64
   }
 }
 
-using FeatureFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t,
-                           int64_t, int64_t);
-constexpr FeatureFn BY_ROWS[] = {features<1>, features<2>, features<3>, features<4>,
-                                 features<5>, features<6>, features<7>, features<8>};
-constexpr int64_t MAX_ROWS = 8;
+constexpr int64_t MAX_ROWS = 32;
 constexpr int64_t UNIT = 8;  // output features per unit of work handed to a thread
 
 }  // namespace
@@ -114,8 +116,8 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
               "skinny_linear takes float32");
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "x and weight must be contiguous");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= MAX_ROWS, "skinny_linear takes 1 to 8 rows, got ",
-              x.size(0));
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= MAX_ROWS, "skinny_linear takes 1 to ", MAX_ROWS,
+              " rows, got ", x.size(0));
   TORCH_CHECK(weight.size(1) == x.size(1), "weight has ", weight.size(1), " inputs, x has ",
               x.size(1));
   if (bias.has_value() && bias->defined()) {
@@ -138,7 +140,7 @@ struct Segment {
 
 // y_i = x W_i^T (+ b_i) for every weight W_i: one parallel region over all their output
 // features, so the q/k/v (or gate/up) projections of a layer cost one call. x (rows, in)
-// float32 contiguous with rows in 1..8; weights (out_i, in) float32 contiguous; biases
+// float32 contiguous with rows in 1..MAX_ROWS; weights (out_i, in) float32 contiguous; biases
 // None or (out_i,). The Python side checks shapes and picks this path.
 std::vector<at::Tensor> skinny_linear_many(const at::Tensor& x,
                                            const std::vector<at::Tensor>& weights,
@@ -162,7 +164,6 @@ std::vector<at::Tensor> skinny_linear_many(const at::Tensor& x,
     total_units += units;
   }
   const float* xp = x.data_ptr<float>();
-  const FeatureFn fn = BY_ROWS[rows - 1];
   // ~64 KiB of weight per grain: small layers stay on one thread, big ones split evenly.
   const int64_t grain = std::max<int64_t>(1, (64 * 1024 / 4) / (UNIT * std::max<int64_t>(in, 1)));
   at::parallel_for(0, total_units, grain, [&](int64_t begin, int64_t end) {
@@ -171,7 +172,11 @@ std::vector<at::Tensor> skinny_linear_many(const at::Tensor& x,
       if (lo >= hi) continue;
       const int64_t first = UNIT * (lo - s.first_unit);
       const int64_t last = std::min(UNIT * (hi - s.first_unit), s.out);
-      fn(xp, s.w, s.bias, s.y, in, s.out, first, last);
+      if (rows == 1) {
+        features<8>(xp, s.w, s.bias, s.y, in, s.out, rows, first, last);
+      } else {
+        features<4>(xp, s.w, s.bias, s.y, in, s.out, rows, first, last);
+      }
     }
   });
   return outputs;
@@ -183,7 +188,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for 1 to 8 rows of x (float32)");
+  m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for 1 to 32 rows of x (float32)");
   m.def("skinny_linear_many", &skinny_linear_many,
         "[x W_i^T (+ b_i)] for several weights in one parallel region (float32)");
 }
