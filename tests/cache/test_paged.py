@@ -472,6 +472,41 @@ def test_attention_over_views_equals_attention_over_each_sequence_alone(n_new):
             assert (got[b : b + 1] - want).abs().max().item() <= 1e-12
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_attend_at_decode_equals_attention_over_each_sequence_alone(backend, monkeypatch):
+    # `auto` at decode reads the pool in place (the C++ kernel on CPU) instead of the views;
+    # it must give what attention over each sequence's own K/V gives, and index the blocks
+    # it completes just as `update` does. float64 throughout: within 1e-12.
+    reads = []
+    monkeypatch.setattr(PagedCache, "update", lambda *a: reads.append(1) or _update(*a))
+    gen = torch.Generator().manual_seed(3)
+    cache, tokens, seqs = make(40, 3, seed=7), {}, []
+    for length in (2, 5, 11):  # ragged, blocks shuffled by the seed
+        seq = cache.add_sequence()
+        tokens[seq] = torch.randint(0, 50, (length + 1,), generator=gen).tolist()
+        run_step(cache, [seq], tokens, length)
+        seqs.append(seq)
+    reads.clear()
+    starts = [cache.length(s) for s in seqs]
+    cache.prepare(seqs, 1, token_ids=torch.tensor([[tokens[s][-1]] for s in seqs]))
+    for layer in range(LAYERS):
+        kv = [model_kv(tokens[s], b, b + 1, layer) for s, b in zip(seqs, starts, strict=True)]
+        k_new, v_new = (torch.stack(t) for t in zip(*kv, strict=True))
+        q = torch.randn(len(seqs), 2 * KV_HEADS, 1, HEAD_DIM, generator=gen, dtype=torch.float64)
+        got = cache.attend(layer, q, k_new, v_new, None, backend)
+        for b, seq in enumerate(seqs):
+            k, v = model_kv(tokens[seq], 0, len(tokens[seq]), layer)
+            want = attnkit.attention(q[b : b + 1], k[None], v[None], None)
+            assert (got[b : b + 1] - want).abs().max().item() <= 1e-12
+    assert reads == ([] if backend == "auto" else [1] * LAYERS)  # auto built no views
+    # the block the 11-token sequence completed (tokens 9..11) is indexed for reuse
+    assert cache.length(cache.add_sequence(token_ids=tokens[seqs[2]] + [0])) == 12
+    check_pool(cache)
+
+
+_update = PagedCache.update
+
+
 # -- 6: accounting --------------------------------------------------------------------------
 def test_nbytes_is_the_pool_storage_and_used_nbytes_counts_referenced_blocks():
     cache, tokens = make(6, 4), {}

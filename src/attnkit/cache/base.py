@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from attnkit._checks import check_positive_int
+from attnkit.ops.attention import attention
 from attnkit.ops.masks import Mask, causal, from_tensor, padding
 from attnkit.ops.masks.base import Geometry
 
@@ -158,6 +159,18 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's `(batch, kv_heads, n_new, head_dim)` K/V; return the views."""
         raise NotImplementedError
+
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, pattern: Mask | None, backend="auto"
+    ) -> Tensor:
+        """Store this step's K/V for `layer` and return `q`'s attention over all it holds.
+
+        The default is `update`, `layer_mask(layer, pattern)` and `attnkit.attention`; a
+        cache that can attend straight from its own storage (a paged pool read through its
+        block table at decode) overrides this to skip building the views.
+        """
+        k_all, v_all = self.update(layer, k, v)
+        return attention(q, k_all, v_all, self.layer_mask(layer, pattern), backend=backend)
 
     def record_queries(self, layer: int, q: Tensor) -> None:
         """This step's queries `(batch, heads, n_new, head_dim)` (after RoPE), if wanted."""

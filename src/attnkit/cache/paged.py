@@ -20,6 +20,8 @@ from torch import Tensor
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.block_pool import BlockPool, chain_hash
+from attnkit.ops.masks import Mask
+from attnkit.ops.paged_decode import choose_paged_backend, paged_decode
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,39 @@ class PagedCache(KVCache):
         return self.step
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        step = self._write(layer, k, v)
+        views = []
+        for pool in (self.k_pool[layer], self.v_pool[layer]):
+            gathered = pool[step.block_table].flatten(1, 2)  # (batch, blocks * bs, heads, d)
+            views.append(gathered[:, : step.kv_len].transpose(1, 2))
+        return views[0], views[1]
+
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, pattern: Mask | None, backend="auto"
+    ) -> Tensor:
+        """At decode (one new token per sequence, no pattern, `auto`), attention reads the
+        pool in place through the block tables (`paged_decode`: the C++ kernel on CPU, Triton
+        on CUDA) instead of gathering every cached byte into views first."""
+        step = self.step
+        fits = isinstance(step, PagedStep) and step.n_new == 1 and pattern is None
+        kernel = choose_paged_backend(q, self.k_pool, self.v_pool) if fits else "torch"
+        if backend != "auto" or kernel == "torch" or q.shape[2] != 1:
+            return super().attend(layer, q, k, v, pattern, backend)
+        self._write(layer, k, v)
+        lengths = step.start + 1
+        out = paged_decode(
+            q[:, :, 0],
+            self.k_pool[layer],
+            self.v_pool[layer],
+            step.block_table,
+            lengths,
+            backend=kernel,
+            check=False,  # the tables are valid by construction
+        )
+        return out.unsqueeze(2)
+
+    def _write(self, layer: int, k: Tensor, v: Tensor) -> PagedStep:
+        """Check and store this step's K/V for `layer` in its slots of the pool."""
         step = self._check_update(layer, k, v, self.n_layers)
         if not isinstance(step, PagedStep):
             raise RuntimeError("update() needs a step from this cache's prepare()")
@@ -212,18 +247,15 @@ class PagedCache(KVCache):
                     f"{name} must have kv_heads={self.kv_heads} and head_dim={dim}, "
                     f"got {tuple(t.shape)}"
                 )
-        views = []
         for pool, new in ((self.k_pool[layer], k), (self.v_pool[layer], v)):
             # Advanced indices (batch, n_new) on (block, offset): target (batch, n_new, heads, d).
             pool[step.slot_blocks, step.slot_offsets] = new.transpose(1, 2).to(pool.dtype)
-            gathered = pool[step.block_table].flatten(1, 2)  # (batch, blocks * bs, heads, d)
-            views.append(gathered[:, : step.kv_len].transpose(1, 2))
         self._layers_written.add(layer)
         if len(self._layers_written) == self.n_layers:
             for block, key in self._pending:
                 self.pool.register(block, key)
             self._pending = []
-        return views[0], views[1]
+        return step
 
     # -- helpers --------------------------------------------------------------------------
     def _plan(self, seq_ids: tuple[int, ...], n_new: int) -> tuple[list[int], list[int]]:

@@ -133,11 +133,9 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             if ctx.cache.wants_queries:
                 ctx.cache.record_queries(self.layer_idx, q)
-            k, v = ctx.cache.update(self.layer_idx, k, v)
-            mask = ctx.cache.layer_mask(self.layer_idx, self.pattern)
+            out = ctx.cache.attend(self.layer_idx, q, k, v, self.pattern, self.backend)
         else:
-            mask = narrow_mask(ctx.mask, self.pattern)
-        out = attention(q, k, v, mask, backend=self.backend)
+            out = attention(q, k, v, narrow_mask(ctx.mask, self.pattern), backend=self.backend)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
     def _cross_forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:

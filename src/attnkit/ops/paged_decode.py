@@ -67,7 +67,7 @@ def paged_decode(
     _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
-        backend = _choose(q, k_pool, v_pool)
+        backend = choose_paged_backend(q, k_pool, v_pool)
     if backend == "cpp":  # values are checked inside, with the same messages
         cpu_decode.check_request(q, k_pool, v_pool)
         # The kernel needs each row's last dim contiguous; anything else is copied (slow).
@@ -85,7 +85,8 @@ def paged_decode(
     return (out, lse) if return_lse else out
 
 
-def _choose(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> str:
+def choose_paged_backend(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> str:
+    """What `backend="auto"` runs for these inputs: "triton", "cpp" or "torch" (a gather)."""
     if q.is_cuda and triton_paged_decode is not None:
         return "triton"
     if cpu_decode.can_take(q, k_pool, v_pool):
