@@ -267,27 +267,28 @@ def test_lse_is_float32_for_half_inputs_on_every_backend(backend):
     assert lse.dtype == torch.float32
 
 
-def test_auto_picks_gathered_for_sparse_masks_tiled_for_lse_and_sdpa_for_dense():
+def test_auto_picks_banded_for_windows_gathered_for_sparse_tiled_for_lse_and_sdpa_for_dense():
     gen = torch.Generator().manual_seed(0)
     q, k, v = random_qkv(gen, batch=1, n_q=4096, n_k=4096, head_dim=8)
     problem = attnkit.ops.problem.make_problem
 
-    def chosen(mask, **kw):
+    def chosen(mask, inputs=(q, k, v), **kw):
         args = dict(scale=None, softcap=None, q_offset=None, return_lse=False) | kw
-        return attnkit.choose_backend(problem(q, k, v, mask, **args)).name
+        return attnkit.choose_backend(problem(*inputs, mask, **args)).name
 
-    assert chosen(masks.sliding_window(512)) == "gathered"
+    window = masks.sliding_window(512)
+    assert chosen(window) == "banded"
+    assert chosen(window | masks.sinks(4)) == "banded"
+    assert chosen(window, tuple(t.double() for t in (q, k, v))) == "gathered"  # kernel: float32
     assert chosen(masks.causal() & masks.document(torch.arange(4096) // 512)) == "gathered"
-    assert chosen(masks.sliding_window(512), return_lse=True) == "tiled"
+    assert chosen(window, return_lse=True) == "tiled"
     assert chosen(masks.causal()) == "sdpa"
     assert chosen(masks.padding([4000])) == "sdpa"  # dense: nothing to skip
     assert chosen(None) == "sdpa"
     assert chosen(masks.causal(), return_lse=True) == "tiled"
     assert chosen(masks.causal(), softcap=20.0) == "tiled"
-    small = problem(
-        q[:, :, :64], k[:, :, :64], v[:, :, :64], masks.sliding_window(8), None, None, None, False
-    )
-    assert attnkit.choose_backend(small).name == "sdpa"  # too small for tiling to pay
+    small = tuple(t[:, :, :64] for t in (q, k, v))
+    assert chosen(masks.causal() & masks.strided(8), small) == "sdpa"  # too small to tile
 
 
 def test_flex_declines_gradients_on_cpu_when_named():

@@ -51,12 +51,17 @@ def attention(
 
 
 def choose_backend(problem: AttentionProblem) -> Backend:
-    """The backend `auto` uses: the C++ decode kernel for one query row per sequence on CPU;
-    else torch SDPA unless block skipping or a feature needs `tiled`."""
+    """The backend `auto` uses: the C++ decode kernel for one query row per sequence on CPU,
+    the C++ banded kernel for sliding windows (+ sinks) on CPU; else torch SDPA unless block
+    skipping or a feature needs `tiled`."""
     if problem.n_q == 1 and problem.q.device.type == "cpu":
         decode = get_backend("cpp_decode")
         if decode.unsupported(problem) is None:
             return decode
+    if problem.mask is not None and problem.q.device.type == "cpu":
+        banded = get_backend("banded")  # sliding windows (+ sinks): one pass per query tile
+        if banded.unsupported(problem) is None:
+            return banded
     sdpa, tiled = get_backend("sdpa"), get_backend("tiled")
     if sdpa.unsupported(problem) is not None:
         return tiled

@@ -1,5 +1,6 @@
 """Attention backends: `reference`, `tiled`, `sdpa` always; others register if importable."""
 
+from attnkit.ops.backends.banded import BandedBackend
 from attnkit.ops.backends.base import Backend, available_backends, get_backend, register
 from attnkit.ops.backends.cpu_decode import CppDecodeBackend
 from attnkit.ops.backends.gathered import GatheredBackend
@@ -12,9 +13,11 @@ register(TiledBackend())
 register(SdpaBackend())
 register(GatheredBackend())
 register(CppDecodeBackend())
+register(BandedBackend())
 
 __all__ = [
     "Backend",
+    "BandedBackend",
     "CppDecodeBackend",
     "GatheredBackend",
     "ReferenceBackend",

@@ -24,7 +24,14 @@ for a tile that is really empty, `full` may say False for a tile that is really 
 """
 
 from attnkit.ops.masks.base import BlockSummary, Geometry, Mask
-from attnkit.ops.masks.positional import causal, chunked, sinks, sliding_window, strided
+from attnkit.ops.masks.positional import (
+    causal,
+    chunked,
+    sinks,
+    sliding_window,
+    strided,
+    window_and_sinks,
+)
 from attnkit.ops.masks.tensors import (
     block_sparse,
     document,
@@ -49,4 +56,5 @@ __all__ = [
     "sinks",
     "sliding_window",
     "strided",
+    "window_and_sinks",
 ]

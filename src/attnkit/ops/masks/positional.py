@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.ops.masks.base import Mask, _positive_int
+from attnkit.ops.masks.base import Mask, _Or, _positive_int
 
 
 class _Positional(Mask):
@@ -127,3 +127,16 @@ def strided(stride: int) -> Mask:
 def sinks(n: int) -> Mask:
     """The first `n` keys, visible to every query at or after them (StreamingLLM)."""
     return _Sinks(n)
+
+
+def window_and_sinks(mask: Mask | None) -> tuple[int, int] | None:
+    """`(W, S)` when `mask` is `sliding_window(W)` or `sliding_window(W) | sinks(S)` (either
+    order), the layouts the banded kernel serves; None for any other mask."""
+    if isinstance(mask, _SlidingWindow):
+        return mask.size, 0
+    if isinstance(mask, _Or):
+        window = [m for m in mask.parts if isinstance(m, _SlidingWindow)]
+        sink = [m for m in mask.parts if isinstance(m, _Sinks)]
+        if len(window) == 1 and len(sink) == 1:
+            return window[0].size, sink[0].n
+    return None

@@ -1,0 +1,134 @@
+"""The banded sliding-window kernel against the float64 reference, and where it declines.
+
+Tolerance: float32 scores of length-d dot products and a softmax over at most W + S keys,
+with a polynomial exp (Cephes' expf, ~1 ulp): within 2e-5 of the float64 reference for
+unit-normal inputs (measured ~1e-6).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnkit
+from attnkit import masks
+from attnkit.ops.backends.banded import SOURCE, BandedBackend
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason
+from attnkit.ops.problem import make_problem
+
+TOL = 2e-5
+
+
+def test_the_kernel_builds_on_this_machine():
+    assert load_kernel(SOURCE) is not None, unavailable_reason(SOURCE)
+
+
+def _inputs(seed, batch, heads, kv_heads, n_q, n_k, d, dv):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n_q, d, generator=gen)
+    k = torch.randn(batch, kv_heads, n_k, d, generator=gen)
+    v = torch.randn(batch, kv_heads, n_k, dv, generator=gen)
+    return q, k, v
+
+
+def _check(q, k, v, mask, backend, q_offset=None, scale=None):
+    with torch.no_grad():
+        got = attnkit.attention(q, k, v, mask, backend=backend, q_offset=q_offset, scale=scale)
+    want = attnkit.attention(
+        q.double(),
+        k.double(),
+        v.double(),
+        mask,
+        backend="reference",
+        q_offset=q_offset,
+        scale=scale,
+    )
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert (got.double() - want).abs().max().item() <= TOL
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_k=st.integers(1, 300),
+    prefix=st.integers(0, 300),  # keys before the first query (chunked prefill)
+    window=st.integers(1, 80),
+    n_sinks=st.integers(0, 6),
+    group=st.sampled_from([1, 2, 4]),
+    kv_heads=st.integers(1, 2),
+    dims=st.sampled_from([(16, 16), (8, 24), (33, 7)]),
+    tile=st.sampled_from([1, 5, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_the_reference(n_k, prefix, window, n_sinks, group, kv_heads, dims, tile, seed):
+    n_q = max(1, n_k - prefix)
+    q, k, v = _inputs(seed, 2, group * kv_heads, kv_heads, n_q, n_k, *dims)
+    mask = masks.sliding_window(window)
+    if n_sinks:
+        mask = mask | masks.sinks(n_sinks)
+    _check(q, k, v, mask, BandedBackend(tile))
+
+
+def test_sinks_on_either_side_an_explicit_offset_and_scale():
+    q, k, v = _inputs(1, 1, 6, 3, 40, 100, 16, 16)
+    for mask in (
+        masks.sinks(3) | masks.sliding_window(9),
+        masks.sliding_window(9) | masks.sinks(3),
+    ):
+        _check(q, k, v, mask, "banded", q_offset=25, scale=0.3)
+
+
+def test_model_sized_window_through_auto():
+    q, k, v = _inputs(2, 1, 8, 2, 1500, 1500, 64, 64)
+    for mask in (masks.sliding_window(512), masks.sliding_window(512) | masks.sinks(4)):
+        _check(q, k, v, mask, "auto")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"mask": masks.causal()}, "serves sliding_window"),
+        ({"mask": masks.sliding_window(4) & masks.causal()}, "serves sliding_window"),
+        ({"mask": masks.sliding_window(4) | masks.strided(3)}, "serves sliding_window"),
+        ({"return_lse": True}, "no log-sum-exp"),
+        ({"softcap": 5.0}, "no softcap"),
+        ({"dtype": torch.float64}, "float32 CPU"),
+        ({"q_offset": 20}, "query rows must sit at key positions"),
+        ({"q_offset": -1}, "query rows must sit at key positions"),
+    ],
+)
+def test_declines_what_it_cannot_serve(change, reason):
+    q, k, v = _inputs(3, 1, 4, 2, 8, 24, 8, 8)
+    dtype = change.pop("dtype", torch.float32)
+    args = {"mask": masks.sliding_window(4), "scale": None, "softcap": None, "q_offset": None}
+    args |= {"return_lse": False} | change
+    problem = make_problem(*(t.to(dtype) for t in (q, k, v)), **args)
+    assert reason in BandedBackend().unsupported(problem)
+    with pytest.raises(ValueError, match=f"backend 'banded' cannot serve.*{reason}"):
+        attnkit.attention(*(t.to(dtype) for t in (q, k, v)), backend="banded", **args)
+
+
+def test_gradients_are_declined_not_dropped():
+    q = torch.randn(1, 2, 8, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="computes no gradients"):
+        attnkit.attention(q, q, q, masks.sliding_window(3), backend="banded")
+    out = attnkit.attention(q, q, q, masks.sliding_window(3))  # auto: a backend with backward
+    out.sum().backward()
+    assert q.grad is not None
+
+
+def test_the_kernel_names_bad_arguments():
+    module = load_kernel(SOURCE)
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="window >= 1, sinks >= 0, tile >= 1, got 0, 0, 32"):
+        module.banded_attention(q, q, q, 0, 0, 0, 1.0, 32)
+    with pytest.raises(RuntimeError, match="contiguous 4-D float32 CPU tensors"):
+        module.banded_attention(q.double(), q, q, 4, 0, 0, 1.0, 32)
+    with pytest.raises(RuntimeError, match="0 <= q_offset and q_offset \\+ n_q <= n_k"):
+        module.banded_attention(q, q, q, 4, 0, 1, 1.0, 32)
+
+
+def test_bad_tile_is_named():
+    with pytest.raises(ValueError, match="tile must be an integer >= 1, got 0"):
+        BandedBackend(0)
