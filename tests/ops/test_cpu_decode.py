@@ -296,6 +296,19 @@ def test_contiguous_split_counts_and_strided_last_dim():
         assert max_err(decode_attention(q, k, v, backend="cpp", num_splits=splits), want) < 1e-12
 
 
+def test_token_major_k_v_take_the_whole_token_path():
+    # (batch, n, kv_heads, d) storage seen as (batch, kv_heads, n, d): a head's rows are not
+    # back to back, so the kernel reads every KV head of a token together instead.
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(3, 6, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(3, 40, 2, 16, generator=g, dtype=torch.float64).transpose(1, 2)
+    v = torch.randn(3, 40, 2, 8, generator=g, dtype=torch.float64).transpose(1, 2)
+    lengths = torch.tensor([40, 7, 1])
+    want, want_lse = reference_decode(q, k, v, lengths)
+    out, lse = decode_attention(q, k, v, lengths, backend="cpp", return_lse=True)
+    assert max_err(out, want) < 1e-12 and max_err(lse, want_lse) < 1e-12
+
+
 @torch.no_grad()
 def test_reads_a_real_contiguous_cache_in_place():
     cache = ContiguousCache(2, 2, 16, max_seqs=3, max_len=64, dtype=torch.float64)
