@@ -113,3 +113,12 @@ def test_markdown_output_is_a_table_with_footnotes(capsys):
     assert "| # | case | attnkit ms | baseline | baseline ms | speed | goal | met |" in out
     assert "| 4 | MLA decode (DeepSeek-V2-Lite dims), batch 1, context 1024 [1] |" in out
     assert "[1] cache 2304 B/token/layer" in out
+
+
+def test_pair_times_the_two_calls_in_turn_after_one_warm_up_each():
+    from attnkit.tools.bench.core import Timer
+
+    calls = []
+    ours, theirs = Timer(3).pair(lambda: calls.append("a"), lambda: calls.append("b"))
+    assert calls == ["a", "b"] * 4  # a warm-up each, then three alternating rounds
+    assert ours >= 0 and theirs >= 0
