@@ -303,7 +303,14 @@ def llama_cpp_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         threads = torch.get_num_threads()
         llm = Llama(model_path=str(smollm2_path()), n_threads=threads, n_ctx=2048, verbose=False)
         text = tokenizer.decode(prompt)
-        theirs = timer(lambda: llm(text, max_tokens=new_tokens, ignore_eos=True))
+        # greedy, and exactly `new_tokens`: end-of-text is banned as attnkit's run stops on none
+        never_stop = {llm.token_eos(): float("-inf")}
+
+        def theirs_call():
+            llm.reset()  # no prefix reuse between repeats: each call prefills, as ours does
+            llm(text, max_tokens=new_tokens, temperature=0.0, logit_bias=never_stop)
+
+        theirs = timer(theirs_call)
         note = "llama.cpp runs 4-bit weights (1/8 of the bytes per step): context, not a target"
         return [Row(6, case, ours, f"llama.cpp (Q4_1, {threads} threads)", theirs, None, note)]
 
