@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from attnkit.ops.cpp_build import load_kernel, unavailable_reason
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason, wants_grad
 
 SOURCE_NAME = "decode_attention.cpp"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -52,7 +52,7 @@ def request_limits(q: Tensor, *kv: Tensor) -> str | None:
         return f"the cpp backend takes CPU tensors, got {q.device}"
     if q.dtype not in DTYPES:
         return f"the cpp backend takes float32, float64, bfloat16 or float16, got {q.dtype}"
-    if _wants_grad(q, *kv):
+    if wants_grad(q, *kv):
         return (
             "the cpp backend computes no gradients (it has no backward), but an input "
             "requires grad: use backend='torch', or call it under torch.no_grad()"
@@ -67,10 +67,6 @@ def decode_contiguous(
     contiguous or copied): read as a pool of `batch` blocks of n tokens, no copy."""
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     return cpp_decode(q, k.transpose(1, 2), v.transpose(1, 2), None, lengths, scale, num_splits)
-
-
-def _wants_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def require_kernel() -> ModuleType:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.ops.cpp_build import load_kernel
+from attnkit.ops.cpp_build import load_kernel, wants_grad
 
 SOURCE = "rms_norm.cpp"
 
@@ -39,4 +39,4 @@ def _kernel_applies(x: Tensor, weight: Tensor) -> bool:
         return False
     if not weight.is_contiguous():
         return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    return not wants_grad(x, weight)

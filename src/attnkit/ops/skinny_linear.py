@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.ops.cpp_build import load_kernel
+from attnkit.ops.cpp_build import load_kernel, wants_grad
 
 SOURCE = "skinny_linear.cpp"
 MAX_ROWS = 32
@@ -54,5 +54,4 @@ def _kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return False
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    # the kernel has no backward
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return not wants_grad(*tensors)

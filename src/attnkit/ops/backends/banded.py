@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnkit._checks import check_positive_int
 from attnkit.ops.backends.base import Backend, get_backend
-from attnkit.ops.cpp_build import load_kernel, unavailable_reason
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason, wants_grad
 from attnkit.ops.masks import window_and_sinks
 from attnkit.ops.problem import AttentionProblem
 
@@ -39,7 +39,7 @@ class BandedBackend(Backend):
             return f"it serves sliding_window(W) masks, optionally | sinks(S); got {p.mask!r}"
         if p.q.device.type != "cpu" or any(t.dtype != torch.float32 for t in (p.q, p.k, p.v)):
             return "the banded kernel takes float32 CPU tensors"
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (p.q, p.k, p.v)):
+        if wants_grad(p.q, p.k, p.v):
             return "the banded kernel computes no gradients; call it under torch.no_grad()"
         if p.q_offset < 0 or p.q_offset + p.n_q > p.n_k:
             return (
