@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from attnkit.tools.bench.core import TARGETS, BenchSettings
+from attnkit.tools.bench.core import TARGETS, BenchSettings, Row
 from attnkit.tools.bench.run import BenchResult, run_bench
 
 
@@ -93,12 +93,8 @@ def print_table(result: BenchResult, console: Console) -> None:
     for name in ("#", "case", "attnkit ms", "baseline", "baseline ms", "speed", "goal", "met"):
         left = name in ("case", "baseline", "goal")
         table.add_column(name, justify="left" if left else "right", overflow="fold")
-    notes: list[str] = []
-    for row in result.rows:
-        case = row.case
-        if row.note:
-            notes.append(row.note)
-            case += f" [{len(notes)}]"
+    cases, notes = _footnoted(result.rows)
+    for row, case in zip(result.rows, cases, strict=True):
         table.add_row(
             str(row.target),
             case,
@@ -125,12 +121,8 @@ def markdown(result: BenchResult) -> str:
         "| # | case | attnkit ms | baseline | baseline ms | speed | goal | met |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    notes: list[str] = []
-    for row in result.rows:
-        case = row.case
-        if row.note:
-            notes.append(row.note)
-            case += f" [{len(notes)}]"
+    cases, notes = _footnoted(result.rows)
+    for row, case in zip(result.rows, cases, strict=True):
         speed = "—" if math.isnan(row.speed) else f"{row.speed:.2f}x"
         met = {True: "yes", False: "**no**", None: ""}[row.met]
         lines.append(
@@ -143,6 +135,16 @@ def markdown(result: BenchResult) -> str:
         f"{result.machine.description}; {result.date}; medians of {result.settings.repeats}.",
     ]
     return "\n".join(lines)
+
+
+def _footnoted(rows: list[Row]) -> tuple[list[str], list[str]]:
+    """Each row's case, with "[n]" where it has a note, and the notes in that order."""
+    cases, notes = [], []
+    for row in rows:
+        if row.note:
+            notes.append(row.note)
+        cases.append(f"{row.case} [{len(notes)}]" if row.note else row.case)
+    return cases, notes
 
 
 def _ms(seconds: float) -> str:
