@@ -75,6 +75,7 @@ def _build(path: Path) -> ModuleType:
         name=build_name(path.stem, flags),
         sources=[str(path)],
         extra_cflags=flags,
+        extra_include_paths=[str(CSRC)],  # vec.h, shared by the kernels
         verbose=False,
     )
 

@@ -20,6 +20,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -29,9 +31,9 @@
 namespace {
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-constexpr int64_t WIDTH = 16;
-typedef float vfloat __attribute__((vector_size(WIDTH * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(WIDTH * sizeof(int32_t))));
+constexpr int64_t WIDTH = LANES<float>;
+using vfloat = Vec<float>;
+using vint = Vec<int32_t>;
 
 inline vfloat splat(float x) { return vfloat{} + x; }
 
@@ -54,14 +56,6 @@ inline vfloat exp_nonpositive(vfloat x) {
   return p * scale;
 }
 
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
-
 float max_of(const float* s, int64_t n, float m) {
   int64_t j = 0;
   if (n >= WIDTH) {
@@ -82,7 +76,7 @@ float exp_sum(float* s, int64_t n, float m) {
   int64_t j = 0;
   for (; j + WIDTH <= n; j += WIDTH) {
     const vfloat e = exp_nonpositive(load(s + j) - m);
-    store(s + j, e);
+    store<float>(s + j, e);
     acc += e;
   }
   float total = 0.0f;

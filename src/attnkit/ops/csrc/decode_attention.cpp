@@ -24,6 +24,8 @@
 #include <c10/util/Half.h>
 #include <torch/extension.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -113,40 +115,6 @@ inline double exp2_tile(double* s, int64_t n, double m) {
   return sum;
 }
 
-// 64 bytes of acc_t as one value (GCC/Clang vector extension): a zmm register with AVX-512,
-// split into narrower registers by the compiler elsewhere.
-template <typename acc_t>
-using Vec [[gnu::vector_size(64)]] = acc_t;
-template <typename acc_t>
-constexpr int64_t LANES = 64 / sizeof(acc_t);
-
-template <typename acc_t>
-inline Vec<acc_t> load(const acc_t* p) {
-  Vec<acc_t> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename acc_t>
-inline void store(acc_t* p, Vec<acc_t> v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
-// The sum of a vector's lanes as a tree of whole-vector shuffles and adds (a plain loop is
-// a serial chain of scalar adds: without -ffast-math the compiler may not reorder it).
-template <typename acc_t>
-inline acc_t sum_lanes(Vec<acc_t> v) {
-  if constexpr (LANES<acc_t> == 16) {
-    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  } else {
-    static_assert(LANES<acc_t> == 8);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
-  }
-  return v[0];
-}
 
 // scores[qb * TILE] = q[qb] . k for a block of QB queries (rows of q, `dim` apart); two
 // accumulators per query keep 2 * QB independent chains in flight.

@@ -11,24 +11,21 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <vector>
 #include <cstdint>
-#include <cstring>
 
 namespace {
 
-constexpr int64_t WIDTH = 16;  // floats per vector (one AVX-512 register, two AVX2)
-typedef float vfloat __attribute__((vector_size(WIDTH * sizeof(float))));
+constexpr int64_t WIDTH = LANES<float>;  // floats per vector (one AVX-512 register)
+using vfloat = Vec<float>;
 
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// The lanes' sum as a tree (halves added, then quarters): each output pays this once, and
-// at 16-32 rows the 15 dependent scalar adds of a plain loop cost ~14% of the matmul.
+// The lanes' sum, narrowing: halves added, then quarters, then scalars. Each output pays
+// this once; a plain loop's 15 dependent scalar adds cost ~14% of the matmul at 16-32 rows,
+// and vec.h's full-width shuffle tree (right for the decode kernel) measured 25-45% slower
+// here at 8-32 rows (interleaved runs, 2 cores).
 inline float sum(vfloat v) {
   typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
   typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
