@@ -613,6 +613,9 @@ def test_phasor_rotation_equals_the_real_valued_one(dtype, positions_shape, gen)
     plain = apply_rotary(x, cos, sin, interleaved=True)
     tol = 4 * torch.finfo(dtype).eps * x.abs().max().item()
     torch.testing.assert_close(fast, plain, rtol=0, atol=tol)
+    # the same angles, rotated in float64 (the angles' own rounding is not the rotation's)
+    exact = apply_rotary(x.double(), cos.double(), sin.double(), interleaved=True)
+    torch.testing.assert_close(fast.double(), exact, rtol=0, atol=2 * tol)
 
 
 def test_phasors_fall_back_where_the_complex_view_cannot_apply(gen):

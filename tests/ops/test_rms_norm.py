@@ -79,3 +79,8 @@ def test_a_weight_of_the_wrong_width_is_named():
         ValueError, match=r"weight must be \(64,\) to match x's last dim, got \(32,\)"
     ):
         rms_norm(torch.randn(2, 64), torch.ones(32), 1e-5)
+
+
+def test_a_scalar_x_is_named():
+    with pytest.raises(ValueError, match="x must have at least one dim .*got a scalar"):
+        rms_norm(torch.tensor(1.0), torch.ones(1), 1e-5)
