@@ -102,8 +102,10 @@ def compile_flags() -> list[str]:
 
 
 def build_name(stem: str, flags: list[str]) -> str:
-    """`attnkit_<stem>_<hash>`: one build per CPU kind (flags are host-specific) and torch."""
-    key = "|".join([torch.__version__, platform.machine(), _cpu_identity(), *flags])
+    """`attnkit_<stem>_<hash>`: one build per CPU kind (flags are host-specific), torch, and
+    version of the shared headers (torch's rebuild check hashes only the .cpp source)."""
+    headers = [path.read_text() for path in sorted(CSRC.glob("*.h"))]
+    key = "|".join([torch.__version__, platform.machine(), _cpu_identity(), *flags, *headers])
     return f"attnkit_{stem}_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

@@ -14,6 +14,8 @@
 // handed out dynamically, longest first, so ragged batches stay balanced. The next tile's
 // rows are prefetched while the current one computes.
 //
+// The tile's arithmetic (scores 4 keys at a time, exp2, the value sums) is in decode_blocks.h.
+//
 // Softmax runs in base 2: queries are pre-scaled by scale * log2(e), so p = exp2(s - m) and
 // lse = (m + log2(l)) * ln(2).
 
@@ -24,7 +26,7 @@
 #include <c10/util/Half.h>
 #include <torch/extension.h>
 
-#include "vec.h"
+#include "decode_blocks.h"
 
 #include <algorithm>
 #include <atomic>
@@ -41,12 +43,11 @@ namespace {
 // Tokens whose scores are computed before their values are read. 16 and 32 measure alike;
 // 64 is slower (a paged tile of every KV head outgrows the share of L2 it should use).
 constexpr int64_t TILE = 16;
-// Software prefetch of the rows AHEAD tiles on into L2 (locality 1: prefetcht2), spread over
-// the current tile's score loop. On a 2-core AVX-512 machine this took one thread from ~6
+// Software prefetch of the rows AHEAD tiles on into L2 (prefetcht2, vec.h), spread over the
+// current tile's score loop. On a 2-core AVX-512 machine this took one thread from ~6
 // to ~11 GB/s of K/V read from memory; prefetching into L1 (locality 3), or all of a tile at
 // once (a burst that stalls on the fill buffers), gave much less; 2 or 4 tiles ahead (with
 // 8- to 32-token tiles) measured the same as 1.
-constexpr int PREFETCH_LOCALITY = 1;
 constexpr int AHEAD = 1;
 
 template <typename T>
@@ -72,121 +73,13 @@ struct WorkItem {
   int64_t part;  // -1: the item covers the whole sequence and writes the output directly
 };
 
-// 2^x for x <= 0, vectorisable: x = i + f with i = round(x), |f| <= 1/2; 2^f by its Taylor
-// series to degree 7 (relative error < 1e-8, below float32's resolution), 2^i through the
-// exponent bits. Rounding uses the 1.5 * 2^23 trick, so no float-to-int conversion is
-// needed; x below -126 gives 2^-126 (as good as 0 next to the tile's maximum, which is 1),
-// and NaN stays NaN.
-inline float exp2_nonpositive(float x) {
-  x = x < -126.0f ? -126.0f : x;
-  constexpr float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float shifted = x + magic;
-  const float i = shifted - magic;
-  const float f = x - i;
-  float p = 1.5252734e-05f;
-  p = p * f + 1.5403530e-04f;
-  p = p * f + 1.3333558e-03f;
-  p = p * f + 9.6181291e-03f;
-  p = p * f + 5.5504109e-02f;
-  p = p * f + 2.4022651e-01f;
-  p = p * f + 6.9314718e-01f;
-  p = p * f + 1.0f;
-  // The low bits of `shifted` hold i + 2^22; the exponent field of 2^i is (i + 127) << 23.
-  const int32_t bits = (std::bit_cast<int32_t>(shifted) - 0x4B400000 + 127) << 23;
-  return p * std::bit_cast<float>(bits);
-}
+using namespace decode_blocks;
 
-// exp2(s[i] - m) in place for a tile's scores; returns their sum.
-inline float exp2_tile(float* s, int64_t n, float m) {
-  float sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    s[i] = exp2_nonpositive(s[i] - m);
-    sum += s[i];
-  }
-  return sum;
-}
-inline double exp2_tile(double* s, int64_t n, double m) {
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    s[i] = std::exp2(s[i] - m);
-    sum += s[i];
-  }
-  return sum;
-}
-
-
-// scores[qb * TILE] = q[qb] . k for a block of QB queries (rows of q, `dim` apart); two
-// accumulators per query keep 2 * QB independent chains in flight.
-template <int QB, typename acc_t>
-inline void score_block(const acc_t* q, const acc_t* k, int64_t dim, acc_t* scores) {
-  constexpr int64_t L = LANES<acc_t>;
-  Vec<acc_t> part[QB][2] = {};
-  int64_t d0 = 0;
-  for (; d0 + 2 * L <= dim; d0 += 2 * L) {
-    const Vec<acc_t> k0 = load(k + d0), k1 = load(k + d0 + L);
-    for (int qb = 0; qb < QB; ++qb) {
-      part[qb][0] += load(q + qb * dim + d0) * k0;
-      part[qb][1] += load(q + qb * dim + d0 + L) * k1;
-    }
-  }
-  if (d0 + L <= dim) {
-    const Vec<acc_t> k0 = load(k + d0);
-    for (int qb = 0; qb < QB; ++qb) part[qb][0] += load(q + qb * dim + d0) * k0;
-    d0 += L;
-  }
-  for (int qb = 0; qb < QB; ++qb) {
-    acc_t s = sum_lanes<acc_t>(part[qb][0] + part[qb][1]);
-    for (int64_t d = d0; d < dim; ++d) s += q[qb * dim + d] * k[d];
-    scores[qb * TILE] = s;
-  }
-}
-
-// out[qb] += sum_i p[qb * TILE + i] * rows[i * row_step] for a block of QB queries, the
-// accumulators (2 vectors per query) held in registers across the tile's n rows.
-template <int QB, typename acc_t>
-inline void value_block(const acc_t* p, const acc_t* const* rows, int64_t row_step, int64_t n,
-                        int64_t v_dim, acc_t* out) {
-  constexpr int64_t L = LANES<acc_t>;
-  int64_t d0 = 0;
-  for (; d0 + 2 * L <= v_dim; d0 += 2 * L) {
-    Vec<acc_t> a[QB][2];
-    for (int qb = 0; qb < QB; ++qb) {
-      a[qb][0] = load(out + qb * v_dim + d0);
-      a[qb][1] = load(out + qb * v_dim + d0 + L);
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t* v = rows[i * row_step] + d0;
-      const Vec<acc_t> v0 = load(v), v1 = load(v + L);
-      for (int qb = 0; qb < QB; ++qb) {
-        const acc_t pi = p[qb * TILE + i];
-        a[qb][0] += pi * v0;
-        a[qb][1] += pi * v1;
-      }
-    }
-    for (int qb = 0; qb < QB; ++qb) {
-      store<acc_t>(out + qb * v_dim + d0, a[qb][0]);
-      store<acc_t>(out + qb * v_dim + d0 + L, a[qb][1]);
-    }
-  }
-  if (d0 == v_dim) return;
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t* v = rows[i * row_step];
-    for (int qb = 0; qb < QB; ++qb) {
-      const acc_t pi = p[qb * TILE + i];
-      for (int64_t d = d0; d < v_dim; ++d) out[qb * v_dim + d] += pi * v[d];
-    }
-  }
-}
-
-// Calls f(std::integral_constant<int, QB>, first_query) over a head's `group` queries in
-// blocks of 4, then 2, then 1.
-template <typename F>
-inline void for_query_blocks(int64_t group, F&& f) {
-  int64_t j = 0;
-  for (; j + 4 <= group; j += 4) f(std::integral_constant<int, 4>{}, j);
-  for (; j + 2 <= group; j += 2) f(std::integral_constant<int, 2>{}, j);
-  for (; j < group; ++j) f(std::integral_constant<int, 1>{}, j);
+// Asks for a row's cache lines (n elements) to be brought into L2.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  constexpr int64_t line = 64 / sizeof(scalar_t);
+  for (int64_t d = 0; d < n; d += line) prefetch_l2(row + d);
 }
 
 template <typename acc_t>
@@ -270,21 +163,38 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
         }
       }
     }
-    // Scores: each K row read once for its whole query group.
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t h = 0; h < NH; ++h) {
-        if (i < n_next) {  // the next tile's rows, spread over this tile's work
-          constexpr int64_t line = 64 / sizeof(scalar_t);
-          const scalar_t* kr = k_tok[ahead][i] + h * L.k_head;
-          const scalar_t* vr = v_tok[ahead][i] + h * L.v_head;
-          for (int64_t d = 0; d < D; d += line) __builtin_prefetch(kr + d, 0, PREFETCH_LOCALITY);
-          for (int64_t d = 0; d < DV; d += line) __builtin_prefetch(vr + d, 0, PREFETCH_LOCALITY);
+    // Scores: each K row read once for its whole query group; float32 takes 4 keys at a time.
+    auto prefetch_next = [&](int64_t i, int64_t h) {  // the next tile's rows, spread out
+      if (i < n_next) {
+        prefetch_row(k_tok[ahead][i] + h * L.k_head, D);
+        prefetch_row(v_tok[ahead][i] + h * L.v_head, DV);
+      }
+    };
+    int64_t i = 0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      for (; i + 4 <= n; i += 4) {
+        for (int64_t h = 0; h < NH; ++h) {
+          const float* k4[4];
+          for (int j = 0; j < 4; ++j) {
+            prefetch_next(i + j, h);
+            k4[j] = S.k_rows[(i + j) * NH + h];
+          }
+          for_query_blocks(G, [&](auto qb, int64_t j) {
+            constexpr int QB = decltype(qb)::value;
+            const int64_t row = h * G + j;
+            score_four_keys<QB>(q + row * D, k4, D, scores + row * TILE + i, TILE);
+          });
         }
+      }
+    }
+    for (; i < n; ++i) {
+      for (int64_t h = 0; h < NH; ++h) {
+        prefetch_next(i, h);
         const acc_t* k = S.k_rows[i * NH + h];
         for_query_blocks(G, [&](auto qb, int64_t j) {
           constexpr int QB = decltype(qb)::value;
           const int64_t row = h * G + j;
-          score_block<QB, acc_t>(q + row * D, k, D, scores + row * TILE + i);
+          score_one_key<QB, acc_t>(q + row * D, k, D, scores + row * TILE + i, TILE);
         });
       }
     }
@@ -310,7 +220,7 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
       for_query_blocks(G, [&](auto qb, int64_t j) {
         constexpr int QB = decltype(qb)::value;
         const int64_t row = h * G + j;
-        value_block<QB, acc_t>(scores + row * TILE, S.v_rows.data() + h, NH, n, DV,
+        value_block<QB, acc_t>(scores + row * TILE, TILE, S.v_rows.data() + h, NH, n, DV,
                                out + row * DV);
       });
     }
