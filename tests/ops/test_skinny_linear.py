@@ -1,4 +1,5 @@
-"""The decode-sized matmul kernel equals F.linear, and everything it does not serve falls back.
+"""The decode-sized matmul kernels (row-major and packed) equal F.linear, the packed copy
+follows its weight, and everything the kernels do not serve falls back.
 
 Tolerance: float32 products of length `in` summed in a different order than BLAS; the error
 against float64 must stay within 2x plain float32 F.linear's own error plus 1e-5.
@@ -16,22 +17,32 @@ from attnkit.layers.projection import Linear
 from attnkit.ops import skinny_linear
 from attnkit.ops.cpp_build import load_kernel, unavailable_reason
 
+KERNELS = ("row-major", "packed")
 
-def test_the_kernel_builds_on_this_machine():
+
+@pytest.mark.parametrize("source", [skinny_linear.SOURCE, skinny_linear.PACKED_SOURCE])
+def test_the_kernels_build_on_this_machine(source):
     # CI machines have a C++ compiler; if this fails, every fast path below silently falls
     # back to F.linear, so say so loudly here.
-    assert load_kernel(skinny_linear.SOURCE) is not None, unavailable_reason(skinny_linear.SOURCE)
+    assert load_kernel(source) is not None, unavailable_reason(source)
 
 
-def _check(rows: int, n_in: int, n_out: int, with_bias: bool, seed: int) -> None:
+def _kernel_call(kernel: str, x, w, b):
+    """The kernel itself, no dispatch."""
+    if kernel == "row-major":
+        return load_kernel(skinny_linear.SOURCE).skinny_linear(x, w, b)
+    module = load_kernel(skinny_linear.PACKED_SOURCE)
+    return module.packed_linear_many(x, [module.pack(w)], [w.shape[0]], [b])[0]
+
+
+def _check(kernel: str, rows: int, n_in: int, n_out: int, with_bias: bool, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, n_in, generator=gen)
     w = torch.randn(n_out, n_in, generator=gen)
     b = torch.randn(n_out, generator=gen) if with_bias else None
     want = F.linear(x.double(), w.double(), None if b is None else b.double())
     plain = F.linear(x, w, b).double()
-    module = load_kernel(skinny_linear.SOURCE)
-    got = module.skinny_linear(x, w, b).double()  # the kernel itself, no dispatch
+    got = _kernel_call(kernel, x, w, b).double()
     err, plain_err = (got - want).abs().max().item(), (plain - want).abs().max().item()
     assert err <= 2 * plain_err + 1e-5, (err, plain_err)
 
@@ -43,32 +54,80 @@ def _check(rows: int, n_in: int, n_out: int, with_bias: bool, seed: int) -> None
     n_out=st.integers(1, 41),
     with_bias=st.booleans(),
     seed=st.integers(0, 2**16),
+    kernel=st.sampled_from(KERNELS),
 )
-def test_kernel_matches_float64_reference(rows, n_in, n_out, with_bias, seed):
-    _check(rows, n_in, n_out, with_bias, seed)
+def test_kernels_match_float64_reference(rows, n_in, n_out, with_bias, seed, kernel):
+    _check(kernel, rows, n_in, n_out, with_bias, seed)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(("n_in", "n_out"), [(576, 1536), (1536, 576), (576, 49152)])
 @pytest.mark.parametrize("rows", [3, 32])
-def test_kernel_on_model_sized_weights(rows, n_in, n_out):
-    _check(rows, n_in, n_out, with_bias=True, seed=n_out)
+def test_kernels_on_model_sized_weights(rows, n_in, n_out, kernel):
+    _check(kernel, rows, n_in, n_out, with_bias=True, seed=n_out)
 
 
-def test_dispatch_uses_the_kernel_for_decode_rows(monkeypatch):
+def test_packed_many_serves_several_weights_in_one_call():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 40, generator=gen)
+    weights = [torch.randn(n, 40, generator=gen) for n in (33, 1, 64)]
+    biases = [torch.randn(33, generator=gen), None, torch.randn(64, generator=gen)]
+    module = load_kernel(skinny_linear.PACKED_SOURCE)
+    packed = [module.pack(w) for w in weights]
+    outs = module.packed_linear_many(x, packed, [w.shape[0] for w in weights], biases)
+    for out, w, b in zip(outs, weights, biases, strict=True):
+        torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_copy_is_kept_and_follows_its_weight():
+    module = load_kernel(skinny_linear.PACKED_SOURCE)
+    w = torch.nn.Parameter(torch.randn(40, 24))
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        first = skinny_linear.packed_weight(w, module)
+        assert skinny_linear.packed_weight(w, module) is first  # packed once
+        torch.testing.assert_close(skinny_linear.linear(x, w), F.linear(x, w))
+        w.mul_(2)  # an in-place write (load_state_dict does this): repacked
+        assert skinny_linear.packed_weight(w, module) is not first
+        torch.testing.assert_close(skinny_linear.linear(x, w), F.linear(x, w))
+        w.data = torch.randn(40, 24)  # new storage: repacked
+        torch.testing.assert_close(skinny_linear.linear(x, w), F.linear(x, w))
+
+
+def test_packed_kernel_rejects_a_mismatched_packing():
+    module = load_kernel(skinny_linear.PACKED_SOURCE)
+    packed = module.pack(torch.randn(8, 16))
+    with pytest.raises(RuntimeError, match=r"packed weight 0 must be \(panels, 12, 32\)"):
+        module.packed_linear_many(torch.randn(2, 12), [packed], [8], [None])
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_dispatch_uses_the_kernel_for_decode_rows(packed, monkeypatch):
     calls = []
-    module = load_kernel(skinny_linear.SOURCE)
+    row_major = load_kernel(skinny_linear.SOURCE)
+    packing = load_kernel(skinny_linear.PACKED_SOURCE)
+    monkeypatch.setenv("ATTNKIT_PACKED_WEIGHTS", "1" if packed else "0")
 
     class Spy:
         def skinny_linear_many(self, *args):
-            calls.append(args[0].shape)
-            return module.skinny_linear_many(*args)
+            calls.append(("row-major", args[0].shape))
+            return row_major.skinny_linear_many(*args)
 
+        def packed_linear_many(self, *args):
+            calls.append(("packed", args[0].shape))
+            return packing.packed_linear_many(*args)
+
+        def pack(self, w):
+            return packing.pack(w)
+
+    kind = "packed" if packed else "row-major"
     monkeypatch.setattr(skinny_linear, "load_kernel", lambda source: Spy())
     layer = Linear(24, 10)
     x = torch.randn(2, 3, 24)  # 6 rows: the kernel's
     with torch.no_grad():
         out = layer(x)
-        assert calls == [torch.Size([6, 24])] and out.shape == (2, 3, 10)
+        assert calls == [(kind, torch.Size([6, 24]))] and out.shape == (2, 3, 10)
+        torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
         layer(torch.randn(skinny_linear.MAX_ROWS + 1, 24))  # too many rows: F.linear
         layer(torch.randn(2, 24, dtype=torch.float64).float().T.contiguous().T)  # strided x
     assert len(calls) == 2  # a strided x is made contiguous for the kernel, 33 rows go to BLAS
@@ -96,8 +155,9 @@ def test_fallbacks_equal_f_linear(case, monkeypatch):
         out = skinny_linear.linear(x, w, b)
         assert out.requires_grad  # went through F.linear
     elif case == "disabled":
-        assert load_kernel(skinny_linear.SOURCE) is None
-        assert "ATTNKIT_NO_CPP" in unavailable_reason(skinny_linear.SOURCE)
+        for source in (skinny_linear.SOURCE, skinny_linear.PACKED_SOURCE):
+            assert load_kernel(source) is None
+            assert "ATTNKIT_NO_CPP" in unavailable_reason(source)
         out = skinny_linear.linear(x, w, b)
     else:
         assert not skinny_linear._kernel_applies(x, w, b)

@@ -9,12 +9,22 @@ Up to 32 rows (a continuous-batching decode step) it also beats BLAS once comput
 SmolLM2-135M's matmuls at 16 rows take 48 ms against F.linear's 72 ms, at 32 rows 85 vs
 92 ms (2 cores, measured interleaved).
 
-The kernel serves float32 CPU inputs of 1 to `MAX_ROWS` rows with a contiguous weight and
-no autograd; everything else (and every machine where the kernel cannot be built, or
+Faster still is csrc/packed_linear.cpp, which reads each weight from a copy packed once
+into panels of 32 output features (no lane sums, x broadcast from L1): a pass over SmolLM2's
+weights at 32 rows 44 vs 68 ms, at 8 rows 18 vs 25, at 1 row 17 vs 20 (2 cores). The
+packed copy is made on first use and kept on the weight tensor (`_attnkit_packed`),
+remade when the weight changes (its data pointer or version counter); it costs one more
+copy of every weight that decodes. `ATTNKIT_PACKED_WEIGHTS=0` keeps memory as it was and
+uses the row-major kernel.
+
+The kernels serve float32 CPU inputs of 1 to `MAX_ROWS` rows with a contiguous weight and
+no autograd; everything else (and every machine where the kernels cannot be built, or
 `ATTNKIT_NO_CPP=1`) goes to F.linear. Results equal F.linear's up to float32 rounding.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +33,7 @@ from torch import Tensor
 from attnkit.ops.cpp_build import load_kernel, wants_grad
 
 SOURCE = "skinny_linear.cpp"
+PACKED_SOURCE = "packed_linear.cpp"
 MAX_ROWS = 32
 
 
@@ -35,12 +46,36 @@ def linear_many(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -
     """`[linear(x, w, b) for w, b in zip(weights, biases)]` in one kernel call when it applies
     to all of them (a layer's q/k/v or gate/up projections share their input)."""
     if all(_kernel_applies(x, w, b) for w, b in zip(weights, biases, strict=True)):
-        module = load_kernel(SOURCE)
-        if module is not None:
-            rows = x.reshape(-1, x.shape[-1]).contiguous()
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        packed_module = load_kernel(PACKED_SOURCE) if packed_weights_enabled() else None
+        if packed_module is not None:
+            packed = [packed_weight(w, packed_module) for w in weights]
+            outs = packed_module.packed_linear_many(
+                rows, packed, [w.shape[0] for w in weights], biases
+            )
+        elif (module := load_kernel(SOURCE)) is not None:
             outs = module.skinny_linear_many(rows, weights, biases)
+        else:
+            outs = None
+        if outs is not None:
             return [o.view(*x.shape[:-1], w.shape[0]) for o, w in zip(outs, weights, strict=True)]
     return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+
+
+def packed_weights_enabled() -> bool:
+    """False when `ATTNKIT_PACKED_WEIGHTS=0`: no packed copies, the row-major kernel."""
+    return os.environ.get("ATTNKIT_PACKED_WEIGHTS", "1") != "0"
+
+
+def packed_weight(weight: Tensor, module) -> Tensor:
+    """`weight` packed in panels of 32 output features, made once and kept on the tensor
+    until the weight changes (another data pointer, or an in-place write: the version)."""
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    cached = getattr(weight, "_attnkit_packed", None)
+    if cached is None or cached[0] != key:
+        cached = (key, module.pack(weight.detach()))
+        weight._attnkit_packed = cached
+    return cached[1]
 
 
 def _kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -49,7 +84,9 @@ def _kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return False  # F.linear raises its own error for mismatched shapes
     rows = x.numel() // max(x.shape[-1], 1)
-    if not 1 <= rows <= MAX_ROWS or not weight.is_contiguous():
+    if not 1 <= rows <= MAX_ROWS or not weight.is_contiguous() or weight.is_inference():
+        return False
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
         return False
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return False
