@@ -94,6 +94,18 @@ def test_packed_copy_is_kept_and_follows_its_weight():
         torch.testing.assert_close(skinny_linear.linear(x, w), F.linear(x, w))
 
 
+def test_inference_mode_weights_take_the_packed_kernel(monkeypatch):
+    # a model loaded under inference_mode has inference-tensor weights (no version counter)
+    with torch.inference_mode():
+        w, x = torch.randn(40, 24), torch.randn(2, 24)
+        assert w.is_inference() and skinny_linear._kernel_applies(x, w, None)
+        torch.testing.assert_close(skinny_linear.linear(x, w), F.linear(x, w))
+        assert hasattr(w, "_attnkit_packed")
+        w2 = torch.randn(40, 24)
+        w.data = w2  # new data: repacked
+        torch.testing.assert_close(skinny_linear.linear(x, w), F.linear(x, w2))
+
+
 def test_packed_kernel_rejects_a_mismatched_packing():
     module = load_kernel(skinny_linear.PACKED_SOURCE)
     packed = module.pack(torch.randn(8, 16))

@@ -69,8 +69,11 @@ def packed_weights_enabled() -> bool:
 
 def packed_weight(weight: Tensor, module) -> Tensor:
     """`weight` packed in panels of 32 output features, made once and kept on the tensor
-    until the weight changes (another data pointer, or an in-place write: the version)."""
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    until the weight changes (another data pointer, or an in-place write: the version).
+    Inference tensors (made under `torch.inference_mode`) keep no version counter: an
+    in-place write to one inside inference mode goes unseen; assign new data instead."""
+    version = None if weight.is_inference() else weight._version
+    key = (weight.data_ptr(), version, tuple(weight.shape))
     cached = getattr(weight, "_attnkit_packed", None)
     if cached is None or cached[0] != key:
         cached = (key, module.pack(weight.detach()))
@@ -84,7 +87,7 @@ def _kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return False  # F.linear raises its own error for mismatched shapes
     rows = x.numel() // max(x.shape[-1], 1)
-    if not 1 <= rows <= MAX_ROWS or not weight.is_contiguous() or weight.is_inference():
+    if not 1 <= rows <= MAX_ROWS or not weight.is_contiguous():
         return False
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         return False
