@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -70,40 +71,29 @@ struct Segment {
   int64_t out, first_panel, panels;
 };
 
-// All rows of x against global panel g of segment s: row tiles of 12, 8, 4, 2, 1.
+// All rows of x against panel p of segment s, in row tiles of 12, then 8, 4, 2, 1; only
+// the first tile prefetches `next` (the others find this panel in L2).
 void panel_product(const float* x, int64_t rows, int64_t in, const Segment& s, int64_t p,
                    const float* next) {
   const float* panel = s.packed + p * in * PANEL;
   const int64_t col = p * PANEL, valid = std::min(PANEL, s.out - col);
   float out[12][PANEL];
   int64_t r0 = 0;
-  auto emit = [&](int64_t n) {  // rows [r0, r0 + n) of out -> y (+ bias), valid columns only
-    for (int64_t r = 0; r < n; ++r) {
-      float* yr = s.y + (r0 + r) * s.out + col;
-      for (int64_t c = 0; c < valid; ++c) yr[c] = out[r][c] + (s.bias ? s.bias[col + c] : 0.0f);
+  auto tiles_of = [&](auto size) {  // as many R-row tiles as fit, each stored (+ bias)
+    constexpr int R = decltype(size)::value;
+    for (; r0 + R <= rows; r0 += R) {
+      tile<R>(x + r0 * in, in, panel, r0 == 0 ? next : nullptr, out);
+      for (int r = 0; r < R; ++r) {  // valid columns only: the last panel is padded
+        float* yr = s.y + (r0 + r) * s.out + col;
+        for (int64_t c = 0; c < valid; ++c) yr[c] = out[r][c] + (s.bias ? s.bias[col + c] : 0.0f);
+      }
     }
-    r0 += n;
   };
-  for (; r0 + 12 <= rows;) {
-    tile<12>(x + r0 * in, in, panel, r0 == 0 ? next : nullptr, out);
-    emit(12);
-  }
-  for (; r0 + 8 <= rows;) {
-    tile<8>(x + r0 * in, in, panel, r0 == 0 ? next : nullptr, out);
-    emit(8);
-  }
-  for (; r0 + 4 <= rows;) {
-    tile<4>(x + r0 * in, in, panel, r0 == 0 ? next : nullptr, out);
-    emit(4);
-  }
-  for (; r0 + 2 <= rows;) {
-    tile<2>(x + r0 * in, in, panel, r0 == 0 ? next : nullptr, out);
-    emit(2);
-  }
-  for (; r0 < rows;) {
-    tile<1>(x + r0 * in, in, panel, r0 == 0 ? next : nullptr, out);
-    emit(1);
-  }
+  tiles_of(std::integral_constant<int, 12>{});
+  tiles_of(std::integral_constant<int, 8>{});
+  tiles_of(std::integral_constant<int, 4>{});
+  tiles_of(std::integral_constant<int, 2>{});
+  tiles_of(std::integral_constant<int, 1>{});
 }
 
 }  // namespace
