@@ -158,14 +158,20 @@ def main() -> None:
         return
     batches, contexts = ((1, 8), (4096,)) if args.quick else ((1, 8, 32), (1024, 4096, 16384))
     rows = [measure(b, n, bandwidth) for b in batches for n in contexts]
+    title = f"paged decode, {HEADS}/{KV_HEADS} heads, d {HEAD_DIM}, bf16, {device}"
+    print_rows(console, rows, title, args.markdown)
+
+
+def print_rows(console: Console, rows: list[dict], title: str, markdown: bool) -> None:
+    """The rows (dicts sharing their keys) as a markdown table or a rich one."""
     columns = list(rows[0])
-    if args.markdown:
+    if markdown:
         print("| " + " | ".join(columns) + " |")
         print("|" + "---|" * len(columns))
         for row in rows:
             print("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
         return
-    table = Table(title=f"paged decode, {HEADS}/{KV_HEADS} heads, d {HEAD_DIM}, bf16, {device}")
+    table = Table(title=title)
     for c in columns:
         table.add_column(c, justify="right")
     for row in rows:

@@ -121,7 +121,7 @@ def test_mask_of_the_wrong_type():
 
 
 def test_unknown_backend_lists_the_choices():
-    with pytest.raises(ValueError, match=r"backend must be one of auto, .*tiled; got 'fast'"):
+    with pytest.raises(ValueError, match=r"backend must be one of auto, .*, triton; got 'fast'"):
         attnkit.attention(*qkv(), backend="fast")
 
 

@@ -193,7 +193,7 @@ def test_reads_a_real_paged_cache_in_place():
                 v_pool=torch.zeros(6, 16, 2, 16, dtype=torch.float64),
             ),
             ValueError,
-            "the triton backend takes float32, float16 or bfloat16, got torch.float64",
+            "triton kernels take float32, float16 or bfloat16, got torch.float64",
         ),
     ],
 )
@@ -234,5 +234,5 @@ def test_unchecked_calls_give_the_same_answer(backend):
 def test_triton_on_cpu_tensors_without_the_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v, table, lens = make_problem(4, 2, 16, 16, [3, 20], 16)
-    with pytest.raises(ValueError, match=r"needs CUDA tensors \(got cpu\), or TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match=r"need CUDA tensors \(got cpu\), or TRITON_INTERPRET=1"):
         paged_decode(q, k, v, table, lens, backend="triton")

@@ -15,6 +15,8 @@ from attnkit.layers.attention import AttentionContext
 from attnkit.layers.projection import Linear
 from attnkit.layers.rope import apply_rotary
 from attnkit.ops.attention import attention
+from attnkit.ops.latent_decode import latent_decode
+from attnkit.ops.masks import causal, padding_lengths
 
 MODES = ("auto", "naive", "absorbed")
 
@@ -36,6 +38,8 @@ class LatentAttention(nn.Module):
     `auto` (the default) takes whichever needs fewer multiply-adds for the step: absorbed
     for decoding (few queries: no per-head K/V is ever built), naive for prefill chunks
     (many queries: scores over head dims, not over the wider latent), as vLLM serves MLA.
+    With `backend="triton"`, absorbed decode steps (one query per sequence, one RoPE head)
+    run the fused kernel of `ops.latent_decode`, which reads each cached latent once.
 
     RoPE angles come from the context (the Transformer's `RotaryEmbedding`, sized by
     `config.head_dim`): rotary pair j of the RoPE dims uses angle column `rope_pairs[j]` of
@@ -230,9 +234,32 @@ class LatentAttention(nn.Module):
         w_uk, w_uv = w.split([self.nope_dim, self.v_head_dim], dim=1)
         # q_nope·(W_uk c) = (W_uk^T q_nope)·c: queries move into latent space
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        lengths = self._decode_lengths(q_latent, latent, mask)
+        if lengths is not None:  # one query per sequence: the fused kernel
+            o = latent_decode(
+                q_latent[:, :, 0],
+                q_rope[:, :, 0],
+                latent,
+                k_rope[:, 0],
+                lengths,
+                scale=self.scale,
+                backend="triton",
+            )
+            return torch.einsum("bhr,hvr->bhv", o, w_uv).unsqueeze(2)
         q = torch.cat([q_latent, q_rope], dim=-1)
         # The rope_heads "KV heads" share one latent; expand is a view, not a copy.
         shared = latent.unsqueeze(1).expand(b, self.rope_heads, s, self.kv_rank)
         k = torch.cat([shared, k_rope], dim=-1)
         o = attention(q, k, shared, mask, scale=self.scale, backend=self.backend)
         return torch.einsum("bhtr,hvr->bhtv", o, w_uv)  # W_uv c, summed after softmax
+
+    def _decode_lengths(self, q_latent: Tensor, latent: Tensor, mask) -> Tensor | None:
+        """Keys per sequence when this step runs the Triton MLA decode kernel (`backend=
+        "triton"`, one query per sequence, one shared RoPE key, a mask that is key lengths
+        or hides nothing); None for every other step."""
+        if self.backend != "triton" or q_latent.shape[2] != 1 or self.rope_heads != 1:
+            return None
+        b, s = latent.shape[:2]
+        if mask is None or mask == causal():  # one query, bottom-right: it sees every key
+            return torch.full((b,), s, dtype=torch.int64, device=latent.device)
+        return padding_lengths(mask)

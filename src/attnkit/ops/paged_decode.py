@@ -22,7 +22,6 @@ place through the block table instead. Backends:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
@@ -30,6 +29,7 @@ from torch import Tensor
 from attnkit.ops import cpu_decode
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import padding
+from attnkit.ops.triton_support import triton_unavailable
 
 try:  # optional: CUDA kernels, or the interpreter on CPU
     from attnkit.ops.triton_paged import triton_paged_decode
@@ -95,15 +95,9 @@ def choose_paged_backend(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> str:
 
 
 def _check_triton(q: Tensor) -> None:
-    if triton_paged_decode is None:
-        raise ValueError("backend='triton' needs the triton package, which is not installed")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"the triton backend needs CUDA tensors (got {q.device}), or TRITON_INTERPRET=1 "
-            "set before triton is imported to run the kernel in Triton's interpreter"
-        )
+    reason = triton_unavailable(q, triton_paged_decode is not None)
+    if reason is not None:
+        raise ValueError(f"backend='triton' cannot serve this request: {reason}")
 
 
 def _gathered(q, k_pool, v_pool, block_table, lengths, scale, longest) -> tuple[Tensor, Tensor]:

@@ -174,6 +174,32 @@ def default_splits(batch: int, kv_heads: int, longest: int, programs: int = PROG
     return max(1, min(wanted, -(-longest // MIN_SPLIT)))
 
 
+def split_plan(longest: int, wanted: int, block_n: int) -> tuple[int, int]:
+    """(splits, tokens per split) for `wanted` context slices of whole `block_n` tiles, none
+    starting past `longest` (the longest sequence, or an upper bound on it)."""
+    per_split = max(block_n, -(-max(longest, 1) // wanted))
+    per_split = -(-per_split // block_n) * block_n  # whole tiles
+    return -(-max(longest, 1) // per_split), per_split
+
+
+def merge_splits(parts: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+    """Write into `out` (batch, heads, dim) and `lse` (batch, heads) the softmax-weighted sum
+    of the float32 partial outputs `parts` (splits, batch, heads, dim) by their `part_lse`."""
+    splits, b, h, dim = parts.shape
+    _merge_splits[(b * h,)](
+        parts,
+        part_lse,
+        out,
+        lse,
+        splits,
+        parts.stride(0),
+        part_lse.stride(0),
+        V_DIM=dim,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        BLOCK_DV=max(16, triton.next_power_of_2(dim)),
+    )
+
+
 def triton_paged_decode(
     q: Tensor,
     k_pool: Tensor,
@@ -198,10 +224,9 @@ def triton_paged_decode(
     page, kv_heads, dv = k_pool.shape[1], k_pool.shape[2], v_pool.shape[3]
     if longest is None:
         longest = block_table.shape[1] * page
-    splits = num_splits or default_splits(b, kv_heads, longest, programs)
-    per_split = max(block_n, -(-max(longest, 1) // splits))
-    per_split = -(-per_split // block_n) * block_n  # whole tiles
-    splits = -(-max(longest, 1) // per_split)  # no split that starts past every sequence
+    splits, per_split = split_plan(
+        longest, num_splits or default_splits(b, kv_heads, longest, programs), block_n
+    )
     out = torch.empty(b, h, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, device=q.device, dtype=torch.float32)
     if b == 0:
@@ -253,16 +278,5 @@ def triton_paged_decode(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    _merge_splits[(b * h,)](
-        parts,
-        part_lse,
-        out,
-        lse,
-        splits,
-        parts.stride(0),
-        part_lse.stride(0),
-        V_DIM=dv,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-    )
+    merge_splits(parts, part_lse, out, lse)
     return out, lse

@@ -7,6 +7,7 @@ from attnkit.ops.backends.gathered import GatheredBackend
 from attnkit.ops.backends.reference import ReferenceBackend
 from attnkit.ops.backends.sdpa import SdpaBackend
 from attnkit.ops.backends.tiled import TiledBackend
+from attnkit.ops.backends.triton import TritonBackend
 
 register(ReferenceBackend())
 register(TiledBackend())
@@ -14,6 +15,7 @@ register(SdpaBackend())
 register(GatheredBackend())
 register(CppDecodeBackend())
 register(BandedBackend())
+register(TritonBackend())
 
 __all__ = [
     "Backend",
@@ -23,6 +25,7 @@ __all__ = [
     "ReferenceBackend",
     "SdpaBackend",
     "TiledBackend",
+    "TritonBackend",
     "available_backends",
     "get_backend",
     "register",

@@ -1,0 +1,87 @@
+"""`triton`: the FlashAttention forward in Triton, for causal, sliding-window and sink masks.
+
+The kernel (`attnkit.ops.triton_prefill`) visits only the key tiles a query tile can see,
+so a window costs O(N·W). It serves no mask, `causal()`, `sliding_window(W)` and
+`sliding_window(W) | sinks(S)`, at any `q_offset` (chunked prefill against a cache),
+float32 / float16 / bfloat16, returning the log-sum-exp when asked; CUDA tensors, or CPU
+tensors under Triton's interpreter (`TRITON_INTERPRET=1`, how CI runs it). It has no
+backward pass and no softcap. `auto` does not pick it yet: it has not been timed on a GPU.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attnkit.ops.backends.base import Backend
+from attnkit.ops.cpp_build import wants_grad
+from attnkit.ops.masks import causal, window_and_sinks
+from attnkit.ops.problem import AttentionProblem
+from attnkit.ops.triton_support import triton_unavailable
+
+try:  # optional: CUDA kernels, or the interpreter on CPU
+    from attnkit.ops.triton_prefill import triton_prefill
+except ImportError:  # pragma: no cover - triton is a dev dependency
+    triton_prefill = None
+
+MAX_HEAD_DIM = 256  # a (64, 256) float32 tile per operand is what a GPU program can hold
+
+
+class TritonBackend(Backend):
+    """Triton FlashAttention forward (GQA by index, band-limited key loop)."""
+
+    name = "triton"
+
+    def __init__(self, block_m: int | None = None, block_n: int | None = None) -> None:
+        self.tiles = {
+            name: value
+            for name, value in (("block_m", block_m), ("block_n", block_n))
+            if value is not None
+        }
+        for name, value in self.tiles.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16:
+                raise ValueError(f"{name} must be an integer >= 16 (tl.dot's least), got {value!r}")
+            if value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+
+    def unsupported(self, p: AttentionProblem) -> str | None:
+        reason = triton_unavailable(p.q, triton_prefill is not None)
+        if reason is not None:
+            return reason
+        if p.softcap is not None:
+            return "the triton kernel has no softcap (use 'tiled')"
+        if wants_grad(p.q, p.k, p.v):
+            return "the triton kernel computes no gradients; call it under torch.no_grad()"
+        if max(p.q.shape[-1], p.v.shape[-1]) > MAX_HEAD_DIM:
+            return f"the triton kernel takes head dims up to {MAX_HEAD_DIM}"
+        if _layout(p.mask) is None:
+            return (
+                "it serves no mask, causal(), sliding_window(W) and sliding_window(W) | "
+                f"sinks(S); got {p.mask!r}"
+            )
+        return None
+
+    def run(self, p: AttentionProblem) -> tuple[Tensor, Tensor | None]:
+        is_causal, window, n_sinks = _layout(p.mask)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.q, p.k, p.v))
+        out, lse = triton_prefill(
+            q,
+            k,
+            v,
+            scale=p.scale,
+            q_offset=p.q_offset,
+            causal=is_causal,
+            window=window,
+            n_sinks=n_sinks,
+            **self.tiles,
+        )
+        return out, (lse if p.return_lse else None)
+
+
+def _layout(mask) -> tuple[bool, int | None, int] | None:
+    """(causal, window, sinks) of the masks the kernel serves, else None."""
+    if mask is None:
+        return False, None, 0
+    if mask == causal():
+        return True, None, 0
+    band = window_and_sinks(mask)
+    return None if band is None else (True, *band)

@@ -1,0 +1,175 @@
+"""The `triton` attention backend (FlashAttention forward) equals the float64 reference.
+
+It runs its real kernel: on CUDA where there is one, otherwise in Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU), so its band limits, tile
+edges, position masks, online softmax and empty rows are checked in CI on CPU. Tolerance:
+the 2x rule of attn_testing (error vs float64 <= 2x the plain implementation's in the same
+dtype), on the output and the log-sum-exp. Its GPU speed is not measured yet.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import attnkit
+from attn_testing import assert_matches_reference, random_qkv
+from attnkit import masks
+from attnkit.ops.backends import TritonBackend
+
+# 16 x 16 tiles: several tiles and a partial last one at every size below; default tiles too
+SMALL_TILES = TritonBackend(block_m=16, block_n=16)
+BACKENDS = [pytest.param(SMALL_TILES, id="tiles16"), pytest.param("triton", id="default")]
+MASKS = {
+    "none": None,
+    "causal": masks.causal(),
+    "window1": masks.sliding_window(1),
+    "window19": masks.sliding_window(19),
+    "window19+sinks3": masks.sliding_window(19) | masks.sinks(3),
+    "sinks20|window5": masks.sinks(20) | masks.sliding_window(5),  # sinks past the band
+}
+HEADS = {"mha": (4, 4), "gqa": (9, 3), "mqa": (6, 1)}
+# self, decode, chunked prefill against a cache, more queries than keys (rows that see nothing)
+SIZES = [(1, 1), (1, 97), (23, 97), (97, 97), (40, 13)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_name", MASKS)
+@pytest.mark.parametrize("sizes", SIZES, ids=[f"{q}x{k}" for q, k in SIZES])
+def test_triton_matches_reference_float32(backend, mask_name, sizes):
+    n_q, n_k = sizes
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((mask_name, sizes)).encode()))
+    heads, kv_heads = list(HEADS.values())[len(mask_name) % 3]
+    q, k, v = random_qkv(gen, batch=2, heads=heads, kv_heads=kv_heads, n_q=n_q, n_k=n_k)
+    assert_matches_reference(backend, q, k, v, mask=MASKS[mask_name])
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=list(HEADS))
+@pytest.mark.parametrize("dims", [(64, 64), (59, 111), (111, 59)], ids=["64", "59v111", "111v59"])
+def test_head_layouts_and_unequal_value_dim(heads, dims):
+    gen = torch.Generator().manual_seed(sum(dims) + len(heads))
+    n_heads, kv_heads = HEADS[heads]
+    q, k, v = random_qkv(
+        gen, 2, n_heads, kv_heads, n_q=33, n_k=41, head_dim=dims[0], v_head_dim=dims[1]
+    )
+    assert_matches_reference(SMALL_TILES, q, k, v, mask=masks.causal())
+
+
+HALF = [
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(),
+            reason="Triton 3.9's interpreter multiplies bfloat16 tiles wrongly on CPU; "
+            "float16 covers the same half-precision path here",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(
+    "mask", [masks.causal(), masks.sliding_window(9) | masks.sinks(1)], ids=str
+)
+def test_half_precision_matches_reference(dtype, mask):
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = random_qkv(gen, n_q=37, n_k=53, head_dim=64, dtype=dtype)
+    assert_matches_reference(SMALL_TILES, q, k, v, mask=mask)
+
+
+def test_float16_scores_past_the_half_range_do_not_overflow():
+    """Scores of ~1e5 (far past float16's 65504) stay finite: the softmax runs in float32."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = random_qkv(gen, n_q=20, n_k=20, head_dim=64, dtype=torch.float16)
+    out = attnkit.attention(q * 40, k * 40, v, masks.causal(), backend=SMALL_TILES)
+    assert torch.isfinite(out).all()
+    want = attnkit.attention((q * 40).double(), (k * 40).double(), v.double(), masks.causal())
+    assert (out.double() - want).abs().max() < 1e-2  # float16 inputs: 11-bit values
+
+
+def test_explicit_q_offset_and_scale():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = random_qkv(gen, n_q=5, n_k=20)
+    assert_matches_reference(SMALL_TILES, q, k, v, mask=masks.causal(), q_offset=3, scale=0.05)
+
+
+def test_non_contiguous_inputs_work():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = random_qkv(gen, n_q=30, n_k=60, head_dim=64)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, d) memory: strided heads
+    k_s = k[:, :, ::2]  # every other key: a sequence stride of 2 d
+    v_s = v[:, :, ::2, ::2]  # and a last-dim stride of 2 (copied before the kernel)
+    assert_matches_reference(SMALL_TILES, q_t, k_s, v_s, mask=masks.sliding_window(7))
+
+
+@pytest.mark.parametrize(
+    ("mask", "q_offset", "hidden"),
+    [
+        # 16 queries at the end of 97 keys, window 8 (+ 2 sinks): keys [2, 74) unseen
+        (masks.sliding_window(8) | masks.sinks(2), None, slice(2, 74)),
+        # causal, queries at positions 3..7: keys 8.. unseen
+        (masks.causal(), 3, slice(8, None)),
+    ],
+    ids=["window+sinks", "causal-offset"],
+)
+def test_keys_outside_every_band_are_never_read(mask, q_offset, hidden):
+    """NaN poured into keys no query may see leaves the output exact: the kernel skips the
+    tiles outside each query tile's band instead of masking them after reading."""
+    gen = torch.Generator().manual_seed(13)
+    n_q = 16 if q_offset is None else 5
+    q, k, v = random_qkv(gen, n_q=n_q, n_k=97 if q_offset is None else 20)
+    clean = attnkit.attention(q, k, v, mask, backend=SMALL_TILES, q_offset=q_offset)
+    k[:, :, hidden], v[:, :, hidden] = math.nan, math.nan
+    poisoned = attnkit.attention(q, k, v, mask, backend=SMALL_TILES, q_offset=q_offset)
+    assert torch.equal(clean, poisoned)
+
+
+def test_rows_that_see_nothing_give_zeros_and_lse_minus_inf():
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = random_qkv(gen, n_q=20, n_k=8)  # bottom-right: rows 0..11 sit before key 0
+    out, lse = attnkit.attention(q, k, v, masks.causal(), backend=SMALL_TILES, return_lse=True)
+    assert torch.equal(out[:, :, :12], torch.zeros_like(out[:, :, :12]))
+    assert torch.isneginf(lse[:, :, :12]).all() and torch.isfinite(lse[:, :, 12:]).all()
+
+
+def test_repeated_runs_are_bitwise_identical():
+    gen = torch.Generator().manual_seed(19)
+    q, k, v = random_qkv(gen, n_q=50, n_k=50)
+    first = attnkit.attention(q, k, v, masks.causal(), backend=SMALL_TILES)
+    assert torch.equal(first, attnkit.attention(q, k, v, masks.causal(), backend=SMALL_TILES))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"softcap": 30.0}, "no softcap"),
+        ({"mask": masks.chunked(4)}, "serves no mask, causal"),
+        ({"mask": masks.padding(torch.tensor([3, 5]))}, "serves no mask, causal"),
+    ],
+    ids=["softcap", "chunked", "padding"],
+)
+def test_requests_it_cannot_serve_name_the_reason(kwargs, message):
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = random_qkv(gen, n_q=6, n_k=6)
+    with pytest.raises(ValueError, match=f"backend 'triton' cannot serve this request.*{message}"):
+        attnkit.attention(q, k, v, backend="triton", **kwargs)
+
+
+def test_float64_and_gradients_are_refused():
+    gen = torch.Generator().manual_seed(29)
+    q, k, v = random_qkv(gen, n_q=6, n_k=6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16, got torch.float64"):
+        attnkit.attention(q, k, v, masks.causal(), backend="triton")
+    q, k, v = (t.float().requires_grad_(True) for t in (q, k, v))
+    with pytest.raises(ValueError, match="computes no gradients"):
+        attnkit.attention(q, k, v, masks.causal(), backend="triton")
+
+
+@pytest.mark.parametrize(("name", "value"), [("block_m", 8), ("block_n", 48), ("block_m", True)])
+def test_bad_tile_sizes_are_refused(name, value):
+    with pytest.raises(ValueError, match=name):
+        TritonBackend(**{name: value})
