@@ -47,6 +47,53 @@ def test_triton_matches_reference_float32(backend, mask_name, sizes):
     assert_matches_reference(backend, q, k, v, mask=MASKS[mask_name])
 
 
+def block_masks(n_q: int, n_k: int, gen: torch.Generator) -> dict[str, object]:
+    """Block-sparse layouts (block 4, one shared and one per sequence), alone and and-ed."""
+    blocks = (-(-max(n_q, n_k) // 4), -(-n_k // 4))
+    shared = torch.rand(*blocks, generator=gen) < 0.5
+    per_sequence = torch.rand(2, *blocks, generator=gen) < 0.4
+    return {
+        "block": masks.block_sparse(shared, 4),
+        "block-per-seq": masks.block_sparse(per_sequence, 4),
+        "block&causal": masks.block_sparse(shared, 4) & masks.causal(),
+        "window19&block": masks.sliding_window(19) & masks.block_sparse(per_sequence, 4),
+    }
+
+
+BLOCK_MASKS = list(block_masks(1, 1, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_name", BLOCK_MASKS)
+@pytest.mark.parametrize("sizes", SIZES[1:], ids=[f"{q}x{k}" for q, k in SIZES[1:]])
+def test_block_sparse_matches_reference_float32(backend, mask_name, sizes):
+    n_q, n_k = sizes
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("block", mask_name, sizes)).encode()))
+    q, k, v = random_qkv(gen, batch=2, heads=9, kv_heads=3, n_q=n_q, n_k=n_k)
+    assert_matches_reference(backend, q, k, v, mask=block_masks(n_q, n_k, gen)[mask_name])
+
+
+def test_block_sparse_keeping_every_block_equals_causal():
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = random_qkv(gen, n_q=37, n_k=37)
+    every = masks.block_sparse(torch.ones(10, 10, dtype=torch.bool), 4) & masks.causal()
+    dense = attnkit.attention(q, k, v, masks.causal(), backend=SMALL_TILES)
+    assert torch.equal(attnkit.attention(q, k, v, every, backend=SMALL_TILES), dense)
+
+
+def test_blocks_no_query_keeps_are_never_read():
+    """Key tiles the layout drops for every query are skipped, not read and masked: NaN
+    poured into them leaves the output exact."""
+    gen = torch.Generator().manual_seed(37)
+    q, k, v = random_qkv(gen, n_q=64, n_k=64)
+    layout = torch.ones(4, 4, dtype=torch.bool)
+    layout[:, 2] = False  # keys 32-47 (block 16) are seen by nobody
+    mask = masks.block_sparse(layout, 16)
+    clean = attnkit.attention(q, k, v, mask, backend=SMALL_TILES)
+    k[:, :, 32:48], v[:, :, 32:48] = math.nan, math.nan
+    assert torch.equal(attnkit.attention(q, k, v, mask, backend=SMALL_TILES), clean)
+
+
 @pytest.mark.parametrize("heads", HEADS, ids=list(HEADS))
 @pytest.mark.parametrize("dims", [(64, 64), (59, 111), (111, 59)], ids=["64", "59v111", "111v59"])
 def test_head_layouts_and_unequal_value_dim(heads, dims):
@@ -138,7 +185,7 @@ def test_rows_that_see_nothing_give_zeros_and_lse_minus_inf():
 
 def test_repeated_runs_are_bitwise_identical():
     gen = torch.Generator().manual_seed(19)
-    q, k, v = random_qkv(gen, n_q=50, n_k=50)
+    q, k, v = random_qkv(gen, n_q=33, n_k=33)
     first = attnkit.attention(q, k, v, masks.causal(), backend=SMALL_TILES)
     assert torch.equal(first, attnkit.attention(q, k, v, masks.causal(), backend=SMALL_TILES))
 
@@ -148,9 +195,13 @@ def test_repeated_runs_are_bitwise_identical():
     [
         ({"softcap": 30.0}, "no softcap"),
         ({"mask": masks.chunked(4)}, "serves no mask, causal"),
+        (
+            {"mask": masks.block_sparse(torch.ones(2, 2, dtype=torch.bool), 4) & masks.chunked(3)},
+            "serves no mask, causal",
+        ),
         ({"mask": masks.padding(torch.tensor([3, 5]))}, "serves no mask, causal"),
     ],
-    ids=["softcap", "chunked", "padding"],
+    ids=["softcap", "chunked", "block&chunked", "padding"],
 )
 def test_requests_it_cannot_serve_name_the_reason(kwargs, message):
     gen = torch.Generator().manual_seed(23)

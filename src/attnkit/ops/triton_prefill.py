@@ -39,12 +39,17 @@ def _attend_tile(
     n0,
     stop,
     pos,
+    row_ok,
     stride_kn,
     stride_vn,
     qk_scale,
     window,
     n_sinks,
+    LAYOUT,
+    layout_cols,
+    layout_block,
     MASKED: tl.constexpr,
+    SPARSE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     V_DIM: tl.constexpr,
@@ -70,6 +75,14 @@ def _attend_tile(
     if MASKED:  # causal, and within the window or among the sinks
         behind = pos[:, None] - n[None, :]
         visible = visible & (behind >= 0) & ((behind < window) | (n[None, :] < n_sinks))
+    if SPARSE:  # the layout's block of (position, key)
+        block_of = tl.maximum(pos, 0)[:, None] // layout_block * layout_cols
+        kept = tl.load(
+            LAYOUT + block_of + (n // layout_block)[None, :],
+            mask=row_ok[:, None] & key_ok[None, :],
+            other=0,
+        )
+        visible = visible & (kept != 0) & (pos[:, None] >= 0)
     s = tl.where(visible, s * qk_scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
@@ -126,8 +139,18 @@ def _prefill_forward(
     qk_scale,
     window,
     n_sinks,
+    TILES,
+    COUNTS,
+    stride_tb,
+    stride_tq,
+    stride_cb,
+    LAYOUT,
+    stride_layout_b,
+    layout_cols,
+    layout_block,
     GROUP: tl.constexpr,
     MASKED: tl.constexpr,
+    SPARSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -155,18 +178,28 @@ def _prefill_forward(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # Key tiles to visit: the sinks before the band, then the band (no mask: all keys).
-    lo, hi, sink_end = 0, n_k, 0
-    if MASKED:
-        first = q_offset + tile * BLOCK_M
-        last = tl.minimum(first + BLOCK_M, q_offset + n_q) - 1
-        hi = tl.maximum(tl.minimum(n_k, last + 1), 0)
-        lo = tl.minimum(tl.maximum(0, first - window + 1), hi)
-        sink_end = tl.minimum(n_sinks, lo)
-    sink_tiles = tl.cdiv(sink_end, BLOCK_N)
-    for t in range(0, sink_tiles + tl.cdiv(hi - lo, BLOCK_N)):
-        in_sinks = t < sink_tiles
-        n0 = tl.where(in_sinks, t * BLOCK_N, lo + (t - sink_tiles) * BLOCK_N)
+    if SPARSE:  # the key tiles the mask's block summary lists for this query tile
+        TILES += b * stride_tb + tile * stride_tq
+        LAYOUT += b * stride_layout_b
+        n_tiles = tl.load(COUNTS + b * stride_cb + tile)
+    else:  # the sinks before the band, then the band (no mask: all keys)
+        lo, hi, sink_end = 0, n_k, 0
+        if MASKED:
+            first = q_offset + tile * BLOCK_M
+            last = tl.minimum(first + BLOCK_M, q_offset + n_q) - 1
+            hi = tl.maximum(tl.minimum(n_k, last + 1), 0)
+            lo = tl.minimum(tl.maximum(0, first - window + 1), hi)
+            sink_end = tl.minimum(n_sinks, lo)
+        sink_tiles = tl.cdiv(sink_end, BLOCK_N)
+        n_tiles = sink_tiles + tl.cdiv(hi - lo, BLOCK_N)
+    for t in range(0, n_tiles):
+        if SPARSE:
+            n0 = tl.load(TILES + t) * BLOCK_N
+            stop = n_k
+        else:
+            in_sinks = t < sink_tiles
+            n0 = tl.where(in_sinks, t * BLOCK_N, lo + (t - sink_tiles) * BLOCK_N)
+            stop = tl.where(in_sinks, sink_end, hi)
         m, l_sum, acc = _attend_tile(
             q,
             m,
@@ -175,14 +208,19 @@ def _prefill_forward(
             K,
             V,
             n0,
-            tl.where(in_sinks, sink_end, hi),
+            stop,
             pos,
+            row_ok,
             stride_kn,
             stride_vn,
             qk_scale,
             window,
             n_sinks,
+            LAYOUT,
+            layout_cols,
+            layout_block,
             MASKED,
+            SPARSE,
             BLOCK_N,
             HEAD_DIM,
             V_DIM,
@@ -217,6 +255,7 @@ def triton_prefill(
     causal: bool,
     window: int | None = None,
     n_sinks: int = 0,
+    sparse: tuple[Tensor, Tensor, Tensor, int] | None = None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
@@ -226,7 +265,12 @@ def triton_prefill(
 
     q `(batch, heads, n_q, d)`, k `(batch, kv_heads, n_k, d)`, v `(batch, kv_heads, n_k,
     v_dim)`, each contiguous in its last dim. `causal` with `window=None` is plain causal;
-    `window` (keys seen, the current one included) and `n_sinks` need `causal`.
+    `window` (keys seen, the current one included) and `n_sinks` need `causal`. `sparse`
+    adds a block layout: `(tiles, counts, layout, layout_block)` with `layout` int8
+    `(batch or 1, q_blocks, k_blocks)` indexed by position // layout_block, and `tiles`
+    `(batch or 1, q tiles, max)` int32 the key tiles (of `block_n` keys) each query tile of
+    `block_m` rows visits, `counts` `(batch or 1, q tiles)` how many of them; without it,
+    the tiles are the band of the causal / window mask.
     """
     b, h, n_q, d = q.shape
     kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -236,6 +280,12 @@ def triton_prefill(
         return out, lse
     # a plain causal mask is a window wider than any distance between a query and a key
     span = window if window is not None else n_k + max(q_offset, 0) + n_q + 1
+    if sparse is None:  # unused pointers: any int32 tensor will do
+        tiles = counts = lse
+        layout, layout_block = lse, 1
+    else:
+        tiles, counts, layout, layout_block = sparse
+    per_sequence = sparse is not None and tiles.shape[0] > 1
     grid = (triton.cdiv(n_q, block_m), b * h)
     _prefill_forward[grid](
         q,
@@ -264,8 +314,18 @@ def triton_prefill(
         scale * LOG2E,
         span,
         n_sinks,
+        tiles,
+        counts,
+        tiles.stride(0) if per_sequence else 0,
+        tiles.stride(1) if sparse is not None else 0,
+        counts.stride(0) if per_sequence else 0,
+        layout,
+        layout.stride(0) if sparse is not None and layout.shape[0] > 1 else 0,
+        layout.shape[-1] if sparse is not None else 0,
+        layout_block,
         GROUP=h // kv_heads,
         MASKED=causal,
+        SPARSE=sparse is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         HEAD_DIM=d,

@@ -1,8 +1,10 @@
-"""`triton`: the FlashAttention forward in Triton, for causal, sliding-window and sink masks.
+"""`triton`: the FlashAttention forward in Triton, for causal, window, sink and block masks.
 
 The kernel (`attnkit.ops.triton_prefill`) visits only the key tiles a query tile can see,
-so a window costs O(N·W). It serves no mask, `causal()`, `sliding_window(W)` and
-`sliding_window(W) | sinks(S)`, at any `q_offset` (chunked prefill against a cache),
+so a window costs O(N·W). It serves no mask, `causal()`, `sliding_window(W)`,
+`sliding_window(W) | sinks(S)`, and `block_sparse(layout, B)` alone or and-ed with
+`causal()` or `sliding_window(W)` (the key tiles to visit then come from the mask's block
+summary, computed on the host), at any `q_offset` (chunked prefill against a cache),
 float32 / float16 / bfloat16, returning the log-sum-exp when asked; CUDA tensors, or CPU
 tensors under Triton's interpreter (`TRITON_INTERPRET=1`, how CI runs it). It has no
 backward pass and no softcap. `auto` does not pick it yet: it has not been timed on a GPU.
@@ -10,18 +12,19 @@ backward pass and no softcap. `auto` does not pick it yet: it has not been timed
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from attnkit.ops.backends.base import Backend
 from attnkit.ops.cpp_build import wants_grad
-from attnkit.ops.masks import causal, window_and_sinks
+from attnkit.ops.masks import causal, split_block_sparse, window_and_sinks
 from attnkit.ops.problem import AttentionProblem
 from attnkit.ops.triton_support import triton_unavailable
 
 try:  # optional: CUDA kernels, or the interpreter on CPU
-    from attnkit.ops.triton_prefill import triton_prefill
+    from attnkit.ops.triton_prefill import BLOCK_M, BLOCK_N, triton_prefill
 except ImportError:  # pragma: no cover - triton is a dev dependency
-    triton_prefill = None
+    triton_prefill, BLOCK_M, BLOCK_N = None, 64, 64
 
 MAX_HEAD_DIM = 256  # a (64, 256) float32 tile per operand is what a GPU program can hold
 
@@ -55,14 +58,16 @@ class TritonBackend(Backend):
             return f"the triton kernel takes head dims up to {MAX_HEAD_DIM}"
         if _layout(p.mask) is None:
             return (
-                "it serves no mask, causal(), sliding_window(W) and sliding_window(W) | "
-                f"sinks(S); got {p.mask!r}"
+                "it serves no mask, causal(), sliding_window(W), sliding_window(W) | sinks(S) "
+                f"and block_sparse(...) alone or & causal() or a window; got {p.mask!r}"
             )
         return None
 
     def run(self, p: AttentionProblem) -> tuple[Tensor, Tensor | None]:
-        is_causal, window, n_sinks = _layout(p.mask)
+        is_causal, window, n_sinks, block = _layout(p.mask)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.q, p.k, p.v))
+        tiles = {"block_m": BLOCK_M, "block_n": BLOCK_N} | self.tiles
+        sparse = None if block is None else _tile_lists(p, block, **tiles)
         out, lse = triton_prefill(
             q,
             k,
@@ -72,16 +77,40 @@ class TritonBackend(Backend):
             causal=is_causal,
             window=window,
             n_sinks=n_sinks,
-            **self.tiles,
+            sparse=sparse,
+            **tiles,
         )
         return out, (lse if p.return_lse else None)
 
 
-def _layout(mask) -> tuple[bool, int | None, int] | None:
-    """(causal, window, sinks) of the masks the kernel serves, else None."""
+def _layout(mask) -> tuple[bool, int | None, int, tuple[Tensor, int] | None] | None:
+    """(causal, window, sinks, (layout, block size) or None) of the masks the kernel
+    serves, else None."""
     if mask is None:
-        return False, None, 0
+        return False, None, 0, None
     if mask == causal():
-        return True, None, 0
+        return True, None, 0, None
     band = window_and_sinks(mask)
-    return None if band is None else (True, *band)
+    if band is not None:
+        return True, *band, None
+    sparse = split_block_sparse(mask)
+    if sparse is None:
+        return None
+    other, layout, block_size = sparse
+    rest = _layout(other)
+    if rest is None or rest[2] or rest[3] is not None:  # sinks are an | : not a band here
+        return None
+    return rest[0], rest[1], 0, (layout, block_size)
+
+
+def _tile_lists(p: AttentionProblem, block: tuple[Tensor, int], block_m: int, block_n: int):
+    """(tiles, counts, layout, block size) for the kernel: per query tile of `block_m` rows,
+    the key tiles of `block_n` keys the mask's block summary keeps, in order."""
+    summary = p.mask.block_summary(p.n_q, p.n_k, block_m, block_n, p.q_offset, p.q.device)
+    keep = summary.nonempty  # (batch or 1, q tiles, k tiles)
+    counts = keep.sum(-1, dtype=torch.int32)
+    widest = max(1, int(counts.max()))
+    index = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32)
+    listed = torch.where(keep, index, keep.shape[-1]).sort(-1).values[..., :widest]
+    layout, block_size = block
+    return listed.contiguous(), counts.contiguous(), layout.to(p.q.device, torch.int8), block_size

@@ -39,6 +39,7 @@ from attnkit.ops.masks.tensors import (
     padding,
     padding_lengths,
     prefix_lm,
+    split_block_sparse,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "prefix_lm",
     "sinks",
     "sliding_window",
+    "split_block_sparse",
     "strided",
     "window_and_sinks",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.ops.masks.base import Geometry, Mask, _common_batch_size, _positive_int
+from attnkit.ops.masks.base import Geometry, Mask, _And, _common_batch_size, _positive_int
 
 
 def _as_long(name: str, value: object, ndim: tuple[int, ...]) -> Tensor:
@@ -285,6 +285,20 @@ def block_sparse(layout: Tensor, block_size: int) -> Mask:
     """Block-level layout: `layout[i // block_size, j // block_size]` says whether query
     position i sees key j. `layout` is `(q_blocks, k_blocks)` or `(batch, q_blocks, k_blocks)`."""
     return _BlockSparse(layout, block_size)
+
+
+def split_block_sparse(mask: Mask | None) -> tuple[Mask | None, Tensor, int] | None:
+    """`(other, layout, block_size)` when `mask` is `block_sparse(layout, block_size)` alone
+    (`other` None) or and-ed with one other mask (either order), the forms a block-sparse
+    kernel serves; None for any other mask. `layout` is `(batch or 1, q_blocks, k_blocks)`."""
+    if isinstance(mask, _BlockSparse):
+        return None, mask.layout, mask.block_size
+    if isinstance(mask, _And) and len(mask.parts) == 2:
+        sparse = [m for m in mask.parts if isinstance(m, _BlockSparse)]
+        if len(sparse) == 1:
+            other = next(m for m in mask.parts if m is not sparse[0])
+            return other, sparse[0].layout, sparse[0].block_size
+    return None
 
 
 def from_tensor(mask: Tensor) -> Mask:
