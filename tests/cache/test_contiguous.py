@@ -178,3 +178,32 @@ def test_a_ragged_decode_step_is_key_padding_with_each_sequence_s_length():
     keys = torch.arange(step.kv_len)
     want = keys <= torch.tensor([4, 1, 6]).view(-1, 1)  # each sees itself and its past
     assert torch.equal(step.mask.dense(1, step.kv_len)[:, 0, 0], want)
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["uniform", "ragged"])
+@torch.no_grad()
+def test_decode_attend_takes_the_kernel_and_equals_attention(ragged, monkeypatch):
+    """A decode step's `attend` calls the C++ decode kernel directly (no `attention`
+    dispatch) and gives what `update` + `layer_mask` + `attention` give, float32 2e-6."""
+    from attnkit.ops import cpu_decode
+
+    gen = torch.Generator().manual_seed(41)
+    lengths = [5, 12, 9] if ragged else [7, 7, 7]
+    cache = ContiguousCache(2, 3, 16, max_seqs=3, initial_len=4)
+    seqs = [cache.add_sequence() for _ in lengths]
+    for seq, n in zip(seqs, lengths, strict=True):
+        cache.prepare([seq], n)
+        for layer in range(2):
+            kv = torch.randn(1, 3, n, 16, generator=gen)
+            cache.update(layer, kv, kv * 0.5)
+    calls = []
+    real = cpu_decode.decode_contiguous
+    monkeypatch.setattr(cpu_decode, "decode_contiguous", lambda *a: calls.append(1) or real(*a))
+    cache.prepare(seqs, 1)
+    q, k, v = (torch.randn(3, 9, 1, 16, generator=gen) for _ in range(3))
+    k, v = k[:, :3], v[:, :3]
+    got = cache.attend(1, q, k, v, None)
+    assert calls == [1]
+    k_all, v_all = cache.update(1, k, v)  # the same write again: same views
+    want = attnkit.attention(q, k_all, v_all, cache.layer_mask(1), backend="reference")
+    assert (got - want).abs().max() < 2e-6

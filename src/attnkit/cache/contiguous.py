@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,9 @@ from torch import Tensor
 
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheFull, CacheStep, KVCache, SlotPool, causal_step_mask
+from attnkit.ops import cpu_decode
+from attnkit.ops.attention import attention
+from attnkit.ops.masks import Mask, padding_lengths
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,26 @@ class ContiguousCache(KVCache):
             layer, place.rows, :, : step.kv_len
         ]
 
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, pattern: Mask | None, backend="auto"
+    ) -> Tensor:
+        """At decode (one query row per sequence, keys in order, no pattern, `auto`, CPU),
+        the C++ decode kernel reads the cached views directly, without `attention`'s general
+        dispatch (~20 us a layer and step, about what the kernel itself takes on a short
+        context); every other step is `update` + mask + `attention`."""
+        k_all, v_all = self.update(layer, k, v)
+        step = self.step
+        fits = backend == "auto" and pattern is None and q.shape[2] == 1
+        if fits and self.key_positions(layer) is None and _decodable(q, k_all, v_all):
+            lengths = None if step.mask is None else padding_lengths(step.mask)
+            if step.mask is None or lengths is not None:
+                lengths = None if lengths is None else lengths.expand(q.shape[0])
+                scale = 1.0 / math.sqrt(q.shape[-1])
+                query = q[:, :, 0].contiguous()
+                out, _ = cpu_decode.decode_contiguous(query, k_all, v_all, lengths, scale)
+                return out.unsqueeze(2)
+        return attention(q, k_all, v_all, self.layer_mask(layer, pattern), backend=backend)
+
     def _placement(self, step: CacheStep) -> _Placement:
         """Where `step`'s tokens go in the buffer; worked out once per step, used by every layer."""
         if self._placed is None or self._placed[0] is not step:
@@ -161,3 +185,15 @@ class ContiguousCache(KVCache):
             new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
             new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
+
+
+def _decodable(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the decode kernel can take this step as it is (shapes that `attention` would
+    accept, a CPU dtype it serves); anything else goes through `attention`, which explains."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        return False
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] or k.shape[2] == 0:
+        return False
+    if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+        return False
+    return q.dtype == k.dtype == v.dtype and cpu_decode.can_take(q, k, v)
