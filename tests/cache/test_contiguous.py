@@ -196,14 +196,23 @@ def test_decode_attend_takes_the_kernel_and_equals_attention(ragged, monkeypatch
         for layer in range(2):
             kv = torch.randn(1, 3, n, 16, generator=gen)
             cache.update(layer, kv, kv * 0.5)
+    import attnkit.cache.contiguous as contiguous_module
+
     calls = []
     real = cpu_decode.decode_contiguous
     monkeypatch.setattr(cpu_decode, "decode_contiguous", lambda *a: calls.append(1) or real(*a))
+
+    def no_dispatch(*args, **kwargs):
+        raise AssertionError("the decode step went through attention()")
+
+    monkeypatch.setattr(contiguous_module, "attention", no_dispatch)
     cache.prepare(seqs, 1)
     q, k, v = (torch.randn(3, 9, 1, 16, generator=gen) for _ in range(3))
     k, v = k[:, :3], v[:, :3]
     got = cache.attend(1, q, k, v, None)
     assert calls == [1]
     k_all, v_all = cache.update(1, k, v)  # the same write again: same views
-    want = attnkit.attention(q, k_all, v_all, cache.layer_mask(1), backend="reference")
+    mask = cache.layer_mask(1)
+    assert torch.equal(got, attnkit.attention(q, k_all, v_all, mask))  # auto: the same kernel
+    want = attnkit.attention(q, k_all, v_all, mask, backend="reference")
     assert (got - want).abs().max() < 2e-6

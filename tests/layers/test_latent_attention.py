@@ -204,12 +204,14 @@ def test_generate_with_mla_layers_equals_uncached_greedy():
         assert result.token_ids == ids[len(prompt) :]
 
 
+@pytest.mark.parametrize("ragged", [True, False], ids=["ragged", "uniform"])
 @pytest.mark.parametrize("mode", ["auto", "absorbed"])
 @torch.no_grad()
-def test_triton_backend_decodes_like_the_torch_path(mode, monkeypatch):
+def test_triton_backend_decodes_like_the_torch_path(mode, ragged, monkeypatch):
     """backend="triton": prefill through the Triton attention kernel, decode steps through
-    the fused MLA kernel (Triton's interpreter on CPU). Ragged batch, chunks 10+4 then 6
-    single steps; the 2x rule against the same model's float32 torch path."""
+    the fused MLA kernel (Triton's interpreter on CPU). A ragged (10 and 14 prompt tokens)
+    or uniform batch, then 6 single steps; the 2x rule against the same model's float32
+    torch path."""
     import attnkit.layers.latent as latent_module
 
     fused_calls = []
@@ -222,9 +224,10 @@ def test_triton_backend_decodes_like_the_torch_path(mode, monkeypatch):
     monkeypatch.setattr(latent_module, "latent_decode", spy)
     exact = tiny_mla(mode)
     ids = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(4))
-    # sequence 0 holds tokens 0-9 then 14-19, sequence 1 all 20: their uncached logits
-    first = torch.cat([ids[:1, :10], ids[:1, 14:]], dim=1)
-    want = torch.cat([exact(first)[:, 10:], exact(ids[1:])[:, 14:]])
+    # ragged: sequence 0 holds tokens 0-9 then 14-19, sequence 1 all 20 (a padding mask at
+    # decode); uniform: both hold all 20 (no mask). Their uncached logits:
+    first = torch.cat([ids[:1, :10], ids[:1, 14:]], dim=1) if ragged else ids[:1]
+    want = torch.cat([exact(first)[:, -6:], exact(ids[1:])[:, 14:]])
     want_prefill = exact(ids[1:, :14])
 
     def decode(backend):
@@ -233,7 +236,7 @@ def test_triton_backend_decodes_like_the_torch_path(mode, monkeypatch):
             block.attn.backend = backend
         cache = model.new_cache(0, max_seqs=2)
         seqs = [cache.add_sequence() for _ in range(2)]
-        logits = [model(ids[:1, :10], cache=cache, seq_ids=[seqs[0]])]  # ragged: 10 vs 14
+        logits = [model(ids[:1, : 10 if ragged else 14], cache=cache, seq_ids=[seqs[0]])]
         logits.append(model(ids[1:, :14], cache=cache, seq_ids=[seqs[1]]))
         rest = [model(ids[:, 14 + i : 15 + i], cache=cache) for i in range(6)]
         return torch.cat(rest, dim=1), logits

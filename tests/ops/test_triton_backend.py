@@ -94,6 +94,117 @@ def test_blocks_no_query_keeps_are_never_read():
     assert torch.equal(attnkit.attention(q, k, v, mask, backend=SMALL_TILES), clean)
 
 
+def test_transposed_and_permuted_layouts_read_as_their_values():
+    """Regression: a layout with other strides (`.t()`, a permuted per-sequence stack) was
+    read as packed rows and gave wrong outputs (error 2.6)."""
+    gen = torch.Generator().manual_seed(43)
+    q, k, v = random_qkv(gen, batch=2, n_q=40, n_k=40)
+    shared = (torch.rand(6, 10, generator=gen) < 0.5).t()  # (10, 6), strides (1, 10)
+    per_sequence = (torch.rand(6, 2, 6, generator=gen) < 0.5).permute(1, 0, 2)
+    for layout in (shared, per_sequence):
+        assert not layout.is_contiguous()
+        assert_matches_reference(SMALL_TILES, q, k, v, mask=masks.block_sparse(layout, 7))
+
+
+@pytest.mark.parametrize(
+    ("mask", "q_offset", "n_q", "n_k", "hidden"),
+    [
+        # block 1 of 8 dropped for every query: keys 4-7 sit inside a kept 16-key tile
+        (
+            masks.block_sparse(
+                torch.ones(8, 8, dtype=torch.bool).index_fill(1, torch.tensor([1]), False), 4
+            ),
+            None,
+            32,
+            32,
+            slice(4, 8),
+        ),
+        # causal with queries at 3..7: keys 8.. sit in the kept tile, past every query
+        (
+            masks.block_sparse(torch.ones(8, 8, dtype=torch.bool), 4) & masks.causal(),
+            3,
+            5,
+            20,
+            slice(8, None),
+        ),
+    ],
+    ids=["dropped-block-in-kept-tile", "causal-tail-in-kept-tile"],
+)
+def test_unseen_keys_inside_a_kept_tile_are_never_read(mask, q_offset, n_q, n_k, hidden):
+    """Regression: the block-sparse path read whole kept tiles, so NaN in a key no query
+    sees reached the output through 0 · NaN."""
+    gen = torch.Generator().manual_seed(47)
+    q, k, v = random_qkv(gen, n_q=n_q, n_k=n_k)
+    clean = attnkit.attention(q, k, v, mask, backend=SMALL_TILES, q_offset=q_offset)
+    k[:, :, hidden], v[:, :, hidden] = math.nan, math.nan
+    poisoned = attnkit.attention(q, k, v, mask, backend=SMALL_TILES, q_offset=q_offset)
+    assert not torch.isnan(poisoned).any()
+    assert torch.equal(clean, poisoned)
+
+
+@pytest.mark.parametrize(
+    ("mask", "q_offset"),
+    [
+        (masks.sliding_window(1000), None),  # a window wider than every sequence
+        (masks.sliding_window(5) | masks.sinks(40), None),  # sinks past the band
+        (masks.causal(), -5),  # rows before key 0 see nothing
+        (masks.causal(), 27),
+        (
+            masks.block_sparse(
+                torch.rand(4, 2, generator=torch.Generator().manual_seed(1)) < 0.6, 24
+            ),
+            None,
+        ),
+    ],
+    ids=["wide-window", "many-sinks", "offset-negative", "offset-27", "block24-vs-tiles16"],
+)
+def test_edges_of_windows_offsets_and_layout_blocks(mask, q_offset):
+    gen = torch.Generator().manual_seed(53)
+    q, k, v = random_qkv(gen, n_q=30, n_k=45)
+    assert_matches_reference(SMALL_TILES, q, k, v, mask=mask, q_offset=q_offset)
+
+
+def test_head_dim_limit_256_passes_and_257_is_refused():
+    gen = torch.Generator().manual_seed(59)
+    q, k, v = random_qkv(gen, batch=1, heads=2, kv_heads=1, n_q=5, n_k=5, head_dim=256)
+    assert_matches_reference(SMALL_TILES, q, k, v, mask=masks.causal())
+    q, k, v = random_qkv(gen, batch=1, heads=2, kv_heads=1, n_q=5, n_k=5, head_dim=257)
+    with pytest.raises(ValueError, match="head dims up to 256, got q head_dim 257"):
+        attnkit.attention(q, k, v, masks.causal(), backend="triton")
+
+
+OFFSETS_PAST_INT32 = """
+import torch, attnkit
+from attnkit import masks
+# three sequences of 2^26 keys x 16 dims: batch b starts 2^30 * b elements in, past int32
+# from b = 2. Memory is touched only where written (the last key), so this costs ~KB.
+device = "cuda" if torch.cuda.is_available() else "cpu"
+k = torch.empty(3, 1, 2**26, 16, dtype=torch.float16, device=device)
+v = torch.empty(3, 1, 2**26, 16, dtype=torch.float16, device=device)
+k[:, :, -1] = 0.5
+v[:, :, -1] = torch.tensor([1.0, 2.0, 3.0], device=device).view(3, 1, 1).half()
+q = torch.ones(3, 1, 1, 16, dtype=torch.float16, device=device)
+with torch.no_grad():
+    out = attnkit.attention(q, k, v, masks.sliding_window(1), backend="triton")
+print(out[:, 0, 0, 0].tolist())
+"""
+
+
+@pytest.mark.slow
+def test_batch_offsets_past_2_to_the_31_elements_do_not_wrap():
+    """Regression: batch offsets were int32 products and wrapped past 2^31 elements (a
+    segfault in the interpreter, wrong reads on a GPU). Run in its own process: a wrapped
+    offset is a crash, which must fail this test, not the session."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", OFFSETS_PAST_INT32], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[1.0, 2.0, 3.0]"
+
+
 @pytest.mark.parametrize("heads", HEADS, ids=list(HEADS))
 @pytest.mark.parametrize("dims", [(64, 64), (59, 111), (111, 59)], ids=["64", "59v111", "111v59"])
 def test_head_layouts_and_unequal_value_dim(heads, dims):

@@ -192,7 +192,7 @@ def _decodable(q: Tensor, k: Tensor, v: Tensor) -> bool:
     accept, a CPU dtype it serves); anything else goes through `attention`, which explains."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         return False
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] or k.shape[2] == 0:
+    if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[1] % k.shape[1] or k.shape[2] == 0:
         return False
     if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
         return False

@@ -244,6 +244,7 @@ class LatentAttention(nn.Module):
                 lengths,
                 scale=self.scale,
                 backend="triton",
+                check=False,  # the cache's own lengths
             )
             return torch.einsum("bhr,hvr->bhv", o, w_uv).unsqueeze(2)
         q = torch.cat([q_latent, q_rope], dim=-1)
@@ -262,4 +263,5 @@ class LatentAttention(nn.Module):
         b, s = latent.shape[:2]
         if mask is None or mask == causal():  # one query, bottom-right: it sees every key
             return torch.full((b,), s, dtype=torch.int64, device=latent.device)
-        return padding_lengths(mask)
+        lengths = padding_lengths(mask)
+        return None if lengths is None else lengths.to(latent.device).expand(b)

@@ -15,10 +15,12 @@ after). Backends:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
+from attnkit.ops.cpp_build import wants_grad
 from attnkit.ops.triton_support import triton_unavailable
 
 try:  # optional: CUDA kernels, or the interpreter on CPU
@@ -39,6 +41,7 @@ def latent_decode(
     scale: float,
     backend: str = "auto",
     return_lse: bool = False,
+    check: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Absorbed MLA attention of one query per sequence, in latent space.
 
@@ -46,13 +49,18 @@ def latent_decode(
     kv_len, kv_rank)`, k_rope `(batch, kv_len, rope_dim)` (one RoPE key shared by every
     head, as DeepSeek); lengths `(batch,)` integer keys per sequence (default: all kv_len;
     0 gives zeros and lse -inf). Returns `(batch, heads, kv_rank)`, and with `return_lse`
-    the log-sum-exp `(batch, heads)` (float32, float64 for float64 inputs).
+    the log-sum-exp `(batch, heads)` (float32, float64 for float64 inputs). `check=False`
+    skips the lengths' range check (a device sync on GPU), for callers whose lengths are
+    valid by construction (a cache's own); shapes are always checked.
     """
-    lengths = _check(q_latent, q_rope, latent, k_rope, lengths, backend)
+    lengths = _check(q_latent, q_rope, latent, k_rope, lengths, backend, scale, check)
+    inputs = (q_latent, q_rope, latent, k_rope)
+    reason = triton_unavailable(q_latent, triton_latent_decode is not None)
+    if reason is None and wants_grad(*inputs):
+        reason = "the triton kernel computes no gradients; call it under torch.no_grad()"
     if backend == "auto":
-        backend = "triton" if q_latent.is_cuda and triton_latent_decode is not None else "torch"
+        backend = "triton" if q_latent.is_cuda and reason is None else "torch"
     if backend == "triton":
-        reason = triton_unavailable(q_latent, triton_latent_decode is not None)
         if reason is not None:
             raise ValueError(f"backend='triton' cannot serve this request: {reason}")
         inputs = (
@@ -75,10 +83,14 @@ def _torch(q_latent, q_rope, latent, k_rope, lengths, scale) -> tuple[Tensor, Te
     return out, lse.float() if lse.dtype != torch.float64 else lse
 
 
-def _check(q_latent, q_rope, latent, k_rope, lengths, backend) -> Tensor:
+def _check(q_latent, q_rope, latent, k_rope, lengths, backend, scale, check) -> Tensor:
     """The validated `lengths` (all of kv_len when None), or an error naming the argument."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
     named = (("q_latent", q_latent), ("q_rope", q_rope), ("latent", latent), ("k_rope", k_rope))
     for name, t in named:
         if not isinstance(t, Tensor):
@@ -100,9 +112,20 @@ def _check(q_latent, q_rope, latent, k_rope, lengths, backend) -> Tensor:
             )
     if lengths is None:
         return torch.full((b,), kv_len, dtype=torch.int64, device=latent.device)
-    if not isinstance(lengths, Tensor) or lengths.shape != (b,) or lengths.is_floating_point():
-        shown = tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
+    integer = isinstance(lengths, Tensor) and not (
+        lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool
+    )
+    if not integer or lengths.shape != (b,):
+        shown = (
+            f"{lengths.dtype} of shape {tuple(lengths.shape)}"
+            if isinstance(lengths, Tensor)
+            else type(lengths).__name__
+        )
         raise ValueError(f"lengths must be an integer tensor of shape ({b},), got {shown}")
-    if b and (int(lengths.min()) < 0 or int(lengths.max()) > kv_len):
-        raise ValueError(f"lengths must lie in [0, kv_len={kv_len}], got {lengths.tolist()}")
+    if check and b:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > kv_len:
+            raise ValueError(
+                f"lengths must lie in [0, kv_len={kv_len}], got values from {low} to {high}"
+            )
     return lengths.to(latent.device)

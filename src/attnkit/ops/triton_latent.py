@@ -59,7 +59,7 @@ def _latent_decode_split(
     BLOCK_P: tl.constexpr,
     EXACT: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b * stride passes 2^31 elements on long caches
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(2)
     length = tl.load(LENGTHS + b)
@@ -121,9 +121,10 @@ def _latent_decode_split(
 
 
 LOG2E = 1.4426950408889634
-# Launch settings: 16 heads per program (the least tl.dot rows) and 32-token tiles keep a
-# (16, 512) float32 accumulator and a (32, 512) latent tile per program. Not yet tuned on
-# a GPU (no device was lent when this kernel was written).
+# Launch settings: 16 heads per program (the least tl.dot rows). 32-token tiles keep a
+# (16, 512) accumulator and a (32, 512) latent tile per program in 59 KB of shared memory in
+# bfloat16; float32 takes 16-token tiles and one stage (74 KB; 32 tokens asked for 113 KB,
+# more than many GPUs offer). Sizes from compiling for sm_90; not yet tuned on a GPU.
 BLOCK_H = 16
 BLOCK_N = 32
 NUM_WARPS = 4
@@ -140,9 +141,9 @@ def triton_latent_decode(
     *,
     num_splits: int | None = None,
     block_h: int = BLOCK_H,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
     num_warps: int = NUM_WARPS,
-    num_stages: int = NUM_STAGES,
+    num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Latent-space output `(batch, heads, kv_rank)` in q's dtype, lse `(batch, heads)` float32.
 
@@ -151,6 +152,9 @@ def triton_latent_decode(
     lengths `(batch,)` int: sequence b attends to its first `lengths[b]` tokens.
     """
     b, h, rank = q_latent.shape
+    wide = q_latent.dtype == torch.float32
+    block_n = block_n or (16 if wide else BLOCK_N)
+    num_stages = num_stages or (1 if wide else NUM_STAGES)
     kv_len, rope = latent.shape[1], q_rope.shape[2]
     out = torch.empty(b, h, rank, device=q_latent.device, dtype=q_latent.dtype)
     lse = torch.empty(b, h, device=q_latent.device, dtype=torch.float32)

@@ -89,9 +89,12 @@ def _attend_tile(
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_sum = l_sum * alpha + tl.sum(p, 1)
+    v_ok = key_ok
+    if SPARSE:  # a kept tile may hold keys no row sees: never read them (0 · NaN is NaN)
+        v_ok = v_ok & (tl.max(visible.to(tl.int32), 0) > 0)
     v = tl.load(
         V + n[:, None] * stride_vn + dv[None, :],
-        mask=key_ok[:, None] & (dv[None, :] < V_DIM),
+        mask=v_ok[:, None] & (dv[None, :] < V_DIM),
         other=0.0,
     )
     if EXACT:  # noqa: SIM108 - a compile-time branch, kept plain for Triton
@@ -160,7 +163,8 @@ def _prefill_forward(
     EXACT: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    b = tl.program_id(1) // heads
+    # int64: b * stride passes 2^31 elements on large batches of long sequences
+    b = (tl.program_id(1) // heads).to(tl.int64)
     h = tl.program_id(1) % heads
     kv_head = h // GROUP
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -237,12 +241,25 @@ def _prefill_forward(
     tl.store(LSE + b * stride_lb + h * stride_lh + rows, lse, mask=row_ok)
 
 
-# Launch settings: FlashAttention-2's usual forward tiles for head dims up to 128. Not yet
-# tuned on a GPU (no device was lent when this kernel was written).
+# Launch settings: FlashAttention-2's usual forward tiles; float32 tiles are twice the
+# bytes, so they take 32 keys (and one stage past head dim 128) to stay in shared memory.
+# Compiled for sm_90 (tests/ops/test_triton_compile.py), the kernel then asks for at most
+# 74 KB (99 KB is the least a recent GPU offers), float32 past head dim 128 for 107 KB
+# (A100, H100). Not yet tuned on a GPU (no device was lent when this kernel was written).
 BLOCK_M = 64
 BLOCK_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
+FLOAT32_WIDE_SHARED_BYTES = 106_752  # float32, head dim 256: the largest request
+
+
+def launch_settings(dtype: torch.dtype, head_dim: int) -> dict[str, int]:
+    """block_m, block_n, num_warps and num_stages for inputs of this dtype and head dim."""
+    if dtype != torch.float32:
+        return dict(block_m=BLOCK_M, block_n=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    stages = NUM_STAGES if head_dim <= 128 else 1
+    block_n = BLOCK_N if head_dim <= 64 else 32
+    return dict(block_m=BLOCK_M, block_n=block_n, num_warps=NUM_WARPS, num_stages=stages)
 
 
 def triton_prefill(
@@ -256,10 +273,10 @@ def triton_prefill(
     window: int | None = None,
     n_sinks: int = 0,
     sparse: tuple[Tensor, Tensor, Tensor, int] | None = None,
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
-    num_warps: int = NUM_WARPS,
-    num_stages: int = NUM_STAGES,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Output `(batch, heads, n_q, v_dim)` in q's dtype and lse `(batch, heads, n_q)` float32.
 
@@ -270,10 +287,15 @@ def triton_prefill(
     `(batch or 1, q_blocks, k_blocks)` indexed by position // layout_block, and `tiles`
     `(batch or 1, q tiles, max)` int32 the key tiles (of `block_n` keys) each query tile of
     `block_m` rows visits, `counts` `(batch or 1, q tiles)` how many of them; without it,
-    the tiles are the band of the causal / window mask.
+    the tiles are the band of the causal / window mask. Launch settings left None come
+    from `launch_settings`.
     """
     b, h, n_q, d = q.shape
     kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
+    chosen = launch_settings(q.dtype, max(d, dv))
+    block_m, block_n = block_m or chosen["block_m"], block_n or chosen["block_n"]
+    num_warps = num_warps or chosen["num_warps"]
+    num_stages = num_stages or chosen["num_stages"]
     out = torch.empty(b, h, n_q, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     if out.numel() == 0:

@@ -22,11 +22,15 @@ from attnkit.ops.problem import AttentionProblem
 from attnkit.ops.triton_support import triton_unavailable
 
 try:  # optional: CUDA kernels, or the interpreter on CPU
-    from attnkit.ops.triton_prefill import BLOCK_M, BLOCK_N, triton_prefill
+    from attnkit.ops.triton_prefill import (
+        FLOAT32_WIDE_SHARED_BYTES,
+        launch_settings,
+        triton_prefill,
+    )
 except ImportError:  # pragma: no cover - triton is a dev dependency
-    triton_prefill, BLOCK_M, BLOCK_N = None, 64, 64
+    triton_prefill = launch_settings = FLOAT32_WIDE_SHARED_BYTES = None
 
-MAX_HEAD_DIM = 256  # a (64, 256) float32 tile per operand is what a GPU program can hold
+MAX_HEAD_DIM = 256  # the widest tiles whose shared memory a GPU holds (launch_settings)
 
 
 class TritonBackend(Backend):
@@ -55,7 +59,19 @@ class TritonBackend(Backend):
         if wants_grad(p.q, p.k, p.v):
             return "the triton kernel computes no gradients; call it under torch.no_grad()"
         if max(p.q.shape[-1], p.v.shape[-1]) > MAX_HEAD_DIM:
-            return f"the triton kernel takes head dims up to {MAX_HEAD_DIM}"
+            return (
+                f"the triton kernel takes head dims up to {MAX_HEAD_DIM}, got q head_dim "
+                f"{p.q.shape[-1]} and v head_dim {p.v.shape[-1]}"
+            )
+        wide = p.q.dtype == torch.float32 and max(p.q.shape[-1], p.v.shape[-1]) > 128
+        if wide and p.q.is_cuda:
+            offered = torch.cuda.get_device_properties(p.q.device).shared_memory_per_block_optin
+            if offered < FLOAT32_WIDE_SHARED_BYTES:
+                return (
+                    f"float32 with head dims past 128 needs {FLOAT32_WIDE_SHARED_BYTES} bytes "
+                    f"of shared memory per block and this GPU offers {offered}: use bfloat16 "
+                    "or float16"
+                )
         if _layout(p.mask) is None:
             return (
                 "it serves no mask, causal(), sliding_window(W), sliding_window(W) | sinks(S) "
@@ -66,7 +82,8 @@ class TritonBackend(Backend):
     def run(self, p: AttentionProblem) -> tuple[Tensor, Tensor | None]:
         is_causal, window, n_sinks, block = _layout(p.mask)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.q, p.k, p.v))
-        tiles = {"block_m": BLOCK_M, "block_n": BLOCK_N} | self.tiles
+        chosen = launch_settings(p.q.dtype, max(p.q.shape[-1], p.v.shape[-1]))
+        tiles = {name: chosen[name] for name in ("block_m", "block_n")} | self.tiles
         sparse = None if block is None else _tile_lists(p, block, **tiles)
         out, lse = triton_prefill(
             q,
@@ -113,4 +130,6 @@ def _tile_lists(p: AttentionProblem, block: tuple[Tensor, int], block_m: int, bl
     index = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32)
     listed = torch.where(keep, index, keep.shape[-1]).sort(-1).values[..., :widest]
     layout, block_size = block
-    return listed.contiguous(), counts.contiguous(), layout.to(p.q.device, torch.int8), block_size
+    # the kernel reads the layout as packed rows: any strides (a transposed layout) copy
+    layout = layout.to(p.q.device, torch.int8).contiguous()
+    return listed.contiguous(), counts.contiguous(), layout, block_size
