@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from attnkit.ops.triton_paged import default_splits, merge_splits, split_plan
-from attnkit.ops.triton_prefill import finish_softmax
+from attnkit.ops.triton_prefill import LOG2E, finish_softmax
 
 
 @triton.jit
@@ -120,7 +120,6 @@ def _latent_decode_split(
     tl.store(LSE + split * stride_ls + b * stride_lb + h, lse, mask=h_ok)
 
 
-LOG2E = 1.4426950408889634
 # Launch settings: 16 heads per program (the least tl.dot rows). 32-token tiles keep a
 # (16, 512) accumulator and a (32, 512) latent tile per program in 59 KB of shared memory in
 # bfloat16; float32 takes 16-token tiles and one stage (74 KB; 32 tokens asked for 113 KB,
