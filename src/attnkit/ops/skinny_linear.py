@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.ops.cpp_build import load_kernel, wants_grad
+from attnkit.ops.cpp_build import load_kernel
 
 SOURCE = "skinny_linear.cpp"
 PACKED_SOURCE = "packed_linear.cpp"
@@ -45,21 +45,27 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def linear_many(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> list[Tensor]:
     """`[linear(x, w, b) for w, b in zip(weights, biases)]` in one kernel call when it applies
     to all of them (a layer's q/k/v or gate/up projections share their input)."""
-    if all(_kernel_applies(x, w, b) for w, b in zip(weights, biases, strict=True)):
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        packed_module = load_kernel(PACKED_SOURCE) if packed_weights_enabled() else None
-        if packed_module is not None:
-            packed = [packed_weight(w, packed_module) for w in weights]
-            outs = packed_module.packed_linear_many(
-                rows, packed, [w.shape[0] for w in weights], biases
-            )
-        elif (module := load_kernel(SOURCE)) is not None:
-            outs = module.skinny_linear_many(rows, weights, biases)
-        else:
-            outs = None
-        if outs is not None:
-            return [o.view(*x.shape[:-1], w.shape[0]) for o, w in zip(outs, weights, strict=True)]
-    return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    outs = _kernel_outputs(x, weights, biases) if _input_applies(x) else None
+    if outs is None:
+        return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    lead = x.shape[:-1]
+    return [o.view(*lead, w.shape[0]) for o, w in zip(outs, weights, strict=True)]
+
+
+def _kernel_outputs(x: Tensor, weights, biases) -> list[Tensor] | None:
+    """The kernels' outputs `(rows, out_i)`, or None when one of the weights does not fit them
+    or no kernel is built. Called about 120 times a decode step: checks stay cheap."""
+    in_features, grad = x.shape[-1], torch.is_grad_enabled()
+    for w, b in zip(weights, biases, strict=True):
+        if not _weight_applies(w, b, in_features, grad):
+            return None
+    rows = x.reshape(-1, in_features).contiguous()
+    packed_module = load_kernel(PACKED_SOURCE) if packed_weights_enabled() else None
+    if packed_module is not None:
+        packed = [packed_weight(w, packed_module) for w in weights]
+        return packed_module.packed_linear_many(rows, packed, [w.shape[0] for w in weights], biases)
+    module = load_kernel(SOURCE)
+    return None if module is None else module.skinny_linear_many(rows, weights, biases)
 
 
 def packed_weights_enabled() -> bool:
@@ -82,16 +88,27 @@ def packed_weight(weight: Tensor, module) -> Tensor:
 
 
 def _kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    """Whether the kernels serve `x @ weight.T + bias`."""
+    grad = torch.is_grad_enabled()
+    return _input_applies(x) and _weight_applies(weight, bias, x.shape[-1], grad)
+
+
+def _input_applies(x: Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() == 0:
         return False
-    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        return False  # F.linear raises its own error for mismatched shapes
     rows = x.numel() // max(x.shape[-1], 1)
-    if not 1 <= rows <= MAX_ROWS or not weight.is_contiguous():
+    return 1 <= rows <= MAX_ROWS and not (x.requires_grad and torch.is_grad_enabled())
+
+
+def _weight_applies(weight: Tensor, bias: Tensor | None, in_features: int, grad: bool) -> bool:
+    if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] != in_features:
+        return False  # F.linear raises its own error for mismatched shapes
+    if weight.shape[0] == 0 or in_features == 0 or not weight.is_contiguous():
         return False
-    if weight.shape[0] == 0 or weight.shape[1] == 0:
+    if grad and weight.requires_grad:
         return False
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+    if bias is None:
+        return True
+    if bias.dtype != torch.float32 or not bias.is_contiguous():
         return False
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    return not wants_grad(*tensors)
+    return not (grad and bias.requires_grad)
