@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from attnkit.ops.triton_online import LOG2E, dot, finish_softmax, softmax_step
 from attnkit.ops.triton_paged import default_splits, merge_splits, split_plan
-from attnkit.ops.triton_prefill import LOG2E, finish_softmax
 
 
 @triton.jit
@@ -94,23 +94,10 @@ def _latent_decode_split(
             mask=valid[:, None] & (p_dim[None, :] < ROPE),
             other=0.0,
         )
-        if EXACT:  # float32 inputs: full-precision products, not TF32
-            s = tl.dot(q_lat, tl.trans(c), input_precision="ieee")
-            s += tl.dot(q_rope, tl.trans(k_rope), input_precision="ieee")
-        else:
-            s = tl.dot(q_lat, tl.trans(c))
-            s += tl.dot(q_rope, tl.trans(k_rope))
+        s = dot(q_lat, tl.trans(c), EXACT) + dot(q_rope, tl.trans(k_rope), EXACT)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite: n0 < end, so token n0 is valid
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        if EXACT:  # noqa: SIM108 - a compile-time branch, kept plain for Triton
-            pc = tl.dot(p, c, input_precision="ieee")
-        else:
-            pc = tl.dot(p.to(c.dtype), c)
-        acc = acc * alpha[:, None] + pc
-        m = m_new
+        m, l_sum, alpha, p = softmax_step(m, l_sum, s)
+        acc = acc * alpha[:, None] + dot(p, c, EXACT)
     out, lse = finish_softmax(m, l_sum, acc)
     tl.store(
         OUT + split * stride_os + b * stride_ob + h[:, None] * stride_oh + r[None, :],

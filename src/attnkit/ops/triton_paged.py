@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from attnkit.ops.triton_online import dot
+
 
 @triton.jit
 def _paged_decode_split(
@@ -89,10 +91,7 @@ def _paged_decode_split(
             mask=valid[:, None] & (d[None, :] < HEAD_DIM),
             other=0.0,
         )
-        if EXACT:  # noqa: SIM108 - float32 inputs: full-precision products, not TF32
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = dot(q, tl.trans(k), EXACT)
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: n0 < end, so token n0 is valid
         alpha = tl.exp(m - m_new)
@@ -107,11 +106,7 @@ def _paged_decode_split(
             mask=valid[:, None] & (dv[None, :] < V_DIM),
             other=0.0,
         )
-        if EXACT:  # noqa: SIM108 - a compile-time branch, kept plain for Triton
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + dot(p, v, EXACT)
         m = m_new
     seen = l_sum > 0
     out = acc / tl.where(seen, l_sum, 1.0)[:, None]

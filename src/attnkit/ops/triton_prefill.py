@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
+from attnkit.ops.triton_online import LOG2E, dot, finish_softmax, softmax_step
 
 
 @triton.jit
@@ -67,10 +67,7 @@ def _attend_tile(
         mask=key_ok[:, None] & (d[None, :] < HEAD_DIM),
         other=0.0,
     )
-    if EXACT:  # noqa: SIM108 - float32 inputs: full-precision products, not TF32
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+    s = dot(q, tl.trans(k), EXACT)
     visible = key_ok[None, :]
     if MASKED:  # causal, and within the window or among the sinks
         behind = pos[:, None] - n[None, :]
@@ -84,11 +81,7 @@ def _attend_tile(
         )
         visible = visible & (kept != 0) & (pos[:, None] >= 0)
     s = tl.where(visible, s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-    alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_sum = l_sum * alpha + tl.sum(p, 1)
+    m_new, l_sum, alpha, p = softmax_step(m, l_sum, s)
     v_ok = key_ok
     if SPARSE:  # a kept tile may hold keys no row sees: never read them (0 · NaN is NaN)
         v_ok = v_ok & (tl.max(visible.to(tl.int32), 0) > 0)
@@ -97,21 +90,7 @@ def _attend_tile(
         mask=v_ok[:, None] & (dv[None, :] < V_DIM),
         other=0.0,
     )
-    if EXACT:  # noqa: SIM108 - a compile-time branch, kept plain for Triton
-        pv = tl.dot(p, v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    return m_new, l_sum, acc * alpha[:, None] + pv
-
-
-@triton.jit
-def finish_softmax(m, l_sum, acc):
-    """(output, natural-log lse) of an online softmax kept in base 2 (scores scaled by
-    log2 e): acc / l, and (m + log2 l) · ln 2; rows that saw no key give 0 and -inf."""
-    seen = l_sum > 0
-    safe = tl.where(seen, l_sum, 1.0)
-    lse = tl.where(seen, (m + tl.log2(safe)) * 0.6931471805599453, float("-inf"))
-    return acc / safe[:, None], lse
+    return m_new, l_sum, acc * alpha[:, None] + dot(p, v, EXACT)
 
 
 @triton.jit
