@@ -19,16 +19,14 @@ Needs CUDA and Triton. Written without a GPU lent (2026-12-04): not yet run on o
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 
 import attnkit
 from attnkit import masks
 from attnkit.ops.latent_decode import latent_decode
-from gpu_paged_decode import copy_bandwidth, print_rows
+from gpu_paged_decode import gpu_session, print_rows
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 MLA_HEADS, RANK, ROPE = 16, 512, 64
@@ -140,12 +138,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N=4k prefill, batch 1/8 decode")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_attention.py needs a CUDA GPU")
-    console = Console()
-    bandwidth = copy_bandwidth()
-    device = torch.cuda.get_device_name()
-    console.print(f"{device}; device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")
+    console, device, bandwidth = gpu_session("gpu_attention.py")
     lengths, batches, contexts = (
         ((4096,), (1, 8), (4096,)) if args.quick else ((4096, 16384), (1, 8, 32), (4096, 16384))
     )

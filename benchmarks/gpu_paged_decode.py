@@ -147,12 +147,7 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="tune the kernel's launch settings")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_paged_decode.py needs a CUDA GPU")
-    console = Console()
-    bandwidth = copy_bandwidth()
-    device = torch.cuda.get_device_name()
-    console.print(f"{device}; device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")
+    console, device, bandwidth = gpu_session("gpu_paged_decode.py")
     if args.sweep:
         sweep(console)
         return
@@ -160,6 +155,16 @@ def main() -> None:
     rows = [measure(b, n, bandwidth) for b in batches for n in contexts]
     title = f"paged decode, {HEADS}/{KV_HEADS} heads, d {HEAD_DIM}, bf16, {device}"
     print_rows(console, rows, title, args.markdown)
+
+
+def gpu_session(script: str) -> tuple[Console, str, float]:
+    """(console, device name, copy bandwidth) for a GPU benchmark, the bandwidth printed;
+    exits with a message where there is no CUDA GPU."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU")
+    console, device, bandwidth = Console(), torch.cuda.get_device_name(), copy_bandwidth()
+    console.print(f"{device}; device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")
+    return console, device, bandwidth
 
 
 def print_rows(console: Console, rows: list[dict], title: str, markdown: bool) -> None:
