@@ -92,3 +92,94 @@ def test_config_validation_names_the_field(field, value, message):
     )
     with pytest.raises(ValueError, match=message):
         LlamaConfig(**(config | {field: value}))
+
+
+def _decode_logits(model, prompts, steps: int) -> torch.Tensor:
+    """Each prompt prefilled alone, then `steps` greedy decode steps of the whole batch."""
+    cache = model.new_cache(len(prompts))
+    last = [model(p.view(1, -1), cache=cache, seq_ids=[i])[:, -1] for i, p in enumerate(prompts)]
+    logits, out = torch.cat(last), []
+    for _ in range(steps):
+        logits = model(logits.argmax(-1, keepdim=True), cache=cache)[:, -1]
+        out.append(logits)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@torch.no_grad()
+def test_fused_decode_blocks_match_the_float64_model(interleaved, bias, monkeypatch):
+    # float32 decode steps take ops.decode_block (two C++ calls a block); against the same
+    # weights in float64, their error must stay within 2x that of the unfused float32 ops.
+    from attnkit.models import llama
+    from attnkit.ops import decode_block
+
+    model64 = tiny(5, rope_interleaved=interleaved, attention_bias=bias, attention_out_bias=bias)
+    model32 = tiny(5, rope_interleaved=interleaved, attention_bias=bias, attention_out_bias=bias)
+    model32.float()
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 101, (n,), generator=gen) for n in (5, 9, 40)]  # 40: unfused
+    want = _decode_logits(model64, prompts, 6)
+    calls = []
+    fused_call = decode_block.attention_inputs
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return fused_call(*args)
+
+    monkeypatch.setattr(llama.decode_block, "attention_inputs", counted)
+    fused = _decode_logits(model32, prompts, 6)
+    assert (1, 40, 54) not in calls  # past MAX_ROWS rows: the unfused path
+    assert calls.count((3, 1, 54)) == 6 * 3  # every decode step, every layer
+    monkeypatch.setattr(llama.decode_block, "fusable", lambda *a: False)
+    plain = _decode_logits(model32, prompts, 6)
+    err, plain_err = ((t.double() - want).abs().max().item() for t in (fused, plain))
+    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+
+
+@torch.no_grad()
+def test_hooks_and_stand_in_layers_keep_the_unfused_path(monkeypatch):
+    # The fused calls would skip a hook's module (MLA conversion records attention inputs
+    # with a pre-hook) or a stand-in layer's own forward (a LoRA Linear, say).
+    from attnkit.layers.projection import Linear
+    from attnkit.models import llama
+
+    model = tiny(7).float()
+    fused_blocks = []
+    fused_forward = llama.Block._fused_forward
+
+    def recorded(block, *args):
+        fused_blocks.append(block)
+        return fused_forward(block, *args)
+
+    monkeypatch.setattr(llama.Block, "_fused_forward", recorded)
+    seen = []
+    handle = model.blocks[1].attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    cache = model.new_cache(1)
+    model(torch.randint(0, 101, (1, 4)), cache=cache)
+    model(torch.randint(0, 101, (1, 1)), cache=cache)
+    handle.remove()
+    assert seen == [(1, 4, 54), (1, 1, 54)]
+    assert model.blocks[1] not in fused_blocks and model.blocks[0] in fused_blocks
+
+    fused_blocks.clear()
+    global_seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, out: global_seen.append(type(m))
+    )
+    try:
+        model(torch.randint(0, 101, (1, 1)), cache=cache)
+    finally:
+        handle.remove()
+    assert llama.FeedForward in global_seen and not fused_blocks
+
+    class Doubled(Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    block = model.blocks[0]
+    doubled = Doubled(54, 54, bias=False)
+    doubled.weight.data = block.attn.wo.weight.data / 2
+    block.attn.wo = doubled
+    model(torch.randint(0, 101, (1, 1)), cache=cache)
+    assert block not in fused_blocks and model.blocks[2] in fused_blocks

@@ -109,7 +109,8 @@ def test_inference_mode_weights_take_the_packed_kernel(monkeypatch):
 def test_packed_kernel_rejects_a_mismatched_packing():
     module = load_kernel(skinny_linear.PACKED_SOURCE)
     packed = module.pack(torch.randn(8, 16))
-    with pytest.raises(RuntimeError, match=r"packed weight 0 must be \(panels, 12, 32\)"):
+    wanted = r"a packed weight must be \(panels, 12, 32\) float32 for 8 features"
+    with pytest.raises(RuntimeError, match=wanted):
         module.packed_linear_many(torch.randn(2, 12), [packed], [8], [None])
 
 

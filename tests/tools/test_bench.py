@@ -122,3 +122,12 @@ def test_pair_times_the_two_calls_in_turn_after_one_warm_up_each():
     ours, theirs = Timer(3).pair(lambda: calls.append("a"), lambda: calls.append("b"))
     assert calls == ["a", "b"] * 4  # a warm-up each, then three alternating rounds
     assert ours >= 0 and theirs >= 0
+
+
+def test_llama_cpp_failures_come_back_as_a_reason_not_a_crash(tmp_path):
+    # llama.cpp runs in a child process: a missing package, a bad model file or a native
+    # crash (a build for CPU features the host lacks) ends the child, and the row says why.
+    from attnkit.tools.bench.llama_cpp_run import time_generation
+
+    result = time_generation(str(tmp_path / "missing.gguf"), "hello", 1, 2, 1)
+    assert isinstance(result, str) and result.startswith("llama.cpp exited with code")

@@ -25,6 +25,12 @@ class _Placement:
     slot_index: Tensor  # (batch, 1)
     positions: Tensor
     start: int | None
+    # Views of the k and v buffers for every layer, made once per step (indexing the buffer
+    # per layer costs ~30 us of a ~150 us decode layer): where the step writes,
+    # (layers, batch, kv_heads, n_new, d), when `start` is set; what it reads,
+    # (layers, batch, kv_heads, kv_len, d), when `rows` is a slice.
+    written: tuple[Tensor, Tensor] | None
+    read: tuple[Tensor, Tensor] | None
 
 
 class ContiguousCache(KVCache):
@@ -99,15 +105,16 @@ class ContiguousCache(KVCache):
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         step = self._check_update(layer, k, v, self.n_layers)
         place = self._placement(step)
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
-        if place.start is not None:  # one block of the buffer: a plain copy
-            new = slice(place.start, place.start + step.n_new)
-            self.k[layer, place.rows, :, new] = k
-            self.v[layer, place.rows, :, new] = v
+        if place.written is not None:  # one block of the buffer: a plain copy
+            place.written[0][layer].copy_(k)
+            place.written[1][layer].copy_(v)
         else:
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
             # Advanced indices on dims 0 and 2 come first: the target is (batch, n_new, heads, dim).
             self.k[layer][place.slot_index, :, place.positions] = k.transpose(1, 2)
             self.v[layer][place.slot_index, :, place.positions] = v.transpose(1, 2)
+        if place.read is not None:
+            return place.read[0][layer], place.read[1][layer]
         return self.k[layer, place.rows, :, : step.kv_len], self.v[
             layer, place.rows, :, : step.kv_len
         ]
@@ -144,7 +151,13 @@ class ContiguousCache(KVCache):
             first = starts.tolist()
             common = first[0] if isinstance(rows, slice) and len(set(first)) == 1 else None
             positions = starts.view(-1, 1) + torch.arange(step.n_new, device=starts.device)
-            self._placed = (step, _Placement(rows, slot_index, positions, common))
+            written = read = None
+            if common is not None:
+                new = slice(common, common + step.n_new)
+                written = (self.k[:, rows, :, new], self.v[:, rows, :, new])
+            if isinstance(rows, slice):
+                read = (self.k[:, rows, :, : step.kv_len], self.v[:, rows, :, : step.kv_len])
+            self._placed = (step, _Placement(rows, slot_index, positions, common, written, read))
         return self._placed[1]
 
     def _storage_start(self, step: CacheStep) -> Tensor:

@@ -38,6 +38,22 @@ class AttentionContext:
         """The interleaved rotation as complex numbers (`rotation_phasors`); None otherwise."""
         return rotation_phasors(self.cos, self.sin) if self.interleaved else None
 
+    @cached_property
+    def _angle_rows(self) -> dict[tuple[int, int], tuple[Tensor, Tensor]]:
+        return {}
+
+    def angles_by_row(self, batch: int, seq: int) -> tuple[Tensor, Tensor]:
+        """cos and sin as contiguous `(batch · seq, r/2)`, one row per token, made once per
+        pass (the fused decode calls of `ops.decode_block` take them so)."""
+        key = (batch, seq)
+        if key not in self._angle_rows:
+            half = self.cos.shape[-1]
+            self._angle_rows[key] = tuple(
+                a.expand(batch, seq, half).reshape(batch * seq, half).contiguous()
+                for a in (self.cos, self.sin)
+            )
+        return self._angle_rows[key]
+
 
 class Attention(nn.Module):
     """Self-attention: `wq`, `wk`, `wv`, `wo` projections; K/V heads shared by query groups.
@@ -130,13 +146,20 @@ class Attention(nn.Module):
         rotate = {"interleaved": ctx.interleaved, "phasors": ctx.phasors}
         q = apply_rotary(q, ctx.cos, ctx.sin, **rotate)
         k = apply_rotary(k, ctx.cos, ctx.sin, **rotate)
+        return self.wo(self.attend(q, k, v, ctx))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """Attention of rotated q, k and v `(batch, heads, seq, d)` over the cache (which
+        stores k and v) or, without one, over themselves; `(batch, seq, heads · d)`, before
+        the output projection."""
         if ctx.cache is not None:
             if ctx.cache.wants_queries:
                 ctx.cache.record_queries(self.layer_idx, q)
             out = ctx.cache.attend(self.layer_idx, q, k, v, self.pattern, self.backend)
         else:
             out = attention(q, k, v, narrow_mask(ctx.mask, self.pattern), backend=self.backend)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        b, _, t, _ = q.shape
+        return out.transpose(1, 2).reshape(b, t, -1)
 
     def _cross_forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         """Decoder queries over encoder K/V: projected from `ctx.memory` or read from the cache."""

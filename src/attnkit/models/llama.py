@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,10 @@ from attnkit.cache.layered import LayeredCache
 from attnkit.layers.attention import Attention, AttentionContext
 from attnkit.layers.projection import Linear, project
 from attnkit.layers.rope import RopeScaling, RotaryEmbedding
+from attnkit.ops import decode_block
 from attnkit.ops.masks import causal
 from attnkit.ops.rms_norm import rms_norm
+from attnkit.ops.skinny_linear import MAX_ROWS
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -138,8 +141,82 @@ class Block(nn.Module):
         self.mlp = FeedForward(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        weights = self._decode_weights(x, ctx)
+        if weights is not None:
+            return self._fused_forward(x, ctx, weights)
         x = x + self.attn(self.attn_norm(x), ctx)
         return x + self.mlp(self.mlp_norm(x))
+
+    def _decode_weights(self, x: Tensor, ctx: AttentionContext) -> _BlockWeights | None:
+        """The block's tensors when this step can take the fused decode calls
+        (`ops.decode_block`: a few float32 CPU rows through this file's own layers, with no
+        forward hooks that the fused calls would skip)."""
+        if x.shape[0] * x.shape[1] > MAX_ROWS or _global_hooks():
+            return None
+        # Submodules and parameters are read from their registries: nn.Module.__getattr__
+        # costs ~1 us a read here (~60 us a layer and step, 4% of a decode step).
+        modules = self._modules
+        attn, mlp = modules["attn"], modules["mlp"]
+        attn_norm, mlp_norm = modules["attn_norm"], modules["mlp_norm"]
+        if not (_plain(attn, Attention) and _plain(mlp, FeedForward)) or attn.cross:
+            return None
+        if not (_plain(attn_norm, RMSNorm) and _plain(mlp_norm, RMSNorm)):
+            return None
+        linears = [attn._modules[n] for n in ("wq", "wk", "wv", "wo")]
+        linears += [mlp._modules[n] for n in ("gate", "up", "down")]
+        if not all(_plain(m, Linear) for m in linears):
+            return None
+        params = [m._parameters for m in linears]
+        weights = _BlockWeights(
+            (attn_norm._parameters["weight"], attn_norm.eps),
+            tuple(p["weight"] for p in params[:3]),
+            tuple(p["bias"] for p in params[:3]),
+            (params[3]["weight"], params[3]["bias"]),
+            (mlp_norm._parameters["weight"], mlp_norm.eps),
+            tuple(p["weight"] for p in params[4:]),
+        )
+        tensors = [weights.attn_norm[0], *weights.qkv, *weights.qkv_bias, *weights.wo]
+        tensors += [weights.mlp_norm[0], *weights.mlp, ctx.cos, ctx.sin]
+        return weights if decode_block.fusable(x, tensors) else None
+
+    def _fused_forward(self, x: Tensor, ctx: AttentionContext, w: _BlockWeights) -> Tensor:
+        """`forward` in two C++ calls around attention: norm + q/k/v + RoPE, then the
+        output projection, norm, MLP and both residuals."""
+        attn = self._modules["attn"]
+        q, k, v = decode_block.attention_inputs(
+            x,
+            *w.attn_norm,
+            w.qkv,
+            w.qkv_bias,
+            *ctx.angles_by_row(x.shape[0], x.shape[1]),
+            (attn.n_heads, attn.n_kv_heads),
+            attn.head_dim,
+            ctx.interleaved,
+        )
+        out = attn.attend(q, k, v, ctx)
+        return decode_block.block_outputs(x, out, *w.wo, *w.mlp_norm, w.mlp)
+
+
+def _plain(module: nn.Module, kind: type) -> bool:
+    """Whether `module` is exactly `kind` (no subclass or stand-in) and has no forward hooks."""
+    return type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks are registered for every module (torch keeps them here)."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+
+
+class _BlockWeights(NamedTuple):
+    """A block's tensors for one fused step."""
+
+    attn_norm: tuple[Tensor, float]  # weight, eps
+    qkv: tuple[Tensor, Tensor, Tensor]
+    qkv_bias: tuple[Tensor | None, Tensor | None, Tensor | None]
+    wo: tuple[Tensor, Tensor | None]  # weight, bias
+    mlp_norm: tuple[Tensor, float]
+    mlp: tuple[Tensor, Tensor, Tensor]  # gate, up, down
 
 
 def rotary_for(config: LlamaConfig) -> RotaryEmbedding:

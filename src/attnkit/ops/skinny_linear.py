@@ -9,13 +9,13 @@ Up to 32 rows (a continuous-batching decode step) it also beats BLAS once comput
 SmolLM2-135M's matmuls at 16 rows take 48 ms against F.linear's 72 ms, at 32 rows 85 vs
 92 ms (2 cores, measured interleaved).
 
-Faster still is csrc/packed_linear.cpp, which reads each weight from a copy packed once
-into panels of 32 output features (no lane sums, x broadcast from L1): a pass over SmolLM2's
-weights at 32 rows 44 vs 68 ms, at 8 rows 18 vs 25, at 1 row 17 vs 20 (2 cores). The
-packed copy is made on first use and kept on the weight tensor (`_attnkit_packed`),
-remade when the weight changes (its data pointer or version counter); it costs one more
-copy of every weight that decodes. `ATTNKIT_PACKED_WEIGHTS=0` keeps memory as it was and
-uses the row-major kernel.
+Faster still is csrc/packed_linear.cpp (its kernel is in packed_gemm.h), which reads each
+weight from a copy packed once into panels of 32 output features (no lane sums, x
+broadcast from L1): a pass over SmolLM2's weights at 32 rows 44 vs 68 ms, at 8 rows 18 vs
+25, at 1 row 17 vs 20 (2 cores). The packed copy is made on first use and kept on the
+weight tensor (`_attnkit_packed`), remade when the weight changes (its data pointer or
+version counter); it costs one more copy of every weight that decodes.
+`ATTNKIT_PACKED_WEIGHTS=0` keeps memory as it was and uses the row-major kernel.
 
 The kernels serve float32 CPU inputs of 1 to `MAX_ROWS` rows with a contiguous weight and
 no autograd; everything else (and every machine where the kernels cannot be built, or

@@ -1,124 +1,19 @@
-// y = x W^T (+ b) for a few rows of x, with W packed once into panels of 32 output features.
-//
-// A panel is (in, 32): for each input index, the 32 features' weights side by side. A tile
-// of R rows of x against one panel keeps R x 2 vector accumulators; each input index costs
-// 2 vector loads of the panel, R scalar broadcasts of x and 2R FMAs, with no lane sums at
-// the end (the row-major kernel, skinny_linear.cpp, needs a horizontal sum per output and
-// reloads x per weight row). The panel is read from memory once, by the first row tile,
-// which also asks for the next panel one input index at a time (prefetch spread over the
-// work, not a burst); the other row tiles find it in L2. Measured on SmolLM2-135M's weights,
-// 2 cores, per pass over the weights: AMD EPYC, 32 rows 196 vs 127 GFLOP/s for the
-// row-major kernel, 8 rows 121 vs 86, one row 17 vs 20 ms (memory floor ~18 ms); Intel
-// Xeon (AVX-512), against F.linear (MKL): 32 rows 59 vs 70 ms, 8 rows 29 vs 53, one row
-// 24 vs 24 (floor ~21). Prefetching two panels ahead instead of one measured slower.
+// y_i = x W_i^T (+ b_i) for a few rows of x against weights packed into panels (the kernel
+// and its measurements are in packed_gemm.h).
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include "vec.h"
+#include "packed_gemm.h"
 
-#include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 namespace {
 
-using vfloat = Vec<float>;
-constexpr int64_t WIDTH = LANES<float>;
-constexpr int64_t PANEL = 2 * WIDTH;  // output features per panel
-
-// Input indices summed into fresh accumulators before they join the running total: a
-// float32 sum over all of `in` in one accumulator errs ~4x BLAS's at in = 576; in blocks
-// its error is that of a block plus that of in / BLOCK partial sums.
-constexpr int64_t BLOCK = 64;
-
-// Rows [0, R) of x against one panel, for input indices [0, in): out[r][0..PANEL).
-// `next`, if set, is the panel to prefetch into L2 alongside. The row loops must unroll so
-// that acc lives in registers: without the pragmas GCC 12 kept some tiles' acc on the
-// stack (an FMA with a memory operand per update) and the kernel ran at half speed on a
-// 2-core Xeon (120 vs 240 GFLOP/s at 64 rows).
-template <int R>
-inline void tile(const float* x, int64_t in, const float* panel, const float* next,
-                 float (*out)[PANEL]) {
-  for (int64_t i0 = 0; i0 < in || i0 == 0; i0 += BLOCK) {
-    vfloat acc[R][2] = {};
-    for (int64_t i = i0; i < std::min(in, i0 + BLOCK); ++i) {
-      if (next) {
-        prefetch_l2(next + i * PANEL);
-        prefetch_l2(next + i * PANEL + WIDTH);
-      }
-      const vfloat w0 = load(panel + i * PANEL), w1 = load(panel + i * PANEL + WIDTH);
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const float xv = x[r * in + i];
-        acc[r][0] += xv * w0;
-        acc[r][1] += xv * w1;
-      }
-    }
-#pragma GCC unroll 12
-    for (int r = 0; r < R; ++r) {
-      if (i0 > 0) {
-        acc[r][0] += load(out[r]);
-        acc[r][1] += load(out[r] + WIDTH);
-      }
-      store<float>(out[r], acc[r][0]);
-      store<float>(out[r] + WIDTH, acc[r][1]);
-    }
-  }
-}
-
-// One weight's panels [first_panel, first_panel + panels) in the combined index the threads
-// split.
-struct Segment {
-  const float* packed;
-  const float* bias;
-  float* y;
-  int64_t out, first_panel, panels;
-};
-
-// All rows of x against panel p of segment s, in row tiles of 12, then 8, 4, 2, 1; only
-// the first tile prefetches `next` (the others find this panel in L2).
-void panel_product(const float* x, int64_t rows, int64_t in, const Segment& s, int64_t p,
-                   const float* next) {
-  const float* panel = s.packed + p * in * PANEL;
-  const int64_t col = p * PANEL, valid = std::min(PANEL, s.out - col);
-  float out[12][PANEL];
-  int64_t r0 = 0;
-  auto tiles_of = [&](auto size) {  // as many R-row tiles as fit, each stored (+ bias)
-    constexpr int R = decltype(size)::value;
-    for (; r0 + R <= rows; r0 += R) {
-      tile<R>(x + r0 * in, in, panel, r0 == 0 ? next : nullptr, out);
-      for (int r = 0; r < R; ++r) {  // valid columns only: the last panel is padded
-        float* yr = s.y + (r0 + r) * s.out + col;
-        for (int64_t c = 0; c < valid; ++c) yr[c] = out[r][c] + (s.bias ? s.bias[col + c] : 0.0f);
-      }
-    }
-  };
-  tiles_of(std::integral_constant<int, 12>{});
-  tiles_of(std::integral_constant<int, 8>{});
-  tiles_of(std::integral_constant<int, 4>{});
-  tiles_of(std::integral_constant<int, 2>{});
-  tiles_of(std::integral_constant<int, 1>{});
-}
-
-}  // namespace
-
-// (out, in) float32 contiguous -> (ceil(out / 32), in, 32), the last panel zero-padded.
-at::Tensor pack(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
-              "pack takes a float32 matrix");
-  const int64_t out = weight.size(0), in = weight.size(1);
-  const int64_t panels = (out + PANEL - 1) / PANEL;
-  at::Tensor padded = at::zeros({panels * PANEL, in}, weight.options());
-  padded.narrow(0, 0, out).copy_(weight);
-  return padded.view({panels, PANEL, in}).transpose(1, 2).contiguous();
-}
-
 // y_i = x W_i^T (+ b_i) for every packed W_i (out_i real features): one parallel region
-// over all their panels, so a layer's q/k/v (or gate/up) projections cost one call. x
-// (rows, in) float32 contiguous; the Python side checks shapes and picks this path.
+// over all their panels. x (rows, in) float32 contiguous; the Python side checks shapes and
+// picks this path.
 std::vector<at::Tensor> packed_linear_many(const at::Tensor& x,
                                            const std::vector<at::Tensor>& packed,
                                            const std::vector<int64_t>& outs,
@@ -129,13 +24,9 @@ std::vector<at::Tensor> packed_linear_many(const at::Tensor& x,
               "x must be a contiguous float32 matrix");
   const int64_t rows = x.size(0), in = x.size(1);
   std::vector<at::Tensor> outputs;
-  std::vector<Segment> segments;
-  int64_t total = 0;
+  std::vector<packed_gemm::Segment> segments;
+  int64_t panels = 0;
   for (size_t i = 0; i < packed.size(); ++i) {
-    const at::Tensor& w = packed[i];
-    TORCH_CHECK(w.dim() == 3 && w.size(1) == in && w.size(2) == PANEL && w.is_contiguous() &&
-                    w.scalar_type() == at::kFloat && outs[i] <= w.size(0) * PANEL,
-                "packed weight ", i, " must be (panels, ", in, ", ", PANEL, ") float32");
     const bool has_bias = biases[i].has_value() && biases[i]->defined();
     if (has_bias) {
       TORCH_CHECK(biases[i]->scalar_type() == at::kFloat && biases[i]->is_contiguous() &&
@@ -143,30 +34,19 @@ std::vector<at::Tensor> packed_linear_many(const at::Tensor& x,
                   "bias must be a contiguous float32 vector of ", outs[i]);
     }
     outputs.push_back(at::empty({rows, outs[i]}, x.options()));
-    segments.push_back({w.data_ptr<float>(), has_bias ? biases[i]->data_ptr<float>() : nullptr,
-                        outputs.back().data_ptr<float>(), outs[i], total, w.size(0)});
-    total += w.size(0);
+    segments.push_back(packed_gemm::segment(packed[i], outs[i], in, panels,
+                                            has_bias ? biases[i]->data_ptr<float>() : nullptr,
+                                            nullptr, outputs.back().data_ptr<float>()));
+    panels += segments.back().panels;
   }
-  const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
-    size_t s = 0;
-    for (int64_t g = begin; g < end; ++g) {
-      while (g >= segments[s].first_panel + segments[s].panels) ++s;
-      const int64_t p = g - segments[s].first_panel;
-      // The next panel this thread will take, possibly the next weight's first.
-      const float* next = nullptr;
-      if (g + 1 < end) {
-        next = p + 1 < segments[s].panels ? segments[s].packed + (p + 1) * in * PANEL
-                                          : segments[s + 1].packed;
-      }
-      panel_product(xp, rows, in, segments[s], p, next);
-    }
-  });
+  packed_gemm::multiply(x.data_ptr<float>(), rows, in, segments);
   return outputs;
 }
 
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "a (out, in) float32 weight as (ceil(out / 32), in, 32) panels");
+  m.def("pack", &packed_gemm::pack, "a (out, in) float32 weight as (ceil(out / 32), in, 32) panels");
   m.def("packed_linear_many", &packed_linear_many,
         "[x W_i^T (+ b_i)] for packed weights W_i in one parallel region (float32)",
         py::call_guard<py::gil_scoped_release>());

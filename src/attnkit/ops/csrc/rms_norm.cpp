@@ -8,7 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <cmath>
+#include "rms_norm.h"
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
@@ -24,15 +24,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   // Rows are independent; only many of them (prefill) are worth a second thread.
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(width, 1)),
                    [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r) {
-                       const float* xr = xp + r * width;
-                       float* yr = yp + r * width;
-                       float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-                       for (int64_t i = 0; i < width; ++i) squares += xr[i] * xr[i];
-                       const float inv = 1.0f / std::sqrt(squares / width + float(eps));
-                       for (int64_t i = 0; i < width; ++i) yr[i] = xr[i] * inv * wp[i];
-                     }
+                     for (int64_t r = begin; r < end; ++r)
+                       rms_norm_row(xp + r * width, wp, float(eps), width, yp + r * width);
                    });
   return y;
 }

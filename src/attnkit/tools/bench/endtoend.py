@@ -8,7 +8,7 @@
 - prefill of 8k tokens vs its floor: the model's matmuls timed alone at the same shapes
   plus torch SDPA's causal attention at the model's head layout, once per layer;
 - llama.cpp's decode speed, when llama-cpp-python is installed (4-bit weights: context,
-  not a target at float32).
+  not a target at float32), timed in a child process (`llama_cpp_run`).
 """
 
 from __future__ import annotations
@@ -296,21 +296,15 @@ def llama_cpp_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         if importlib.util.find_spec("llama_cpp") is None:
             note = "llama-cpp-python is not installed (it builds from source)"
             return [Row(6, case, ours, "llama.cpp (Q4_1 weights)", math.nan, None, note)]
-        from llama_cpp import Llama
-
         from attnkit.models.loading import smollm2_path
+        from attnkit.tools.bench.llama_cpp_run import time_generation  # `python -m` runs it
 
         threads = torch.get_num_threads()
-        llm = Llama(model_path=str(smollm2_path()), n_threads=threads, n_ctx=2048, verbose=False)
-        text = tokenizer.decode(prompt)
-        # greedy, and exactly `new_tokens`: end-of-text is banned as attnkit's run stops on none
-        never_stop = {llm.token_eos(): float("-inf")}
-
-        def theirs_call():
-            llm.reset()  # no prefix reuse between repeats: each call prefills, as ours does
-            llm(text, max_tokens=new_tokens, temperature=0.0, logit_bias=never_stop)
-
-        theirs = timer(theirs_call)
+        theirs = time_generation(
+            str(smollm2_path()), tokenizer.decode(prompt), threads, new_tokens, timer.repeats
+        )
+        if isinstance(theirs, str):
+            return [Row(6, case, ours, "llama.cpp (Q4_1 weights)", math.nan, None, theirs)]
         note = "llama.cpp runs 4-bit weights (1/8 of the bytes per step): context, not a target"
         return [Row(6, case, ours, f"llama.cpp (Q4_1, {threads} threads)", theirs, None, note)]
 

@@ -1,0 +1,187 @@
+"""The fused decode-block calls (csrc/decode_block.cpp) equal the torch ops they replace.
+
+Each call is checked against the same composition of torch ops in float64 (rms_norm,
+F.linear, `apply_rotary`, silu), on fresh random inputs with awkward sizes. Tolerance: the
+2x rule, the fused float32 error against float64 at most twice that of the plain float32
+torch composition, plus 1e-5 for outputs near zero.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnkit.layers.rope import apply_rotary
+from attnkit.ops import decode_block
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason
+from attnkit.ops.skinny_linear import MAX_ROWS
+
+
+def test_the_kernel_builds_on_this_machine():
+    # If this fails, every decode step silently takes the unfused torch path: say so here.
+    assert load_kernel(decode_block.SOURCE) is not None, unavailable_reason(decode_block.SOURCE)
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _within_2x(got: torch.Tensor, plain: torch.Tensor, want: torch.Tensor) -> None:
+    err = (got.double() - want).abs().max().item()
+    plain_err = (plain.double() - want).abs().max().item()
+    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+
+
+def _inputs_reference(x, norm, eps, weights, biases, cos, sin, heads, head_dim, interleaved):
+    """q, k, v by torch ops, in the dtype of the arguments (float64 for the oracle)."""
+    b, t, _ = x.shape
+    h = _norm(x, norm, eps)
+    q, k, v = (F.linear(h, w, bias) for w, bias in zip(weights, biases, strict=True))
+    n_heads, n_kv = heads
+    q = q.view(b, t, n_heads, head_dim).transpose(1, 2)
+    k = k.view(b, t, n_kv, head_dim).transpose(1, 2)
+    v = v.view(b, t, n_kv, head_dim).transpose(1, 2)
+    rotate = {"interleaved": interleaved}
+    return apply_rotary(q, cos, sin, **rotate), apply_rotary(k, cos, sin, **rotate), v
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 6),
+    seq=st.integers(1, 5),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 3),
+    half=st.integers(1, 7),
+    extra=st.integers(0, 5),  # head dims past the rotated ones (partial rotary)
+    hidden=st.integers(1, 97),
+    interleaved=st.booleans(),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_inputs_match_torch_ops(
+    batch, seq, kv_heads, group, half, extra, hidden, interleaved, with_bias, seed
+):
+    if batch * seq > MAX_ROWS:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    head_dim, n_heads = 2 * half + extra, kv_heads * group
+    x = torch.randn(batch, seq, hidden, generator=gen)
+    norm = torch.rand(hidden, generator=gen) + 0.5
+    outs = (n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    weights = tuple(torch.randn(o, hidden, generator=gen) / hidden**0.5 for o in outs)
+    biases = tuple(torch.randn(o, generator=gen) if with_bias else None for o in outs)
+    angles = torch.rand(batch, seq, half, generator=gen) * 50  # each token its own position
+    cos, sin = angles.cos(), angles.sin()
+    eps = 1e-5
+    args = (weights, biases, cos, sin, (n_heads, kv_heads), head_dim, interleaved)
+
+    got = decode_block.attention_inputs(
+        x,
+        norm,
+        eps,
+        weights,
+        biases,
+        cos.reshape(-1, half),
+        sin.reshape(-1, half),
+        (n_heads, kv_heads),
+        head_dim,
+        interleaved,
+    )
+    plain = _inputs_reference(x, norm, eps, *args)
+    double = [tuple(None if t is None else t.double() for t in group) for group in args[:2]]
+    want = _inputs_reference(
+        x.double(), norm.double(), eps, *double, cos.double(), sin.double(), *args[4:]
+    )
+    for got_i, plain_i, want_i in zip(got, plain, want, strict=True):
+        assert got_i.shape == want_i.shape
+        _within_2x(got_i, plain_i, want_i)
+
+
+def _outputs_reference(x, attn, wo, bias_o, norm, eps, gate, up, down):
+    y = x + F.linear(attn, wo, bias_o)
+    n = _norm(y, norm, eps)
+    return y + F.linear(F.silu(F.linear(n, gate)) * F.linear(n, up), down)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, MAX_ROWS),
+    hidden=st.integers(1, 97),
+    attn_width=st.integers(1, 70),
+    intermediate=st.integers(1, 130),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_block_outputs_match_torch_ops(rows, hidden, attn_width, intermediate, with_bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 1, hidden, generator=gen)
+    attn = torch.randn(rows, 1, attn_width, generator=gen)
+    wo = torch.randn(hidden, attn_width, generator=gen) / attn_width**0.5
+    bias_o = torch.randn(hidden, generator=gen) if with_bias else None
+    norm = torch.rand(hidden, generator=gen) + 0.5
+    # gate pre-activations of a few units up to |g| ~ 30: silu's both tails
+    gate = torch.randn(intermediate, hidden, generator=gen) * 3
+    up = torch.randn(intermediate, hidden, generator=gen) / hidden**0.5
+    down = torch.randn(hidden, intermediate, generator=gen) / intermediate**0.5
+    eps = 1e-5
+    got = decode_block.block_outputs(x, attn, wo, bias_o, norm, eps, (gate, up, down))
+    tensors = (x, attn, wo, bias_o, norm)
+    plain = _outputs_reference(*tensors, eps, gate, up, down)
+    double = [None if t is None else t.double() for t in (*tensors, gate, up, down)]
+    want = _outputs_reference(*double[:5], eps, *double[5:])
+    assert got.shape == x.shape
+    _within_2x(got, plain, want)
+
+
+def test_silu_tails_are_finite_and_exact_enough():
+    # The fused silu must neither overflow (e^-x for very negative x) nor lose the linear
+    # tail. With x = 0, attn = 1 and every weight 1, y = 1 and the normed row is 1, so
+    # the block returns 1 + silu(gate weight): one call per gate value.
+    one = torch.ones(1, 1)
+    for value in (-1e30, -1e4, -100.0, -87.5, -86.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 1e4):
+        gate = torch.full((1, 1), value)
+        out = decode_block.block_outputs(
+            torch.zeros(1, 1, 1), torch.ones(1, 1, 1), one, None, torch.ones(1), 0.0,
+            (gate, one, one),
+        )  # fmt: skip
+        want = 1.0 + F.silu(torch.tensor(value, dtype=torch.float64)).item()
+        assert torch.isfinite(out).all(), value
+        assert abs(out.item() - want) <= 1e-6 * max(1.0, abs(want)), (value, out.item(), want)
+
+
+def test_fusable_says_no_to_what_the_calls_do_not_serve():
+    w = torch.randn(8, 8)
+    x = torch.randn(2, 1, 8)
+    assert decode_block.fusable(x, [w, None])
+    assert not decode_block.fusable(x.double(), [w.double()])  # float32 only
+    assert not decode_block.fusable(x, [w.double()])
+    assert not decode_block.fusable(torch.randn(MAX_ROWS + 1, 1, 8), [w])  # too many rows
+    assert not decode_block.fusable(torch.randn(4, MAX_ROWS // 4 + 1, 8), [w])
+    trained = w.clone().requires_grad_()
+    assert not decode_block.fusable(x, [trained])  # autograd wants a backward
+    with torch.no_grad():
+        assert decode_block.fusable(x, [trained])
+
+
+def test_fusable_follows_the_packed_weights_switch(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_PACKED_WEIGHTS", "0")
+    assert not decode_block.fusable(torch.randn(1, 1, 4), [torch.randn(4, 4)])
+
+
+@pytest.mark.parametrize("bad", ["cos_rows", "half", "heads"])
+def test_the_kernel_rejects_inconsistent_arguments(bad):
+    # The Python side checks what it dispatches; the kernel still refuses layouts that
+    # would make it read out of bounds, with a message, not a crash.
+    module = load_kernel(decode_block.SOURCE)
+    hidden, head_dim = 8, 4
+    x = torch.randn(2, hidden)
+    weights = [module.pack(torch.randn(o, hidden)) for o in (8, 4, 4)]
+    cos = torch.randn(1 if bad == "cos_rows" else 2, 3 if bad == "half" else 2)
+    outs = [8, 4, 6] if bad == "heads" else [8, 4, 4]
+    with pytest.raises(RuntimeError, match="cos and sin|whole heads|packed weight"):
+        module.attention_inputs(
+            x, torch.ones(hidden), 1e-5, weights, outs, [None] * 3, cos, cos, head_dim, True
+        )
