@@ -2,11 +2,12 @@
 // in two calls: before attention, RMSNorm + the q/k/v projections + RoPE; after it, the
 // output projection + residual, RMSNorm, SwiGLU MLP + residual.
 //
-// At decode every op of a block is tiny: SmolLM2-135M's block at batch 8 runs ~50 torch ops
+// At decode every op of a block is tiny: SmolLM2-135M's block at batch 8 ran ~50 torch ops
 // (views, transposes, RoPE's complex multiply, silu, mul, adds) around its 4 matmul calls,
-// ~300 us of dispatch and Python a layer against ~900 us of matmul. Here the matmuls are
+// ~300 us of dispatch and Python a layer against ~800 us of matmul. Here the matmuls are
 // packed_gemm.h's (one parallel region per group of weights sharing an input) and
-// everything else is a pass over a few KB in the calling thread.
+// everything else is a pass over a few KB in the calling thread. Measured on a 2-core Xeon,
+// a batch-8 decode step went from 44 to 37-39 ms, a batch-1 step from 35 to 31.
 
 #include <ATen/ATen.h>
 #include <torch/extension.h>
