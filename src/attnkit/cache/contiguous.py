@@ -31,10 +31,6 @@ class _Placement:
     # (layers, batch, kv_heads, kv_len, d), when `rows` is a slice.
     written: tuple[Tensor, Tensor] | None
     read: tuple[Tensor, Tensor] | None
-    # The decode kernel's per-sequence key counts (None: all keys), when the step's mask is
-    # one it reads as lengths (none, or right padding); `decodes` is False otherwise.
-    decodes: bool
-    decode_lengths: Tensor | None
 
 
 class ContiguousCache(KVCache):
@@ -80,6 +76,7 @@ class ContiguousCache(KVCache):
         self._slots = SlotPool(max_seqs)
         self._slot: dict[int, int] = {}
         self._placed: tuple[CacheStep, _Placement] | None = None
+        self._lengths_for: tuple[CacheStep, bool, Tensor | None] | None = None
 
     @property
     def capacity(self) -> int:
@@ -131,13 +128,14 @@ class ContiguousCache(KVCache):
         dispatch (~20 us a layer and step, about what the kernel itself takes on a short
         context); every other step is `update` + mask + `attention`."""
         k_all, v_all = self.update(layer, k, v)
-        place = self._placement(self.step)
-        fits = backend == "auto" and pattern is None and q.shape[2] == 1 and place.decodes
+        fits = backend == "auto" and pattern is None and q.shape[2] == 1
         if fits and self.key_positions(layer) is None and _decodable(q, k_all, v_all):
-            scale = 1.0 / math.sqrt(q.shape[-1])
-            query = q[:, :, 0].contiguous()
-            out, _ = cpu_decode.decode_contiguous(query, k_all, v_all, place.decode_lengths, scale)
-            return out.unsqueeze(2)
+            decodes, lengths = self._decode_lengths(self.step)
+            if decodes:
+                scale = 1.0 / math.sqrt(q.shape[-1])
+                query = q[:, :, 0].contiguous()
+                out, _ = cpu_decode.decode_contiguous(query, k_all, v_all, lengths, scale)
+                return out.unsqueeze(2)
         return attention(q, k_all, v_all, self.layer_mask(layer, pattern), backend=backend)
 
     def _placement(self, step: CacheStep) -> _Placement:
@@ -158,15 +156,19 @@ class ContiguousCache(KVCache):
                 written = (self.k[:, rows, :, new], self.v[:, rows, :, new])
             if isinstance(rows, slice):
                 read = (self.k[:, rows, :, : step.kv_len], self.v[:, rows, :, : step.kv_len])
+            self._placed = (step, _Placement(rows, slot_index, positions, common, written, read))
+        return self._placed[1]
+
+    def _decode_lengths(self, step: CacheStep) -> tuple[bool, Tensor | None]:
+        """Whether `step`'s mask is one the decode kernel reads as key counts (none, or right
+        padding), and those counts (None: all keys); worked out once per step."""
+        if self._lengths_for is None or self._lengths_for[0] is not step:
             lengths = None if step.mask is None else padding_lengths(step.mask)
             decodes = step.mask is None or lengths is not None
             if lengths is not None:
                 lengths = lengths.expand(step.batch).to(torch.long).contiguous()
-            self._placed = (
-                step,
-                _Placement(rows, slot_index, positions, common, written, read, decodes, lengths),
-            )
-        return self._placed[1]
+            self._lengths_for = (step, decodes, lengths)
+        return self._lengths_for[1], self._lengths_for[2]
 
     def _storage_start(self, step: CacheStep) -> Tensor:
         """(batch,) buffer index where each sequence's new tokens start: its length.
