@@ -183,3 +183,31 @@ def test_hooks_and_stand_in_layers_keep_the_unfused_path(monkeypatch):
     block.attn.wo = doubled
     model(torch.randint(0, 101, (1, 1)), cache=cache)
     assert block not in fused_blocks and model.blocks[2] in fused_blocks
+
+
+@torch.no_grad()
+def test_mlp_biases_and_instance_forwards_keep_the_unfused_path():
+    # block_outputs has no MLP biases, and a forward set on one module instance (an
+    # ablation, say) is that module's behaviour: both must reach the unfused path, whose
+    # result is the oracle here.
+    from attnkit.models import llama
+
+    def decode(model, fused: bool = True):
+        with pytest.MonkeyPatch.context() as patch:
+            if not fused:
+                patch.setattr(llama.decode_block, "fusable", lambda *a: False)
+            cache = model.new_cache(1)
+            model(torch.arange(5).view(1, -1), cache=cache)
+            return model(torch.tensor([[7]]), cache=cache)
+
+    model = tiny(8).float()
+    model.blocks[1].mlp.down.bias = torch.nn.Parameter(torch.randn(54))
+    assert (decode(model) - decode(model, fused=False)).abs().max() < 1e-5
+
+    model = tiny(8).float()
+    mlp = model.blocks[2].mlp
+    mlp.forward = lambda x: torch.zeros_like(x)  # ablate one block's MLP
+    ablated = decode(model)
+    assert (ablated - decode(model, fused=False)).abs().max() < 1e-5
+    del mlp.forward
+    assert (decode(model) - ablated).abs().max() > 1e-3  # the ablation did change the output

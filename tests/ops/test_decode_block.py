@@ -8,6 +8,8 @@ torch composition, plus 1e-5 for outputs near zero.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,6 +152,14 @@ def test_silu_tails_are_finite_and_exact_enough():
         want = 1.0 + F.silu(torch.tensor(value, dtype=torch.float64)).item()
         assert torch.isfinite(out).all(), value
         assert abs(out.item() - want) <= 1e-6 * max(1.0, abs(want)), (value, out.item(), want)
+    # non-finite gates propagate as torch's silu does: NaN and -inf give NaN, +inf gives +inf
+    for value, check in ((float("nan"), math.isnan), (float("-inf"), math.isnan)):
+        gate = torch.full((1, 1), value)
+        out = decode_block.block_outputs(
+            torch.zeros(1, 1, 1), torch.ones(1, 1, 1), one, None, torch.ones(1), 0.0,
+            (gate, one, one),
+        )  # fmt: skip
+        assert check(out.item()) and check(F.silu(torch.tensor(value)).item()), value
 
 
 def test_fusable_says_no_to_what_the_calls_do_not_serve():
@@ -169,6 +179,18 @@ def test_fusable_says_no_to_what_the_calls_do_not_serve():
 def test_fusable_follows_the_packed_weights_switch(monkeypatch):
     monkeypatch.setenv("ATTNKIT_PACKED_WEIGHTS", "0")
     assert not decode_block.fusable(torch.randn(1, 1, 4), [torch.randn(4, 4)])
+
+
+def test_the_kernel_rejects_a_zero_head_dim_with_a_message():
+    # head_dim divides the projections' widths: 0 must be refused, not divide by zero.
+    module = load_kernel(decode_block.SOURCE)
+    weights = [module.pack(torch.randn(4, 8)) for _ in range(3)]
+    empty = torch.zeros(2, 0)
+    with pytest.raises(RuntimeError, match="head_dim must be > 0, got 0"):
+        module.attention_inputs(
+            torch.randn(2, 8), torch.ones(8), 1e-5, weights, [4] * 3, [None] * 3, empty, empty,
+            0, True,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("bad", ["cos_rows", "half", "heads"])

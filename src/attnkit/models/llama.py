@@ -167,6 +167,8 @@ class Block(nn.Module):
         if not all(_plain(m, Linear) for m in linears):
             return None
         params = [m._parameters for m in linears]
+        if any(p["bias"] is not None for p in params[4:]):  # block_outputs has no MLP biases
+            return None
         weights = _BlockWeights(
             (attn_norm._parameters["weight"], attn_norm.eps),
             tuple(p["weight"] for p in params[:3]),
@@ -198,8 +200,11 @@ class Block(nn.Module):
 
 
 def _plain(module: nn.Module, kind: type) -> bool:
-    """Whether `module` is exactly `kind` (no subclass or stand-in) and has no forward hooks."""
-    return type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks)
+    """Whether `module` is exactly `kind` (no subclass or stand-in), with no forward hooks
+    and no `forward` of its own set on the instance."""
+    if type(module) is not kind or "forward" in module.__dict__:
+        return False
+    return not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def _global_hooks() -> bool:

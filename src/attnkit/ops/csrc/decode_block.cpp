@@ -84,6 +84,7 @@ std::vector<at::Tensor> attention_inputs(const at::Tensor& x, const at::Tensor& 
   check_rows(x, "x");
   TORCH_CHECK(packed.size() == 3 && outs.size() == 3 && biases.size() == 3,
               "attention_inputs takes the q, k and v weights");
+  TORCH_CHECK(head_dim > 0, "head_dim must be > 0, got ", head_dim);
   const int64_t rows = x.size(0), half = cos.size(-1);
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == rows &&
                   cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&

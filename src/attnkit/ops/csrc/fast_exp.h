@@ -30,10 +30,11 @@ inline float exp2_nonpositive(float x) {
 }
 
 // x * sigmoid(x) = x / (1 + e^-x), through e^-|x| <= 1 (no overflow for either sign).
-// Below x = -87 (where exp2_nonpositive stops at 2^-126) the result, |x| e^x < 1e-36, is 0.
+// Below x = -87 (where exp2_nonpositive stops at 2^-126) the result, |x| e^x < 1e-36, is
+// 0 (-0, and NaN for -inf, as torch's x * sigmoid(x) gives).
 inline float silu(float x) {
   constexpr float log2e = 1.4426950408889634f;
   const float e = exp2_nonpositive(-(x < 0 ? -x : x) * log2e);
   const float y = x * (x >= 0 ? 1.0f : e) / (1.0f + e);
-  return x < -87.0f ? 0.0f : y;
+  return x < -87.0f ? 0.0f * x : y;
 }
