@@ -207,3 +207,153 @@ def test_the_kernel_rejects_inconsistent_arguments(bad):
         module.attention_inputs(
             x, torch.ones(hidden), 1e-5, weights, outs, [None] * 3, cos, cos, head_dim, True
         )
+
+
+# -- DecodeStack: every block of a decode step, with attention and the cache, in one call --
+
+
+def _random_blocks(gen, n_layers, hidden, heads, head_dim, intermediate, with_bias):
+    n_heads, kv_heads = heads
+    outs = (n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    blocks = []
+    for _ in range(n_layers):
+        qkv = tuple(torch.randn(o, hidden, generator=gen) / hidden**0.5 for o in outs)
+        bias = [torch.randn(o, generator=gen) / 4 if with_bias else None for o in (*outs, hidden)]
+        blocks.append(
+            decode_block.BlockWeights(
+                (torch.rand(hidden, generator=gen) + 0.5, 1e-5),
+                qkv,
+                tuple(bias[:3]),
+                (torch.randn(hidden, outs[0], generator=gen) / outs[0] ** 0.5, bias[3]),
+                (torch.rand(hidden, generator=gen) + 0.5, 1e-6),
+                (
+                    torch.randn(intermediate, hidden, generator=gen) * 2,
+                    torch.randn(intermediate, hidden, generator=gen) / hidden**0.5,
+                    torch.randn(hidden, intermediate, generator=gen) / intermediate**0.5,
+                ),
+            )
+        )
+    return blocks
+
+
+def _in_dtype(blocks, dtype):
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) else t
+
+    return [decode_block.BlockWeights(*(tuple(map(cast, part)) for part in w)) for w in blocks]
+
+
+def _stack_reference(x, blocks, storage, cos, sin, heads, head_dim, interleaved):
+    """x (batch, hidden) through `blocks` by torch ops (attention: the materialised
+    `reference` backend over the gathered blocks), writing K/V into `storage`'s pools."""
+    from attnkit import attention
+    from attnkit.ops.masks import padding
+
+    k_pool, v_pool, table, starts = storage
+    b, bs = x.shape[0], k_pool.shape[2]
+    rows, where = torch.arange(b), (table[torch.arange(b), starts // bs], starts % bs)
+    for layer, w in enumerate(blocks):
+        q, k, v = _inputs_reference(
+            x.view(b, 1, -1), *w.attn_norm, w.qkv, w.qkv_bias, cos.view(b, 1, -1),
+            sin.view(b, 1, -1), heads, head_dim, interleaved,
+        )  # fmt: skip
+        k_pool[layer][where], v_pool[layer][where] = k[rows, :, 0], v[rows, :, 0]
+        # (batch, blocks · bs, kv_heads, d) -> (batch, kv_heads, keys, d); unused slots as 0
+        keys, values = (
+            p[layer][table].flatten(1, 2).transpose(1, 2).nan_to_num(0.0) for p in (k_pool, v_pool)
+        )
+        out = attention(q, keys, values, padding(starts + 1), backend="reference")
+        attn = out.transpose(1, 2).reshape(b, 1, -1)
+        x = _outputs_reference(x.view(b, 1, -1), attn, *w.wo, *w.mlp_norm, *w.mlp).view(b, -1)
+    return x
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged-1", "paged-4"])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_decode_stack_equals_the_blocks_by_torch_ops(layout, interleaved, with_bias):
+    # 3 blocks, 9 query / 3 KV heads of head dim 10 (8 rotated), a ragged batch (a first
+    # token, lengths not filling the last block); unused cache slots hold NaN. The stack's
+    # output and the K/V it stores: the 2x rule against float64, nothing else written.
+    gen = torch.Generator().manual_seed(len(layout) + 2 * interleaved + with_bias)
+    heads, head_dim, half, hidden, intermediate = (9, 3), 10, 4, 54, 37
+    blocks = _random_blocks(gen, 3, hidden, heads, head_dim, intermediate, with_bias)
+    starts = torch.tensor([0, 6, 13, 2])
+    batch = len(starts)
+    if layout == "contiguous":  # a (layers, slots, kv_heads, capacity, d) buffer, slots reordered
+        buffers = [torch.full((3, 5, heads[1], 16, head_dim), math.nan) for _ in "kv"]
+        k_pool, v_pool = (t.transpose(2, 3) for t in buffers)
+        table = torch.tensor([[3], [0], [4], [1]])
+    else:  # a shuffled pool of blocks
+        bs = int(layout.split("-")[1])
+        per_seq = 16 // bs
+        k_pool, v_pool = (
+            torch.full((3, batch * per_seq + 2, bs, heads[1], head_dim), math.nan) for _ in "kv"
+        )
+        table = torch.randperm(batch * per_seq + 2, generator=gen)[: batch * per_seq]
+        table = table.view(batch, per_seq)
+    for pool in (k_pool, v_pool):  # the cached tokens, before this step's
+        for b in range(batch):
+            for pos in range(int(starts[b])):
+                block, offset = table[b, pos // pool.shape[2]], pos % pool.shape[2]
+                pool[:, block, offset] = torch.randn(3, heads[1], head_dim, generator=gen)
+    x = torch.randn(batch, 1, hidden, generator=gen)
+    angles = torch.rand(batch, half, generator=gen) * 30
+    cos, sin = angles.cos(), angles.sin()
+
+    storage = decode_block.KVStorage(k_pool.clone(), v_pool.clone(), table, starts)
+    stack = decode_block.DecodeStack(blocks, heads, head_dim, intermediate, interleaved)
+    assert len(stack) == 3
+    got = stack(x, storage, cos, sin)
+
+    shape = (heads, head_dim, interleaved)
+    plain_storage = decode_block.KVStorage(k_pool.clone(), v_pool.clone(), table, starts)
+    plain = _stack_reference(x.view(batch, -1), blocks, plain_storage, cos, sin, *shape)
+    want_storage = decode_block.KVStorage(k_pool.double(), v_pool.double(), table, starts)
+    args = (_in_dtype(blocks, torch.float64), want_storage, cos.double(), sin.double())
+    want = _stack_reference(x.view(batch, -1).double(), *args, *shape)
+    assert got.shape == x.shape
+    _within_2x(got.view(batch, -1), plain, want)
+    pools = zip(storage[:2], plain_storage[:2], want_storage[:2], strict=True)
+    for got_pool, plain_pool, want_pool in pools:
+        written = ~want_pool.isnan()
+        assert torch.equal(got_pool.isnan(), ~written)  # the new rows written, nothing else
+        _within_2x(got_pool[written], plain_pool[written], want_pool[written])
+
+
+def _one_block_stack(gen, block_size=4):
+    heads, head_dim, hidden = (2, 1), 4, 8
+    blocks = _random_blocks(gen, 1, hidden, heads, head_dim, 8, False)
+    stack = decode_block.DecodeStack(blocks, heads, head_dim, 8, False)
+    pools = [torch.zeros(1, 3, block_size, 1, head_dim) for _ in "kv"]
+    return stack, pools, torch.randn(2, 1, hidden), torch.ones(2, 2), torch.zeros(2, 2)
+
+
+@pytest.mark.parametrize(
+    ("table", "starts", "message"),
+    [
+        ([[0], [1]], [3, 4], "sequence 1 starts at 4, past its block table"),
+        ([[0], [1]], [3, -1], "sequence 1 starts at -1"),
+        ([[0], [7]], [1, 2], "block id 7 is outside the cache's 3 blocks"),
+        ([[0, 1], [2, -1]], [1, 5], "block id -1 is outside"),
+    ],
+)
+def test_decode_stack_refuses_writes_outside_the_cache(table, starts, message):
+    # Positions come from the cache's bookkeeping; the kernel still refuses any write
+    # outside its pools, before writing anything, with a message.
+    stack, pools, x, cos, sin = _one_block_stack(torch.Generator().manual_seed(3))
+    before = [p.clone() for p in pools]
+    storage = decode_block.KVStorage(*pools, torch.tensor(table), torch.tensor(starts))
+    with pytest.raises(RuntimeError, match=message):
+        stack(x, storage, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(pools, before, strict=True))
+
+
+def test_decode_stack_refuses_a_cache_of_another_shape():
+    stack, pools, x, cos, sin = _one_block_stack(torch.Generator().manual_seed(4))
+    table, starts = torch.tensor([[0], [1]]), torch.tensor([0, 0])
+    wrong = [torch.zeros(1, 3, 4, 2, 4) for _ in "kv"]  # 2 KV heads, the stack has 1
+    with pytest.raises(RuntimeError, match=r"k_cache and v_cache must be float32 \(layers >= 1"):
+        stack(x, decode_block.KVStorage(*wrong, table, starts), cos, sin)
+    with pytest.raises(RuntimeError, match="block_table must be"):
+        stack(x, decode_block.KVStorage(*pools, table[:1], starts), cos, sin)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from attnkit._checks import check_positive_int
 from attnkit.ops.attention import attention
+from attnkit.ops.decode_block import KVStorage
 from attnkit.ops.masks import Mask, causal, from_tensor, padding
 from attnkit.ops.masks.base import Geometry
 
@@ -171,6 +172,20 @@ class KVCache:
         """
         k_all, v_all = self.update(layer, k, v)
         return attention(q, k_all, v_all, self.layer_mask(layer, pattern), backend=backend)
+
+    def decode_storage(self) -> KVStorage | None:
+        """The current step's K/V storage, for a kernel that runs every layer of a decode
+        step itself (`ops.decode_block.DecodeStack`), or None: the step must go through
+        `update`/`attend` layer by layer.
+
+        A cache offers it only for a step of one new token per sequence whose K/V it stores
+        as they are, every key in order (contiguous and paged K/V). The kernel writes every
+        layer's new K/V; the caller then says so with `stored_every_layer()`.
+        """
+        return None
+
+    def stored_every_layer(self) -> None:
+        """Hook: a kernel wrote this step's K/V for every layer through `decode_storage`."""
 
     def record_queries(self, layer: int, q: Tensor) -> None:
         """This step's queries `(batch, heads, n_new, head_dim)` (after RoPE), if wanted."""

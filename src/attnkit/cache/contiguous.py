@@ -12,6 +12,7 @@ from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheFull, CacheStep, KVCache, SlotPool, causal_step_mask
 from attnkit.ops import cpu_decode
 from attnkit.ops.attention import attention
+from attnkit.ops.decode_block import KVStorage
 from attnkit.ops.masks import Mask, padding_lengths
 
 
@@ -137,6 +138,17 @@ class ContiguousCache(KVCache):
                 out, _ = cpu_decode.decode_contiguous(query, k_all, v_all, lengths, scale)
                 return out.unsqueeze(2)
         return attention(q, k_all, v_all, self.layer_mask(layer, pattern), backend=backend)
+
+    def decode_storage(self) -> KVStorage | None:
+        """The buffers as `(layers, slots, capacity, kv_heads, d)` views, one block per slot,
+        at a decode step. Subclasses store otherwise (rings, int8, evicted, latent): none."""
+        step = self.step
+        if type(self) is not ContiguousCache or step is None or step.n_new != 1:
+            return None
+        slots = torch.tensor([self._slot[s] for s in step.seq_ids], device=self.k.device)
+        return KVStorage(
+            self.k.transpose(2, 3), self.v.transpose(2, 3), slots.view(-1, 1), step.start
+        )
 
     def _placement(self, step: CacheStep) -> _Placement:
         """Where `step`'s tokens go in the buffer; worked out once per step, used by every layer."""

@@ -20,6 +20,7 @@ from torch import Tensor
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.block_pool import BlockPool, chain_hash
+from attnkit.ops.decode_block import KVStorage
 from attnkit.ops.masks import Mask
 from attnkit.ops.paged_decode import choose_paged_backend, paged_decode
 
@@ -236,6 +237,24 @@ class PagedCache(KVCache):
         )
         return out.unsqueeze(2)
 
+    def decode_storage(self) -> KVStorage | None:
+        """The pools as they are, read through the step's block tables, at a decode step."""
+        step = self.step
+        if not isinstance(step, PagedStep) or step.n_new != 1:
+            return None
+        return KVStorage(self.k_pool, self.v_pool, step.block_table, step.start)
+
+    def stored_every_layer(self) -> None:
+        self._stored(range(self.n_layers))
+
+    def _stored(self, layers) -> None:
+        """`layers` hold this step's K/V; once all do, its full blocks join the prefix index."""
+        self._layers_written.update(layers)
+        if len(self._layers_written) == self.n_layers:
+            for block, key in self._pending:
+                self.pool.register(block, key)
+            self._pending = []
+
     def _write(self, layer: int, k: Tensor, v: Tensor) -> PagedStep:
         """Check and store this step's K/V for `layer` in its slots of the pool."""
         step = self._check_update(layer, k, v, self.n_layers)
@@ -250,11 +269,7 @@ class PagedCache(KVCache):
         for pool, new in ((self.k_pool[layer], k), (self.v_pool[layer], v)):
             # Advanced indices (batch, n_new) on (block, offset): target (batch, n_new, heads, d).
             pool[step.slot_blocks, step.slot_offsets] = new.transpose(1, 2).to(pool.dtype)
-        self._layers_written.add(layer)
-        if len(self._layers_written) == self.n_layers:
-            for block, key in self._pending:
-                self.pool.register(block, key)
-            self._pending = []
+        self._stored((layer,))
         return step
 
     # -- helpers --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import nn
 from attnkit._checks import check_positive_int
 from attnkit.engine.generate import GenerationResult, encode_prompt
 from attnkit.models.llama import Transformer
+from attnkit.models.stacked_decode import StackedDecode
 
 
 class Drafter(Protocol):
@@ -90,6 +91,7 @@ def first_layers(model: Transformer, n_layers: int) -> Transformer:
         model.rope,
     )
     draft.blocks = nn.ModuleList(list(model.blocks)[:n_layers])
+    draft._stacked_decode = StackedDecode()
     return draft
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,9 @@ from attnkit.cache.layered import LayeredCache
 from attnkit.layers.attention import Attention, AttentionContext
 from attnkit.layers.projection import Linear, project
 from attnkit.layers.rope import RopeScaling, RotaryEmbedding
+from attnkit.models.stacked_decode import StackedDecode
 from attnkit.ops import decode_block
+from attnkit.ops.decode_block import BlockWeights
 from attnkit.ops.masks import causal
 from attnkit.ops.rms_norm import rms_norm
 from attnkit.ops.skinny_linear import MAX_ROWS
@@ -147,7 +148,7 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), ctx)
         return x + self.mlp(self.mlp_norm(x))
 
-    def _decode_weights(self, x: Tensor, ctx: AttentionContext) -> _BlockWeights | None:
+    def _decode_weights(self, x: Tensor, ctx: AttentionContext) -> BlockWeights | None:
         """The block's tensors when this step can take the fused decode calls
         (`ops.decode_block`: a few float32 CPU rows through this file's own layers, with no
         forward hooks that the fused calls would skip)."""
@@ -169,7 +170,7 @@ class Block(nn.Module):
         params = [m._parameters for m in linears]
         if any(p["bias"] is not None for p in params[4:]):  # block_outputs has no MLP biases
             return None
-        weights = _BlockWeights(
+        weights = BlockWeights(
             (attn_norm._parameters["weight"], attn_norm.eps),
             tuple(p["weight"] for p in params[:3]),
             tuple(p["bias"] for p in params[:3]),
@@ -181,7 +182,7 @@ class Block(nn.Module):
         tensors += [weights.mlp_norm[0], *weights.mlp, ctx.cos, ctx.sin]
         return weights if decode_block.fusable(x, tensors) else None
 
-    def _fused_forward(self, x: Tensor, ctx: AttentionContext, w: _BlockWeights) -> Tensor:
+    def _fused_forward(self, x: Tensor, ctx: AttentionContext, w: BlockWeights) -> Tensor:
         """`forward` in two C++ calls around attention: norm + q/k/v + RoPE, then the
         output projection, norm, MLP and both residuals."""
         attn = self._modules["attn"]
@@ -211,17 +212,6 @@ def _global_hooks() -> bool:
     """Whether forward hooks are registered for every module (torch keeps them here)."""
     hooks = torch.nn.modules.module
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
-
-
-class _BlockWeights(NamedTuple):
-    """A block's tensors for one fused step."""
-
-    attn_norm: tuple[Tensor, float]  # weight, eps
-    qkv: tuple[Tensor, Tensor, Tensor]
-    qkv_bias: tuple[Tensor | None, Tensor | None, Tensor | None]
-    wo: tuple[Tensor, Tensor | None]  # weight, bias
-    mlp_norm: tuple[Tensor, float]
-    mlp: tuple[Tensor, Tensor, Tensor]  # gate, up, down
 
 
 def rotary_for(config: LlamaConfig) -> RotaryEmbedding:
@@ -266,6 +256,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = rotary_for(config)
+        self._stacked_decode = StackedDecode()
 
     def new_cache(self, batch: int = 1, **kwargs) -> KVCache:
         """An empty cache for this model's attention layers, holding `batch` empty sequences.
@@ -347,8 +338,12 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         ctx = AttentionContext(cos, sin, mask, cache, self.config.rope_interleaved)
-        for block in self.blocks:
-            x = block(x, ctx)
+        stacked = self._stacked_decode(self.blocks, x, ctx, _global_hooks())
+        if stacked is not None:  # a decode step, every block in one call
+            x = stacked
+        else:
+            for block in self.blocks:
+                x = block(x, ctx)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

@@ -6,6 +6,11 @@ runs attention (and its cache) as usual. At decode a block's ~50 small torch ops
 than its arithmetic outside the matmuls; csrc/decode_block.cpp does that work in place,
 with the packed-weight matmuls of `skinny_linear`.
 
+`DecodeStack` runs a whole stack of such blocks for one decode step in one call, attention
+included: the new K/V are written into the cache's storage and read back by the decode
+kernel (csrc/decode_attention.h) in place, so a step costs one call instead of ~15 Python
+calls a layer.
+
 `fusable(x, tensors)` says whether the calls serve a step: float32 CPU tensors, at most
 `MAX_ROWS` rows (batch x new tokens), no autograd, the kernel built and packed weights on
 (`ATTNKIT_PACKED_WEIGHTS=0` and `ATTNKIT_NO_CPP=1` turn the path off). Results equal the
@@ -14,13 +19,84 @@ unfused torch ops up to float32 rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from attnkit.ops.cpp_build import load_kernel, wants_grad
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason, wants_grad
 from attnkit.ops.skinny_linear import MAX_ROWS, packed_weight, packed_weights_enabled
 
 SOURCE = "decode_block.cpp"
+
+
+class BlockWeights(NamedTuple):
+    """A pre-norm block's tensors for the fused calls (weights as stored, packed on use)."""
+
+    attn_norm: tuple[Tensor, float]  # weight, eps
+    qkv: tuple[Tensor, Tensor, Tensor]
+    qkv_bias: tuple[Tensor | None, Tensor | None, Tensor | None]
+    wo: tuple[Tensor, Tensor | None]  # weight, bias
+    mlp_norm: tuple[Tensor, float]
+    mlp: tuple[Tensor, Tensor, Tensor]  # gate, up, down
+
+
+class KVStorage(NamedTuple):
+    """Where a decode step's K/V live, as `DecodeStack` writes and reads them.
+
+    k, v: `(layers, blocks, block_size, kv_heads, head_dim)` (any strides, head_dim
+    contiguous); block_table `(batch, max_blocks)`: each sequence's blocks in order;
+    starts `(batch,)`: each sequence's length before the step, where its new token goes.
+    """
+
+    k: Tensor
+    v: Tensor
+    block_table: Tensor
+    starts: Tensor
+
+
+class DecodeStack:
+    """Blocks of one GQA shape (`heads` = (query, KV) heads of `head_dim`, an MLP of
+    `intermediate` features), run for a decode step in one C++ call; their weights are
+    packed once, here (the packed copies are shared with the per-block calls)."""
+
+    def __init__(
+        self,
+        blocks: Sequence[BlockWeights],
+        heads: tuple[int, int],
+        head_dim: int,
+        intermediate: int,
+        interleaved: bool,
+    ) -> None:
+        module = load_kernel(SOURCE)
+        if module is None:
+            raise RuntimeError(f"DecodeStack needs its C++ kernel: {unavailable_reason(SOURCE)}")
+        layers, biases, eps = [], [], []
+        for w in blocks:
+            weights = (*w.qkv, w.wo[0]), w.mlp
+            q, k, v, wo = (packed_weight(t, module) for t in weights[0])
+            gate, up, down = (packed_weight(t, module) for t in weights[1])
+            norms = w.attn_norm[0].contiguous(), w.mlp_norm[0].contiguous()
+            layers.append([norms[0], q, k, v, wo, norms[1], gate, up, down])
+            bias = (*w.qkv_bias, w.wo[1])
+            biases.append([None if b is None else b.contiguous() for b in bias])
+            eps.append((float(w.attn_norm[1]), float(w.mlp_norm[1])))
+        self._stack = module.DecodeStack(
+            layers, biases, eps, heads[0], heads[1], head_dim, intermediate, interleaved
+        )
+
+    def __len__(self) -> int:
+        return len(self._stack)
+
+    def __call__(self, x: Tensor, storage: KVStorage, cos: Tensor, sin: Tensor) -> Tensor:
+        """The stack's output for `x` (batch, 1, hidden), one new token per sequence, whose
+        K/V it stores in `storage`; `cos`, `sin` `(batch, r/2)` are the tokens' angles."""
+        b, _, hidden = x.shape
+        out = self._stack.run(
+            x.reshape(b, hidden).contiguous(), *storage, cos.contiguous(), sin.contiguous()
+        )
+        return out.view(b, 1, hidden)
 
 
 def fusable(x: Tensor, tensors: list[Tensor | None]) -> bool:

@@ -1,0 +1,495 @@
+#pragma once
+
+// Fused CPU decode attention: one query token per sequence against its cached K/V, read once.
+//
+// K/V are addressed as [block][token_in_block][kv_head][dim] through explicit strides (dim
+// contiguous), so one kernel serves a paged pool (a block table per sequence) and a
+// contiguous cache (one block per sequence, no table). For each (sequence, KV head) the
+// whole query group (heads / kv_heads query heads) is processed together, so every K and V
+// row is streamed from memory once for all of them. Each work item walks a slice of the
+// context a tile of TILE tokens at a time: scores for the tile, an online softmax (running
+// max, running sum, rescaled accumulator) in float32 (float64 for float64 inputs), then the
+// value rows. A work item takes one KV head, or every KV head of its tokens when their rows
+// lie side by side (a paged pool: the item then streams whole blocks instead of touching one
+// row per 4 KiB page). When there are too few items to keep every thread busy the context is
+// split (FlashDecoding) and the slices' partial outputs merge by log-sum-exp. Work items are
+// handed out dynamically, longest first, so ragged batches stay balanced. The next tile's
+// rows are prefetched while the current one computes.
+//
+// The tile's arithmetic (scores 4 keys at a time, exp2, the value sums) is in decode_blocks.h.
+//
+// Softmax runs in base 2: queries are pre-scaled by scale * log2(e), so p = exp2(s - m) and
+// lse = (m + log2(l)) * ln(2).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include "decode_blocks.h"
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace decode_attention {
+
+// Tokens whose scores are computed before their values are read. 16 and 32 measure alike;
+// 64 is slower (a paged tile of every KV head outgrows the share of L2 it should use).
+constexpr int64_t TILE = 16;
+// Software prefetch of the rows AHEAD tiles on into L2 (prefetcht2, vec.h), spread over the
+// current tile's score loop. On a 2-core AVX-512 machine this took one thread from ~6
+// to ~11 GB/s of K/V read from memory; prefetching into L1 (locality 3), or all of a tile at
+// once (a burst that stalls on the fill buffers), gave much less; 2 or 4 tiles ahead (with
+// 8- to 32-token tiles) measured the same as 1.
+constexpr int AHEAD = 1;
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+struct Layout {
+  int64_t batch, heads, kv_heads, group, dim, v_dim;
+  int64_t block_size, num_blocks;
+  int64_t k_block, k_token, k_head;  // strides in elements
+  int64_t v_block, v_token, v_head;
+  const int64_t* table;  // (batch, table_stride) block ids; null: sequence b is block b
+  int64_t table_stride;
+};
+
+struct WorkItem {
+  int64_t b, head, n_heads, start, end;  // KV heads [head, head + n_heads), tokens [start, end)
+  int64_t part;  // -1: the item covers the whole sequence and writes the output directly
+};
+
+using namespace decode_blocks;
+
+// Asks for a row's cache lines (n elements) to be brought into L2.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  constexpr int64_t line = 64 / sizeof(scalar_t);
+  for (int64_t d = 0; d < n; d += line) prefetch_l2(row + d);
+}
+
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> scores, m, l, kbuf, vbuf;
+  std::vector<const acc_t*> k_rows, v_rows;
+};
+
+// Online-softmax attention of the query groups of KV heads [w.head, w.head + w.n_heads) of
+// sequence w.b over its tokens [w.start, w.end). q: those heads' queries (n_heads * group,
+// dim), pre-scaled. Writes their normalised outputs (n_heads * group, v_dim) and base-2 lse.
+template <typename scalar_t, typename acc_t>
+void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* q,
+            const WorkItem& w, acc_t* out, acc_t* lse2, Scratch<acc_t>& S) {
+  const int64_t G = L.group, D = L.dim, DV = L.v_dim, NH = w.n_heads, NQ = NH * G;
+  S.scores.resize(NQ * TILE);
+  S.m.assign(NQ, -std::numeric_limits<acc_t>::infinity());
+  S.l.assign(NQ, acc_t(0));
+  S.k_rows.resize(TILE * NH);
+  S.v_rows.resize(TILE * NH);
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  if (convert) {
+    S.kbuf.resize(TILE * NH * D);
+    S.vbuf.resize(TILE * NH * DV);
+  }
+  acc_t* scores = S.scores.data();  // (NQ, TILE)
+  acc_t* m = S.m.data();            // running max (base 2), per query
+  acc_t* l = S.l.data();            // running sum of exp2(s - m)
+  std::fill(out, out + NQ * DV, acc_t(0));
+
+  // Token base pointers (KV head w.head) of the current tile and the AHEAD tiles after it,
+  // in a ring; the block table is walked without a division per token.
+  constexpr int RING = AHEAD + 1;
+  const scalar_t* k_tok[RING][TILE];
+  const scalar_t* v_tok[RING][TILE];
+  int64_t count[RING] = {};
+  if (w.start >= w.end) {  // nothing to attend to (block_size may even be 0)
+    std::fill(lse2, lse2 + NQ, -std::numeric_limits<acc_t>::infinity());
+    return;
+  }
+  int64_t block_index = w.start / L.block_size;
+  int64_t offset = w.start - block_index * L.block_size;
+  int64_t located = w.start;  // tokens before this one have pointers
+  auto locate_next = [&](int slot) {
+    const int64_t n = std::min(TILE, w.end - located);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t block = L.table ? L.table[w.b * L.table_stride + block_index] : w.b;
+      k_tok[slot][i] = K + block * L.k_block + offset * L.k_token + w.head * L.k_head;
+      v_tok[slot][i] = V + block * L.v_block + offset * L.v_token + w.head * L.v_head;
+      if (++offset == L.block_size) {
+        offset = 0;
+        ++block_index;
+      }
+    }
+    located += std::max<int64_t>(n, 0);
+    count[slot] = std::max<int64_t>(n, 0);
+  };
+  for (int j = 0; j < AHEAD; ++j) locate_next(j);
+  int64_t tile = 0;
+  for (int64_t t0 = w.start; t0 < w.end; t0 += TILE, ++tile) {
+    const int slot = static_cast<int>(tile % RING);
+    const int ahead = static_cast<int>((tile + AHEAD) % RING);
+    locate_next(ahead);  // prefetched during this tile's scores
+    const int64_t n = std::min(TILE, w.end - t0);
+    const int64_t n_next = count[ahead];
+    // Rows of this tile, token-major: (i, h) at [i * NH + h]; half precision widened once.
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t h = 0; h < NH; ++h) {
+        const scalar_t* kr = k_tok[slot][i] + h * L.k_head;
+        const scalar_t* vr = v_tok[slot][i] + h * L.v_head;
+        if constexpr (convert) {
+          acc_t* kb = S.kbuf.data() + (i * NH + h) * D;
+          acc_t* vb = S.vbuf.data() + (i * NH + h) * DV;
+          for (int64_t d = 0; d < D; ++d) kb[d] = static_cast<acc_t>(kr[d]);
+          for (int64_t d = 0; d < DV; ++d) vb[d] = static_cast<acc_t>(vr[d]);
+          S.k_rows[i * NH + h] = kb;
+          S.v_rows[i * NH + h] = vb;
+        } else {
+          S.k_rows[i * NH + h] = kr;
+          S.v_rows[i * NH + h] = vr;
+        }
+      }
+    }
+    // Scores: each K row read once for its whole query group; float32 takes 4 keys at a time.
+    auto prefetch_next = [&](int64_t i, int64_t h) {  // the next tile's rows, spread out
+      if (i < n_next) {
+        prefetch_row(k_tok[ahead][i] + h * L.k_head, D);
+        prefetch_row(v_tok[ahead][i] + h * L.v_head, DV);
+      }
+    };
+    int64_t i = 0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      for (; i + 4 <= n; i += 4) {
+        for (int64_t h = 0; h < NH; ++h) {
+          const float* k4[4];
+          for (int j = 0; j < 4; ++j) {
+            prefetch_next(i + j, h);
+            k4[j] = S.k_rows[(i + j) * NH + h];
+          }
+          for_query_blocks(G, [&](auto qb, int64_t j) {
+            constexpr int QB = decltype(qb)::value;
+            const int64_t row = h * G + j;
+            score_four_keys<QB>(q + row * D, k4, D, scores + row * TILE + i, TILE);
+          });
+        }
+      }
+    }
+    for (; i < n; ++i) {
+      for (int64_t h = 0; h < NH; ++h) {
+        prefetch_next(i, h);
+        const acc_t* k = S.k_rows[i * NH + h];
+        for_query_blocks(G, [&](auto qb, int64_t j) {
+          constexpr int QB = decltype(qb)::value;
+          const int64_t row = h * G + j;
+          score_one_key<QB, acc_t>(q + row * D, k, D, scores + row * TILE + i, TILE);
+        });
+      }
+    }
+    // Online softmax: new running max, rescale what was accumulated, probabilities.
+    for (int64_t r = 0; r < NQ; ++r) {
+      acc_t* sr = scores + r * TILE;
+      acc_t tile_max = sr[0];
+#pragma omp simd reduction(max : tile_max)
+      for (int64_t i = 1; i < n; ++i) tile_max = std::max(tile_max, sr[i]);
+      const acc_t m_new = std::max(m[r], tile_max);
+      if (m_new > m[r]) {
+        const acc_t alpha = std::exp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
+        l[r] *= alpha;
+        acc_t* o = out + r * DV;
+#pragma omp simd
+        for (int64_t d = 0; d < DV; ++d) o[d] *= alpha;
+        m[r] = m_new;
+      }
+      l[r] += exp2_tile(sr, n, m_new);
+    }
+    // Values: each V row read once for its whole query group.
+    for (int64_t h = 0; h < NH; ++h) {
+      for_query_blocks(G, [&](auto qb, int64_t j) {
+        constexpr int QB = decltype(qb)::value;
+        const int64_t row = h * G + j;
+        value_block<QB, acc_t>(scores + row * TILE, TILE, S.v_rows.data() + h, NH, n, DV,
+                               out + row * DV);
+      });
+    }
+  }
+  for (int64_t r = 0; r < NQ; ++r) {
+    acc_t* o = out + r * DV;
+    if (l[r] > 0) {
+      const acc_t inv = acc_t(1) / l[r];
+#pragma omp simd
+      for (int64_t d = 0; d < DV; ++d) o[d] *= inv;
+      lse2[r] = m[r] + std::log2(l[r]);
+    } else {  // no keys: zeros and lse -inf
+      lse2[r] = -std::numeric_limits<acc_t>::infinity();
+    }
+  }
+}
+
+// Lengths and the block ids in use within range; the same messages as the Python checks.
+inline void check_values(const Layout& L, const int64_t* lengths) {
+  if (L.batch == 0) return;
+  const int64_t capacity = L.table ? L.table_stride * L.block_size : L.block_size;
+  int64_t low = lengths[0], high = lengths[0];
+  for (int64_t b = 1; b < L.batch; ++b) {
+    low = std::min(low, lengths[b]);
+    high = std::max(high, lengths[b]);
+  }
+  if (low < 0 || high > capacity) {
+    if (L.table) {
+      TORCH_CHECK_VALUE(false, "lengths must lie in [0, max_blocks * block_size = ", capacity,
+                        "], got [", low, ", ", high, "]");
+    }
+    TORCH_CHECK_VALUE(false, "lengths must lie in [0, n = ", capacity, "], got [", low, ", ",
+                      high, "]");
+  }
+  if (!L.table) return;
+  int64_t first = std::numeric_limits<int64_t>::max(), last = -1;
+  for (int64_t b = 0; b < L.batch; ++b) {
+    const int64_t used = (lengths[b] + L.block_size - 1) / L.block_size;
+    for (int64_t j = 0; j < used; ++j) {
+      const int64_t id = L.table[b * L.table_stride + j];
+      first = std::min(first, id);
+      last = std::max(last, id);
+    }
+  }
+  TORCH_CHECK_VALUE(last < 0 || (first >= 0 && last < L.num_blocks),
+                    "block_table entries in use must lie in [0, ", L.num_blocks, "), got [",
+                    first, ", ", last, "]");
+}
+
+// Work items: per sequence, `num_splits` context slices if given (> 0), else enough to give
+// every thread several items, none shorter than MIN_CHUNK tokens; per slice, one item per KV
+// head, or one for all KV heads when a token's head rows lie side by side (a paged pool):
+// then an item streams whole blocks instead of one row per page.
+inline std::vector<WorkItem> plan(const Layout& L, const int64_t* lengths, int64_t num_splits,
+                           std::vector<int64_t>& splits_of, int64_t* num_parts) {
+  constexpr int64_t MIN_CHUNK = 512;
+  const int64_t threads = at::get_num_threads();
+  const bool heads_together =
+      L.k_head * L.kv_heads <= L.k_token && L.v_head * L.kv_heads <= L.v_token;
+  const int64_t per_item_heads = heads_together ? L.kv_heads : 1;
+  int64_t chunk = 0;  // tokens per slice when splitting automatically
+  if (num_splits <= 0) {
+    int64_t total = 0;
+    for (int64_t b = 0; b < L.batch; ++b) total += lengths[b];
+    const int64_t wanted_items = 4 * threads;  // several per thread: dynamic balance
+    const int64_t heads_items = L.kv_heads / per_item_heads;
+    const int64_t per_item = (total * heads_items + wanted_items - 1) / wanted_items;
+    chunk = std::max(MIN_CHUNK, per_item);
+  }
+  std::vector<WorkItem> items;
+  int64_t parts = 0;
+  for (int64_t b = 0; b < L.batch; ++b) {
+    const int64_t n = lengths[b];
+    int64_t splits = num_splits > 0 ? num_splits : (n + chunk - 1) / chunk;
+    splits = std::max<int64_t>(1, std::min(splits, n));
+    splits_of[b] = splits;
+    const int64_t per = splits > 1 ? (n + splits - 1) / splits : n;
+    for (int64_t s = 0; s < splits; ++s) {
+      const int64_t start = std::min(n, s * per), end = std::min(n, start + per);
+      for (int64_t h = 0; h < L.kv_heads; h += per_item_heads) {
+        items.push_back({b, h, per_item_heads, start, end, splits > 1 ? parts + s : -1});
+      }
+    }
+    if (splits > 1) parts += splits;
+  }
+  // Longest first: with dynamic hand-out this keeps the threads' loads even.
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) {
+    return a.end - a.start > b.end - b.start;
+  });
+  *num_parts = parts;
+  return items;
+}
+
+template <typename scalar_t>
+void run(const Layout& L, const at::Tensor& q, const scalar_t* K, const scalar_t* V,
+         const int64_t* lengths, double scale, int64_t num_splits, at::Tensor& out,
+         at::Tensor& lse) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t H = L.heads, G = L.group, D = L.dim, DV = L.v_dim;
+  int64_t num_parts = 0;
+  std::vector<int64_t> splits_of(L.batch);
+  const std::vector<WorkItem> items = plan(L, lengths, num_splits, splits_of, &num_parts);
+
+  // Queries in acc_t, pre-scaled by scale * log2(e): (batch, heads, dim).
+  const acc_t q_scale = static_cast<acc_t>(scale * 1.4426950408889634);
+  std::vector<acc_t> qs(L.batch * H * D);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < L.batch * H * D; ++i) qs[i] = static_cast<acc_t>(qp[i]) * q_scale;
+
+  // Outputs in acc_t. A split sequence's slices write partials (slot, heads, v_dim), merged
+  // below; the slots of one sequence are consecutive.
+  std::vector<acc_t> out_acc(L.batch * H * DV), lse_acc(L.batch * H);
+  std::vector<acc_t> part_out(num_parts * H * DV), part_lse(num_parts * H);
+
+  std::atomic<int64_t> next{0};
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1,
+                   [&](int64_t, int64_t) {
+                     Scratch<acc_t> scratch;
+                     for (int64_t i = next++; i < n_items; i = next++) {
+                       const WorkItem& w = items[i];
+                       const int64_t row = w.head * G;  // first query head of the item
+                       const bool whole = w.part < 0;
+                       acc_t* o = whole ? out_acc.data() + (w.b * H + row) * DV
+                                        : part_out.data() + (w.part * H + row) * DV;
+                       acc_t* s = whole ? lse_acc.data() + w.b * H + row
+                                        : part_lse.data() + w.part * H + row;
+                       attend<scalar_t, acc_t>(L, K, V, qs.data() + (w.b * H + row) * D, w, o, s,
+                                               scratch);
+                     }
+                   });
+
+  // Merge the slices of split sequences by their log-sum-exp.
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  int64_t base = 0;
+  for (int64_t b = 0; b < L.batch; ++b) {
+    const int64_t splits = splits_of[b];
+    if (splits == 1) continue;
+    for (int64_t r = 0; r < H; ++r) {
+      acc_t* o = out_acc.data() + (b * H + r) * DV;
+      acc_t top = neg_inf;
+      for (int64_t s = 0; s < splits; ++s) top = std::max(top, part_lse[(base + s) * H + r]);
+      if (top == neg_inf) {  // no slice saw a key
+        lse_acc[b * H + r] = neg_inf;
+        continue;
+      }
+      acc_t total = 0;
+      for (int64_t s = 0; s < splits; ++s) {
+        const acc_t wt = std::exp2(part_lse[(base + s) * H + r] - top);  // 0 for empty slices
+        total += wt;
+        const acc_t* po = part_out.data() + ((base + s) * H + r) * DV;
+#pragma omp simd
+        for (int64_t d = 0; d < DV; ++d) o[d] += wt * po[d];
+      }
+      const acc_t inv = acc_t(1) / total;
+#pragma omp simd
+      for (int64_t d = 0; d < DV; ++d) o[d] *= inv;
+      lse_acc[b * H + r] = top + std::log2(total);
+    }
+    base += splits;
+  }
+
+  scalar_t* op = out.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < L.batch * H * DV; ++i) op[i] = static_cast<scalar_t>(out_acc[i]);
+  const acc_t ln2 = static_cast<acc_t>(0.6931471805599453);
+  if (lse.scalar_type() == at::kDouble) {
+    double* lp = lse.data_ptr<double>();
+    for (int64_t i = 0; i < L.batch * H; ++i) lp[i] = static_cast<double>(lse_acc[i] * ln2);
+  } else {
+    float* lp = lse.data_ptr<float>();
+    for (int64_t i = 0; i < L.batch * H; ++i) lp[i] = static_cast<float>(lse_acc[i] * ln2);
+  }
+}
+
+// q: (batch, heads, dim). k/v: (num_blocks, block_size, kv_heads, dim / v_dim), any strides
+// with the last dim contiguous. block_table: (batch, max_blocks) integer, or None for one
+// block per sequence (num_blocks == batch). lengths: (batch,) integer, or None for block_size.
+// Returns out (batch, heads, v_dim) in q's dtype and lse (batch, heads), float64 for float64
+// inputs and float32 otherwise. Shapes are checked in Python; values are checked here always
+// (a bad block id would read outside the pool).
+inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& k,
+                                      const at::Tensor& v,
+                                      const c10::optional<at::Tensor>& block_table,
+                                      const c10::optional<at::Tensor>& lengths_in, double scale,
+                                      int64_t num_splits) {
+  TORCH_CHECK_VALUE(q_in.dim() == 3 && k.dim() == 4 && v.dim() == 4,
+                    "decode_attention kernel: q must be 3-D and k, v 4-D");
+  TORCH_CHECK_VALUE(q_in.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+                    "the cpp backend takes CPU tensors");
+  TORCH_CHECK_VALUE(k.scalar_type() == q_in.scalar_type() &&
+                        v.scalar_type() == q_in.scalar_type(),
+                    "q, k and v must share one dtype");
+  TORCH_CHECK_VALUE(k.stride(3) == 1 && v.stride(3) == 1,
+                    "k and v must be contiguous in their last dim");
+  const at::Tensor q = q_in.contiguous();
+  Layout L;
+  L.batch = q.size(0);
+  L.heads = q.size(1);
+  L.dim = q.size(2);
+  L.num_blocks = k.size(0);
+  L.block_size = k.size(1);
+  L.kv_heads = k.size(2);
+  L.v_dim = v.size(3);
+  TORCH_CHECK_VALUE(k.size(3) == L.dim && v.size(0) == L.num_blocks &&
+                        v.size(1) == L.block_size && v.size(2) == L.kv_heads,
+                    "k and v must agree with q and with each other");
+  TORCH_CHECK_VALUE(L.kv_heads > 0 && L.heads % L.kv_heads == 0,
+                    "heads must be a multiple of kv_heads");
+  L.group = L.heads / L.kv_heads;
+  L.k_block = k.stride(0);
+  L.k_token = k.stride(1);
+  L.k_head = k.stride(2);
+  L.v_block = v.stride(0);
+  L.v_token = v.stride(1);
+  L.v_head = v.stride(2);
+
+  at::Tensor table;
+  if (block_table.has_value()) {
+    table = block_table->to(at::kCPU, at::kLong).contiguous();
+    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == L.batch,
+                      "block_table must be (batch, max_blocks)");
+    L.table = table.data_ptr<int64_t>();
+    L.table_stride = table.size(1);
+  } else {
+    TORCH_CHECK_VALUE(L.num_blocks == L.batch, "without a block_table k needs one block per "
+                                               "sequence");
+    L.table = nullptr;
+    L.table_stride = 1;
+  }
+  at::Tensor lengths;
+  if (lengths_in.has_value()) {
+    lengths = lengths_in->to(at::kCPU, at::kLong).contiguous();
+    TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == L.batch,
+                      "lengths must be (batch,)");
+  } else {
+    lengths = at::full({L.batch}, L.block_size, at::kLong);
+  }
+  const int64_t* lens = lengths.data_ptr<int64_t>();
+  check_values(L, lens);
+
+  at::Tensor out = at::empty({L.batch, L.heads, L.v_dim}, q.options());
+  at::Tensor lse = at::empty({L.batch, L.heads},
+                             q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble
+                                                                              : at::kFloat));
+  if (L.batch == 0) return {out, lse};
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      run<float>(L, q, k.data_ptr<float>(), v.data_ptr<float>(), lens, scale, num_splits, out,
+                 lse);
+      break;
+    case at::kDouble:
+      run<double>(L, q, k.data_ptr<double>(), v.data_ptr<double>(), lens, scale, num_splits,
+                  out, lse);
+      break;
+    case at::kBFloat16:
+      run<c10::BFloat16>(L, q, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), lens,
+                         scale, num_splits, out, lse);
+      break;
+    case at::kHalf:
+      run<c10::Half>(L, q, k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), lens, scale,
+                     num_splits, out, lse);
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, "the cpp backend takes float32, float64, bfloat16 or float16, "
+                               "got ",
+                        q.scalar_type());
+  }
+  return {out, lse};
+}
+
+}  // namespace decode_attention

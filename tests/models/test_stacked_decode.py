@@ -1,0 +1,160 @@
+"""A decode step through every block in one C++ call (models/stacked_decode.py): taken when
+it qualifies, equal to the blocks run one by one, rebuilt when the model changes, declined
+(block by block, as before) when it cannot serve the step.
+
+Tolerances: the stacked float32 logits against the float64 model obey the 2x rule (at most
+twice the error of the float32 blocks one by one, plus 1e-5); two float32 paths on the same
+weights agree within 1e-4 (logits of magnitude ~1).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from attn_testing import tiny_transformer
+from attnkit.cache.paged import PagedCache
+from attnkit.ops.decode_block import DecodeStack
+
+PROMPTS = (5, 9, 2)  # ragged: the decode kernel reads a length per sequence
+STEPS = 6
+
+
+@pytest.fixture
+def stack_calls(monkeypatch) -> list[int]:
+    """The batch size of every step that ran through a DecodeStack."""
+    calls, run = [], DecodeStack.__call__
+
+    def counted(stack, x, *args):
+        calls.append(x.shape[0])
+        return run(stack, x, *args)
+
+    monkeypatch.setattr(DecodeStack, "__call__", counted)
+    return calls
+
+
+def new_cache(model, kind: str):
+    if kind == "contiguous":
+        return model.new_cache(len(PROMPTS), initial_len=8)  # grows while decoding
+    c = model.config
+    cache = PagedCache(
+        c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks=24, block_size=4,
+        dtype=next(model.parameters()).dtype, seed=1,
+    )  # fmt: skip
+    for _ in PROMPTS:
+        cache.add_sequence()
+    return cache
+
+
+def block_by_block(model):
+    model._stacked_decode = lambda *args: None
+    return model
+
+
+@torch.no_grad()
+def decode(model, kind: str, steps: int = STEPS, seed: int = 0, tokens_out=None):
+    """Logits (batch, steps, vocab) of `steps` decode steps on fixed random tokens, each
+    prompt prefilled alone first; and the cache. `tokens_out` gets each sequence's tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = new_cache(model, kind)
+    prompts = [torch.randint(0, 101, (1, n), generator=gen) for n in PROMPTS]
+    for seq, prompt in zip(cache.sequences, prompts, strict=True):
+        model(prompt, cache=cache, seq_ids=[seq])
+    tokens = torch.randint(0, 101, (len(PROMPTS), steps), generator=gen)
+    out = [model(tokens[:, i : i + 1], cache=cache) for i in range(steps)]
+    if tokens_out is not None:
+        tokens_out += [p[0].tolist() + t.tolist() for p, t in zip(prompts, tokens, strict=True)]
+    return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_stacked_steps_match_the_float64_model(kind, interleaved, stack_calls):
+    overrides = {"rope_interleaved": interleaved, "attention_bias": True}
+    want, _ = decode(tiny_transformer(5, **overrides), kind)
+    stack_calls.clear()
+    got, _ = decode(tiny_transformer(5, **overrides).float(), kind)
+    assert stack_calls == [len(PROMPTS)] * STEPS  # every decode step, no prefill
+    plain, _ = decode(block_by_block(tiny_transformer(5, **overrides).float()), kind)
+    err, plain_err = ((t.double() - want).abs().max().item() for t in (got, plain))
+    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+
+
+def test_the_stack_follows_changes_to_the_model(stack_calls):
+    # Whatever the stack copied (packed weights, epsilons) must follow the model: weights
+    # written in place, a parameter replaced, a norm's eps changed. Each change is made to
+    # a twin that runs block by block; both must agree, and differ from before the change.
+    model = tiny_transformer(8).float()
+    twin = block_by_block(copy.deepcopy(model))
+    before, _ = decode(model, "contiguous")
+
+    def replace_wq(m):
+        m.blocks[2].attn.wq.weight = torch.nn.Parameter(-m.blocks[2].attn.wq.weight)
+
+    changes = [
+        lambda m: m.blocks[1].mlp.up.weight.mul_(1.5),
+        replace_wq,
+        lambda m: setattr(m.blocks[0].mlp_norm, "eps", 10.0),
+    ]
+    for change in changes:
+        with torch.no_grad():
+            change(model)
+            change(twin)
+        stack_calls.clear()
+        got, _ = decode(model, "contiguous")
+        assert len(stack_calls) == STEPS
+        want, _ = decode(twin, "contiguous")
+        assert (got - want).abs().max() < 1e-4
+        assert (got - before).abs().max() > 1e-2  # the change mattered
+        before = got
+
+
+def test_hooks_gradients_and_other_layers_run_block_by_block(stack_calls):
+    model = tiny_transformer(9).float()
+    seen = []
+    handle = model.blocks[2].mlp.register_forward_hook(lambda m, a, out: seen.append(1))
+    decode(model, "contiguous")
+    assert not stack_calls and len(seen) == len(PROMPTS) + STEPS  # the hook saw every step
+    handle.remove()
+    decode(model, "contiguous")
+    assert len(stack_calls) == STEPS  # and without it, the stack again
+
+    stack_calls.clear()
+    cache = model.new_cache(1)
+    model(torch.tensor([[1, 2]]), cache=cache)
+    logits = model(torch.tensor([[3]]), cache=cache)  # gradients recorded: not the stack
+    assert logits.requires_grad and not stack_calls
+
+    model.blocks[1].attn.backend = "reference"  # a named backend: attention as asked
+    decode(model, "contiguous")
+    assert not stack_calls
+    windowed = tiny_transformer(9, sliding_window=4).float()  # a ring-buffer cache
+    decode(windowed, "contiguous")
+    assert not stack_calls
+
+
+def test_stacked_steps_index_the_blocks_they_fill_for_prefix_sharing(stack_calls):
+    # A paged step's full blocks join the prefix index once every layer holds their K/V:
+    # the stack writes all layers at once and must say so.
+    model, tokens = tiny_transformer(10).float(), []
+    _, cache = decode(model, "paged", steps=7, tokens_out=tokens)  # 12, 16 and 9 tokens
+    assert len(stack_calls) == 7
+    for seq, length in zip(cache.sequences[:3], (12, 16, 9), strict=True):
+        assert len(tokens[seq]) == length
+        reused = cache.length(cache.add_sequence(token_ids=tokens[seq]))
+        assert reused == (length - 1) // 4 * 4  # whole blocks, one token left to compute
+
+
+def test_a_copied_or_pickled_model_decodes_as_the_original(stack_calls):
+    model = tiny_transformer(11).float()
+    want, _ = decode(model, "paged")  # builds the stack
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        stack_calls.clear()
+        got, _ = decode(twin, "paged")
+        assert len(stack_calls) == STEPS and torch.equal(got, want)
