@@ -36,6 +36,19 @@ def test_a_baseline_that_could_not_run_is_not_judged():
     assert row.as_dict()["note"] == "needs accelerate"
 
 
+def test_the_copy_floor_is_sized_past_the_largest_cache_linux_reports(tmp_path):
+    # A copy that fits the last-level cache measures the cache, not memory (a 480 MiB L3).
+    from attnkit.tools.bench.core import last_level_cache_bytes
+
+    for index, size in enumerate(["48K", "2048K", "491520K", "1G", "garbage"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(tmp_path) == 2**30
+    (tmp_path / "index3" / "size").write_text("3M\n")
+    assert last_level_cache_bytes(tmp_path) == 480 * 2**20
+    assert last_level_cache_bytes(tmp_path / "missing") == 0
+
+
 def test_causal_flops_count_the_kept_pairs():
     # n = 2: pairs (0,0), (1,0), (1,1); two matmuls of 2·d flops per pair and head
     assert causal_flops(2, heads=3, d=4) == 3 * 3 * 2 * 2 * 4
