@@ -3,7 +3,7 @@
 Each call is checked against the same composition of torch ops in float64 (rms_norm,
 F.linear, `apply_rotary`, silu), on fresh random inputs with awkward sizes. Tolerance: the
 2x rule, the fused float32 error against float64 at most twice that of the plain float32
-torch composition, plus 1e-5 for outputs near zero.
+torch composition, plus a floor of 1e-5 or 8 float32 ulps at the output's scale.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from attnkit.layers.rope import apply_rotary
@@ -32,9 +32,14 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _within_2x(got: torch.Tensor, plain: torch.Tensor, want: torch.Tensor) -> None:
+    # The floor: 1e-5 for outputs near zero, else 8 float32 ulps at the output's scale. With
+    # one intermediate unit the plain error is a single rounding that can land near 0 by
+    # luck (hypothesis found 9e-6 beside the kernel's 4e-5 on outputs of 78: 4 ulps).
     err = (got.double() - want).abs().max().item()
     plain_err = (plain.double() - want).abs().max().item()
-    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+    scale = want.abs().max().item() if want.numel() else 0.0
+    floor = max(1e-5, 8 * torch.finfo(torch.float32).eps * scale)
+    assert err <= 2 * plain_err + floor, (err, plain_err, floor)
 
 
 def _inputs_reference(x, norm, eps, weights, biases, cos, sin, heads, head_dim, interleaved):
@@ -117,6 +122,7 @@ def _outputs_reference(x, attn, wo, bias_o, norm, eps, gate, up, down):
     with_bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(rows=1, hidden=46, attn_width=1, intermediate=1, with_bias=True, seed=0)  # a lucky plain
 def test_block_outputs_match_torch_ops(rows, hidden, attn_width, intermediate, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, 1, hidden, generator=gen)
@@ -357,3 +363,18 @@ def test_decode_stack_refuses_a_cache_of_another_shape():
         stack(x, decode_block.KVStorage(*wrong, table, starts), cos, sin)
     with pytest.raises(RuntimeError, match="block_table must be"):
         stack(x, decode_block.KVStorage(*pools, table[:1], starts), cos, sin)
+
+
+def test_decode_stack_says_which_caches_it_serves():
+    # The model asks before calling, so a cache of another dtype or shape takes the
+    # per-block path (which explains its own errors) instead of the kernel's refusal.
+    stack, pools, *_ = _one_block_stack(torch.Generator().manual_seed(5))
+    table, starts = torch.tensor([[0], [1]]), torch.tensor([0, 0])
+    assert stack.serves(decode_block.KVStorage(*pools, table, starts))
+    for other in (
+        [p.double() for p in pools],
+        [torch.zeros(1, 3, 4, 2, 4) for _ in "kv"],  # 2 KV heads
+        [torch.zeros(2, 3, 4, 1, 4) for _ in "kv"],  # 2 layers
+        [pools[0], torch.zeros(1, 3, 4, 1, 5)],  # v of another head dim
+    ):
+        assert not stack.serves(decode_block.KVStorage(*other, table, starts))

@@ -85,6 +85,16 @@ class DecodeStack:
         self._stack = module.DecodeStack(
             layers, biases, eps, heads[0], heads[1], head_dim, intermediate, interleaved
         )
+        self._kv_shape = (heads[1], head_dim)
+
+    def serves(self, storage: KVStorage) -> bool:
+        """Whether `storage` holds float32 K/V of this stack's layers and shape (a cache for
+        another model would be refused by the kernel; callers can take another path)."""
+        return all(
+            t.dtype == torch.float32 and t.dim() == 5 and t.shape[0] == len(self)
+            and tuple(t.shape[3:]) == self._kv_shape and t.device.type == "cpu"
+            for t in (storage.k, storage.v)
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._stack)
