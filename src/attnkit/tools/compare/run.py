@@ -295,6 +295,10 @@ def _speed(model, strategy: Strategy, corpus: Tensor, settings: CompareSettings)
     """Median prefill seconds for the prompt, and decode tokens/s after it, through the cache."""
     prompt = corpus[: settings.speed_prompt_tokens].view(1, -1)
     n_decode = settings.speed_decode_tokens
+    # One untimed prefill and decode step first: kernels compile and weights pack on their
+    # first use (seconds, once per process), which timed the first row's speed, not its own.
+    warm = strategy.new_cache(model, prompt.shape[1] + n_decode, settings.step_tokens)
+    model(model(prompt, cache=warm)[:, -1:].argmax(-1), cache=warm)
     prefills, decodes = [], []
     for _ in range(settings.speed_repeats):
         cache = strategy.new_cache(model, prompt.shape[1] + n_decode, settings.step_tokens)
