@@ -256,3 +256,40 @@ def test_a_step_larger_than_max_new_per_step_raises_and_at_the_limit_works():
         cache.prepare([seq], 6)
     assert cache.length(seq) == 0
     assert cache.prepare([seq], 5).kv_len == 5
+
+
+@pytest.mark.parametrize(("window", "n_sinks"), [(1, 0), (4, 0), (4, 2), (7, 3)])
+def test_decode_storage_lists_exactly_the_keys_the_mask_shows(window, n_sinks):
+    # DecodeStack reads a ring step through this table: block `row * stride + slot` of
+    # the views is `slot` of buffer row `row`; each sequence lists its visible keys, its
+    # new token's slot last (where the kernel writes it). Checked against the step's mask.
+    gen = torch.Generator().manual_seed(window * 10 + n_sinks)
+    cache = new_cache(window, n_sinks, max_seqs=3, max_new=5, n_layers=2)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    for seq, n in zip(seqs, (2, 13, 0), strict=True):  # one fresh, one wrapped, one empty
+        for chunk in [5] * (n // 5) + [n % 5] * bool(n % 5):
+            cache.prepare([seq], chunk)
+    for _ in range(6):
+        order = seqs[::-1]  # rows out of slot order
+        step = cache.prepare(order, 1)
+        storage = cache.decode_storage()
+        assert (storage.window, storage.sinks) == (window, n_sinks)
+        stride = cache.k.stride(1) // cache.k.stride(3)
+        for b, seq in enumerate(order):
+            row, length = cache._slot[seq], int(storage.starts[b]) + 1
+            listed = storage.block_table[b, :length]
+            assert torch.equal(listed // stride, torch.full_like(listed, row))
+            slots = listed % stride
+            everything = torch.ones(len(order), 1, 1, step.kv_len, dtype=torch.bool)
+            mask = everything if step.mask is None else step.mask.dense(1, step.kv_len)
+            visible = mask.expand(len(order), -1, -1, -1)[b, 0, 0]
+            shown = set(cache.slot_positions[row, visible.nonzero().view(-1)].tolist())
+            positions = cache.slot_positions[row, slots].tolist()
+            assert sorted(positions) == sorted(shown) and len(set(positions)) == length
+            assert positions[-1] == int(step.start[b])  # the new token, written last
+            k = torch.randn(2, cache.kv_heads, length, cache.head_dim, generator=gen)
+            cache.k[:, row][:, :, slots] = k.to(cache.k.dtype)  # through the buffer...
+            read = storage.k[:, listed, 0].transpose(1, 2)  # ...read through the table
+            assert torch.equal(read, k.to(cache.k.dtype))
+    nothing = cache.prepare(seqs, 2)  # a step of two tokens: layer by layer
+    assert nothing.n_new == 2 and cache.decode_storage() is None

@@ -10,17 +10,26 @@ weights agree within 1e-4 (logits of magnitude ~1).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 
 import pytest
 import torch
 
 from attn_testing import tiny_transformer
+from attnkit.cache import (
+    ContiguousCache,
+    QuantizedCache,
+    SlidingWindowCache,
+    StreamingLLMCache,
+)
 from attnkit.cache.paged import PagedCache
+from attnkit.models.llama import Block
 from attnkit.ops.decode_block import DecodeStack
 
 PROMPTS = (5, 9, 2)  # ragged: the decode kernel reads a length per sequence
 STEPS = 6
+RING_SLACK = {"max_new_per_step": 9}  # the longest prompt; rings wrap while decoding
 
 
 @pytest.fixture
@@ -37,9 +46,20 @@ def stack_calls(monkeypatch) -> list[int]:
 
 
 def new_cache(model, kind: str):
-    if kind == "contiguous":
-        return model.new_cache(len(PROMPTS), initial_len=8)  # grows while decoding
+    if kind == "contiguous":  # grows while decoding; a ring for a windowed model
+        ring = model.config.sliding_window is not None
+        return model.new_cache(len(PROMPTS), **(RING_SLACK if ring else {"initial_len": 8}))
     c = model.config
+    shape = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    dtype = next(model.parameters()).dtype
+    if kind == "window":  # full-attention layers, a cache that keeps 4 keys of each
+        cache = SlidingWindowCache(*shape, window=4, max_seqs=3, dtype=dtype, **RING_SLACK)
+    elif kind == "sinks":  # 2 sink keys and 3 recent ones besides the new token
+        cache = StreamingLLMCache(*shape, budget=5, sinks=2, max_seqs=3, dtype=dtype, **RING_SLACK)
+    if kind in ("window", "sinks"):
+        for _ in PROMPTS:
+            cache.add_sequence()
+        return cache
     cache = PagedCache(
         c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks=24, block_size=4,
         dtype=next(model.parameters()).dtype, seed=1,
@@ -79,6 +99,26 @@ def test_stacked_steps_match_the_float64_model(kind, interleaved, stack_calls):
     got, _ = decode(tiny_transformer(5, **overrides).float(), kind)
     assert stack_calls == [len(PROMPTS)] * STEPS  # every decode step, no prefill
     plain, _ = decode(block_by_block(tiny_transformer(5, **overrides).float()), kind)
+    err, plain_err = ((t.double() - want).abs().max().item() for t in (got, plain))
+    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides"),
+    [
+        ("window", {}),  # the cache's window over full-attention layers (compare's rows)
+        ("sinks", {"attention_bias": True}),
+        ("contiguous", {"sliding_window": 3}),  # windowed layers and their own ring
+    ],
+)
+def test_ring_buffer_steps_match_the_float64_model(kind, overrides, stack_calls):
+    # The ring's table lists sinks and window keys out of slot order after it wraps
+    # (prompts of 9 tokens in rings of 4 + 9 slots, 6 steps on).
+    want, _ = decode(tiny_transformer(16, **overrides), kind)
+    stack_calls.clear()
+    got, _ = decode(tiny_transformer(16, **overrides).float(), kind)
+    assert stack_calls == [len(PROMPTS)] * STEPS
+    plain, _ = decode(block_by_block(tiny_transformer(16, **overrides).float()), kind)
     err, plain_err = ((t.double() - want).abs().max().item() for t in (got, plain))
     assert err <= 2 * plain_err + 1e-5, (err, plain_err)
 
@@ -131,9 +171,21 @@ def test_hooks_gradients_and_other_layers_run_block_by_block(stack_calls):
     model.blocks[1].attn.backend = "reference"  # a named backend: attention as asked
     decode(model, "contiguous")
     assert not stack_calls
-    windowed = tiny_transformer(9, sliding_window=4).float()  # a ring-buffer cache
-    decode(windowed, "contiguous")
-    assert not stack_calls
+    windowed = tiny_transformer(9, sliding_window=4).float()
+    c = windowed.config
+    shape = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    full = ContiguousCache(*shape, max_seqs=2)  # lists every key, not the layers' window
+    int8 = QuantizedCache(*shape, max_seqs=2)  # stores no float32 K/V to lend
+    with torch.no_grad():
+        for model, cache in ((windowed, full), (tiny_transformer(9).float(), int8)):
+            for _ in range(2):
+                cache.add_sequence()
+            model(torch.tensor([[1, 2], [3, 4]]), cache=cache)
+            want = block_by_block(copy.deepcopy(model))(
+                torch.tensor([[5], [6]]), cache=copy.deepcopy(cache)
+            )
+            got = model(torch.tensor([[5], [6]]), cache=cache)
+            assert not stack_calls and torch.equal(got, want)
 
 
 def test_stacked_steps_index_the_blocks_they_fill_for_prefix_sharing(stack_calls):
@@ -158,3 +210,70 @@ def test_a_copied_or_pickled_model_decodes_as_the_original(stack_calls):
         stack_calls.clear()
         got, _ = decode(twin, "paged")
         assert len(stack_calls) == STEPS and torch.equal(got, want)
+
+
+class DoubledMLP(Block):
+    """A block subclass with its own forward: the stack must not run Block's in its place."""
+
+    def forward(self, x, ctx):
+        x = x + self.attn(self.attn_norm(x), ctx)
+        return x + 2 * self.mlp(self.mlp_norm(x))
+
+
+def test_a_block_subclass_with_its_own_forward_runs_as_written(stack_calls):
+    model = tiny_transformer(12).float()
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        for block in m.blocks:
+            block.__class__ = DoubledMLP
+    got, _ = decode(model, "contiguous")
+    assert not stack_calls
+    want, _ = decode(block_by_block(twin), "contiguous")
+    assert torch.equal(got, want)
+
+
+def test_a_custom_block_without_an_mlp_declines_instead_of_failing(stack_calls):
+    class Attending(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.attn, self.attn_norm = block.attn, block.attn_norm
+
+        def forward(self, x, ctx):
+            return x + self.attn(self.attn_norm(x), ctx)
+
+    model = tiny_transformer(13).float()
+    model.blocks = torch.nn.ModuleList(Attending(b) for b in model.blocks)
+    logits, _ = decode(model, "paged")
+    assert not stack_calls and torch.isfinite(logits).all()
+
+
+def test_a_new_rope_layout_or_head_shape_rebuilds_the_stack(stack_calls):
+    # The stack bakes in the RoPE layout and the head shape; a config swapped for one with
+    # the other layout must give that layout's logits, not the stale stack's.
+    model = tiny_transformer(14).float()
+    decode(model, "contiguous")  # built for the half-split layout
+    model.config = dataclasses.replace(model.config, rope_interleaved=True)
+    stack_calls.clear()
+    got, _ = decode(model, "contiguous")
+    assert len(stack_calls) == STEPS
+    twin = block_by_block(copy.deepcopy(model))
+    want, _ = decode(twin, "contiguous")
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_weights_replaced_through_data_rebuild_the_stack_even_at_the_same_address(stack_calls):
+    # `p.data = new` keeps the parameter's id and version; only the data pointer tells.
+    # The stack holds the old data, so the new tensor can never take the old address.
+    model = tiny_transformer(15).float()
+    twin = block_by_block(copy.deepcopy(model))
+    for trial in range(5):
+        before, _ = decode(model, "contiguous")
+        with torch.no_grad():
+            for m in (model, twin):
+                p = m.blocks[0].mlp.down.weight
+                p.data = p.data * -3  # the old tensor is freed here unless something holds it
+                p.data = p.data * 3  # and this one may take its address
+        got, _ = decode(model, "contiguous")
+        want, _ = decode(twin, "contiguous")
+        assert (got - want).abs().max() < 1e-4, trial
+        assert (got - before).abs().max() > 1e-2

@@ -92,6 +92,10 @@ def test_packed_copy_is_kept_and_follows_its_weight():
         torch.testing.assert_close(skinny_linear.linear(x, w), F.linear(x, w))
         w.data = torch.randn(40, 24)  # new storage: repacked
         torch.testing.assert_close(skinny_linear.linear(x, w), F.linear(x, w))
+        for _ in range(4):  # data replaced twice between calls: the second new tensor
+            w.data = w.data * -2  # could reuse the packed data's address were the packing
+            w.data = w.data * 3  # not holding that data
+            torch.testing.assert_close(skinny_linear.linear(x, w), F.linear(x, w))
 
 
 def test_inference_mode_weights_take_the_packed_kernel(monkeypatch):

@@ -141,7 +141,8 @@ class ContiguousCache(KVCache):
 
     def decode_storage(self) -> KVStorage | None:
         """The buffers as `(layers, slots, capacity, kv_heads, d)` views, one block per slot,
-        at a decode step. Subclasses store otherwise (rings, int8, evicted, latent): none."""
+        at a decode step. Subclasses that store otherwise lend their own (rings) or none
+        (int8, evicted)."""
         step = self.step
         if type(self) is not ContiguousCache or step is None or step.n_new != 1:
             return None

@@ -16,6 +16,7 @@ from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheStep, causal_step_mask
 from attnkit.cache.contiguous import ContiguousCache
 from attnkit.cache.window import SlidingWindowCache
+from attnkit.ops.decode_block import KVStorage
 
 
 def _check_budget(budget: int, keep: int, keep_name: str) -> None:
@@ -42,6 +43,9 @@ class StreamingLLMCache(SlidingWindowCache):
         super().__init__(
             n_layers, kv_heads, head_dim, window=budget - sinks + 1, sinks=sinks, **kwargs
         )
+
+    def decode_storage(self) -> KVStorage | None:
+        return self._ring_storage()  # a configuration of the ring, stored the same way
 
 
 class H2OCache(ContiguousCache):

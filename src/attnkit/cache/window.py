@@ -16,6 +16,7 @@ from torch import Tensor
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheStep
 from attnkit.cache.contiguous import ContiguousCache
+from attnkit.ops.decode_block import KVStorage
 from attnkit.ops.masks import from_tensor
 
 
@@ -111,6 +112,36 @@ class SlidingWindowCache(ContiguousCache):
             self._lengths[seq] += n_new
         self.step = CacheStep(seq_ids, start, n_new, kv_len, mask)
         return self.step
+
+    def decode_storage(self) -> KVStorage | None:
+        """The buffers at a decode step, read through a table of the keys the new tokens
+        see; subclasses that store otherwise (eviction) lend none."""
+        return self._ring_storage() if type(self) is SlidingWindowCache else None
+
+    def _ring_storage(self) -> KVStorage | None:
+        """Each slot of the buffer as a block of one token, so that a step's table lists
+        exactly the keys a new token sees: sinks first, then its window in position order
+        (the new token's own slot last, where it is written). Block `row * ring_stride +
+        slot` is `slot` of buffer row `row`; the view spans every row's heads and slots."""
+        step = self.step
+        if step is None or step.n_new != 1:
+            return None
+        position = step.start.view(-1, 1)  # of the new token, per sequence
+        seen = torch.clamp(position + 1, max=self.sinks + self.window)
+        index = torch.arange(int(seen.max()), device=position.device)
+        keys = torch.where(index < self.sinks, index, position - (seen - 1 - index))
+        keys = torch.where(index < seen, keys, position)  # padding past a short sequence
+        k, v = self.k, self.v
+        token = k.stride(3)
+        ring_stride = k.stride(1) // token  # blocks per buffer row
+        table = self._rows.view(-1, 1) * ring_stride + self._ring_slot(keys)
+        blocks = (self.max_seqs - 1) * ring_stride + self.capacity
+        views = [
+            t.as_strided((t.shape[0], blocks, 1, self.kv_heads, t.shape[4]),
+                         (t.stride(0), token, token, t.stride(2), 1))
+            for t in (k, v)
+        ]  # fmt: skip
+        return KVStorage(*views, table, seen.view(-1) - 1, self.window, self.sinks)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         step = self._check_update(layer, k, v, self.n_layers)

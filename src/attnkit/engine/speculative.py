@@ -91,7 +91,7 @@ def first_layers(model: Transformer, n_layers: int) -> Transformer:
         model.rope,
     )
     draft.blocks = nn.ModuleList(list(model.blocks)[:n_layers])
-    draft._stacked_decode = StackedDecode()
+    draft._stacked_decode = StackedDecode(model._stacked_decode.block_type)
     return draft
 
 

@@ -256,7 +256,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = rotary_for(config)
-        self._stacked_decode = StackedDecode()
+        self._stacked_decode = StackedDecode(Block)
 
     def new_cache(self, batch: int = 1, **kwargs) -> KVCache:
         """An empty cache for this model's attention layers, holding `batch` empty sequences.

@@ -2,19 +2,23 @@
 
 `ops.decode_block.DecodeStack` runs every block of a step at once, attention included,
 writing the new K/V into the cache's storage itself. It serves a step when each block
-takes the per-block fused calls (`Block._decode_weights`: plain attnkit layers, float32 on
-CPU, no hooks), every attention layer is plain full attention (no window, sinks, pattern,
-cross-attention, or backend other than `auto`) of one shape, the cache lends its storage
-(`KVCache.decode_storage`: contiguous or paged float32 K/V at a step of one token per
-sequence), and no gradient is being recorded. Anything else returns None and the blocks
+is exactly the model's own block class (a subclass may override `forward`) and takes the
+per-block fused calls (`Block._decode_weights`: plain attnkit layers, float32 on CPU, no
+hooks), every attention layer is self-attention of one shape with the `auto` backend and
+no sparse pattern, the cache lends its storage (`KVCache.decode_storage`: contiguous,
+paged or ring-buffer float32 K/V at a step of one token per sequence) listing the keys the
+layers see (all of them for full-attention layers; windowed layers need a ring of their
+own window and sinks), and no gradient is being recorded. Anything else returns None and the blocks
 run one by one, as before, with the same results up to float32 rounding.
 
 The stack holds packed copies of the weights, so it is built once and rebuilt whenever
 something it depends on changes: a module or parameter replaced, a parameter written in
 place (its version; inference tensors keep none, as `skinny_linear.packed_weight` says),
-moved (its data pointer), a hook or an instance `forward` added, an attention setting or
-norm epsilon changed. That fingerprint is re-read every step (~0.3 ms of a ~35 ms SmolLM2
-step), which is what makes the stack safe to keep.
+moved (its data pointer; the stack keeps the old data alive, so a replaced tensor's
+address cannot be reused by its successor), a hook or an instance `forward` added, an
+attention setting, head shape, RoPE layout or norm epsilon changed. That fingerprint is
+re-read every step (~0.3 ms of a ~35 ms SmolLM2 step), which is what makes the stack safe
+to keep.
 """
 
 from __future__ import annotations
@@ -30,19 +34,24 @@ from attnkit.ops.skinny_linear import MAX_ROWS
 class StackedDecode:
     """Runs a model's decode steps through a `DecodeStack` when they qualify (see module)."""
 
-    def __init__(self) -> None:
+    def __init__(self, block_type: type[nn.Module]) -> None:
+        self.block_type = block_type  # the only block class whose forward the stack knows
         self._fingerprint: tuple | None = None
         self._stack: DecodeStack | None = None
-        self._kept: list[Tensor] = []  # the parameters whose ids the fingerprint holds
+        self._window: tuple[int, int] | None = None  # the layers' (window, sinks), if any
+        # The parameters (ids in the fingerprint) and their data at build time: holding the
+        # data keeps its address from being reused by a tensor that replaced it (`p.data =`).
+        self._kept: list[Tensor] = []
 
     def __deepcopy__(self, memo) -> StackedDecode:
-        return StackedDecode()  # a memo of packed weights: a copied model builds its own
+        return StackedDecode(self.block_type)  # a copied model packs its own weights
 
     def __getstate__(self) -> dict:
-        return {}  # pickled (torch.save of a model) as empty: rebuilt on the first step
+        # Pickled (torch.save of a model) without the packed weights: rebuilt on first use.
+        return {"block_type": self.block_type}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self.__init__(state["block_type"])
 
     def __call__(self, blocks: nn.ModuleList, x: Tensor, ctx, global_hooks: bool) -> Tensor | None:
         """The blocks' output for `x` (batch, 1, hidden), or None when the step does not
@@ -57,43 +66,52 @@ class StackedDecode:
         storage = cache.decode_storage()
         if storage is None:
             return None
-        fingerprint = _fingerprint(blocks)
+        fingerprint = _fingerprint(blocks, self.block_type, ctx.interleaved)
         if fingerprint is None:
             return None
         if fingerprint != self._fingerprint:
-            self._stack = _build(blocks, x, ctx)
-            self._fingerprint, self._kept = fingerprint, list(blocks.parameters())
+            self._stack, self._window = _build(blocks, x, ctx)
+            self._fingerprint = fingerprint
+            self._kept = [t for p in blocks.parameters() for t in (p, p.data)]
         if self._stack is None or not self._stack.serves(storage):
             return None
+        if self._window is not None and self._window != (storage.window, storage.sinks):
+            return None  # windowed layers read only a ring of their own window
         out = self._stack(x, storage, *ctx.angles_by_row(x.shape[0], 1))
         cache.stored_every_layer()
         return out
 
 
-def _build(blocks: nn.ModuleList, x: Tensor, ctx) -> DecodeStack | None:
-    """A stack of `blocks`' weights, or None when some block or layer does not qualify."""
+def _build(blocks: nn.ModuleList, x: Tensor, ctx) -> tuple[DecodeStack | None, tuple | None]:
+    """A stack of `blocks`' weights and the layers' (window, sinks) (None: full attention),
+    or None when some block or layer does not qualify."""
     weights, shapes = [], set()
     for i, block in enumerate(blocks):
         w = block._decode_weights(x, ctx)
         attn = block.attn
-        plain = attn.window is None and attn.sinks == 0 and attn.pattern is None
-        if w is None or not plain or attn.backend != "auto" or attn.layer_idx != i:
-            return None
+        sparse = attn.pattern is not None and attn.window is None  # a pattern of its own
+        if w is None or sparse or attn.backend != "auto" or attn.layer_idx != i:
+            return None, None
         weights.append(w)
-        shapes.add((attn.n_heads, attn.n_kv_heads, attn.head_dim, w.mlp[0].shape[0]))
+        window = None if attn.window is None else (attn.window, attn.sinks)
+        shapes.add((attn.n_heads, attn.n_kv_heads, attn.head_dim, w.mlp[0].shape[0], window))
     if len(shapes) != 1:
-        return None
-    heads, kv_heads, head_dim, intermediate = shapes.pop()
-    return DecodeStack(weights, (heads, kv_heads), head_dim, intermediate, ctx.interleaved)
+        return None, None
+    heads, kv_heads, head_dim, intermediate, window = shapes.pop()
+    stack = DecodeStack(weights, (heads, kv_heads), head_dim, intermediate, ctx.interleaved)
+    return stack, window
 
 
-def _fingerprint(blocks: nn.ModuleList) -> tuple | None:
-    """Everything a built stack depends on, cheap to compare; None when a module has hooks
-    or an instance `forward` (the blocks must then run as modules)."""
-    parts: list = [tuple(blocks)]
+def _fingerprint(blocks: nn.ModuleList, block_type: type, interleaved: bool) -> tuple | None:
+    """Everything a built stack depends on, cheap to compare; None when a block is not
+    exactly `block_type` or a module has hooks or an instance `forward` (the blocks must
+    then run as modules)."""
+    parts: list = [tuple(blocks), interleaved]
     for block in blocks:
+        if type(block) is not block_type:
+            return None
         m = block._modules
-        attn = m.get("attn")
+        attn = m["attn"]
         if type(attn) is not Attention:
             return None
         modules = (block, *m.values(), *attn._modules.values(), *m["mlp"]._modules.values())
@@ -107,5 +125,6 @@ def _fingerprint(blocks: nn.ModuleList) -> tuple | None:
                     parts.append((id(p), p.data_ptr(), version))
         attention = (attn.window, attn.sinks, attn.pattern is None, attn.backend, attn.cross)
         norms = (getattr(m["attn_norm"], "eps", None), getattr(m["mlp_norm"], "eps", None))
-        parts.append((*attention, attn.layer_idx, *norms))
+        shape = (attn.n_heads, attn.n_kv_heads, attn.head_dim)
+        parts.append((*attention, attn.layer_idx, *shape, *norms))
     return tuple(parts)

@@ -47,13 +47,19 @@ class KVStorage(NamedTuple):
 
     k, v: `(layers, blocks, block_size, kv_heads, head_dim)` (any strides, head_dim
     contiguous); block_table `(batch, max_blocks)`: each sequence's blocks in order;
-    starts `(batch,)`: each sequence's length before the step, where its new token goes.
+    starts `(batch,)`: how many keys each sequence's new token sees before itself; it is
+    written at that index and sees all of them. A ring buffer lists only the keys its
+    window keeps (blocks of one token, in any order, the new token's slot last): `window`
+    and `sinks` then say which, as the layer's `sliding_window(window) | sinks(sinks)`;
+    `window` None: every key before the new token.
     """
 
     k: Tensor
     v: Tensor
     block_table: Tensor
     starts: Tensor
+    window: int | None = None
+    sinks: int = 0
 
 
 class DecodeStack:
@@ -103,8 +109,9 @@ class DecodeStack:
         """The stack's output for `x` (batch, 1, hidden), one new token per sequence, whose
         K/V it stores in `storage`; `cos`, `sin` `(batch, r/2)` are the tokens' angles."""
         b, _, hidden = x.shape
+        rows, tables = x.reshape(b, hidden).contiguous(), (storage.block_table, storage.starts)
         out = self._stack.run(
-            x.reshape(b, hidden).contiguous(), *storage, cos.contiguous(), sin.contiguous()
+            rows, storage.k, storage.v, *tables, cos.contiguous(), sin.contiguous()
         )
         return out.view(b, 1, hidden)
 

@@ -76,13 +76,16 @@ def packed_weights_enabled() -> bool:
 def packed_weight(weight: Tensor, module) -> Tensor:
     """`weight` packed in panels of 32 output features, made once and kept on the tensor
     until the weight changes (another data pointer, or an in-place write: the version).
-    Inference tensors (made under `torch.inference_mode`) keep no version counter: an
-    in-place write to one inside inference mode goes unseen; assign new data instead."""
+    The packed copy holds the data it was made from, so data assigned later (`p.data =`)
+    can never reuse that address and pass for it. Inference tensors (made under
+    `torch.inference_mode`) keep no version counter: an in-place write to one inside
+    inference mode goes unseen; assign new data instead."""
     version = None if weight.is_inference() else weight._version
     key = (weight.data_ptr(), version, tuple(weight.shape))
     cached = getattr(weight, "_attnkit_packed", None)
     if cached is None or cached[0] != key:
-        cached = (key, module.pack(weight.detach()))
+        source = weight.detach()
+        cached = (key, module.pack(source), source)
         weight._attnkit_packed = cached
     return cached[1]
 
