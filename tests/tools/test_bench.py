@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 
@@ -132,9 +133,24 @@ def test_pair_times_the_two_calls_in_turn_after_one_warm_up_each():
     from attnkit.tools.bench.core import Timer
 
     calls = []
-    ours, theirs = Timer(3).pair(lambda: calls.append("a"), lambda: calls.append("b"))
+    slow = lambda name: lambda: (calls.append(name), time.sleep(0.06))  # noqa: E731
+    ours, theirs = Timer(3).pair(slow("a"), slow("b"))
     assert calls == ["a", "b"] * 4  # a warm-up each, then three alternating rounds
-    assert ours >= 0 and theirs >= 0
+    assert 0.06 <= ours < 1 and 0.06 <= theirs < 1
+
+
+def test_calls_too_quick_to_time_once_get_more_repeats_up_to_a_cap():
+    from attnkit.tools.bench.core import Timer
+
+    calls = []
+    Timer(3)(lambda: calls.append(1))  # microseconds: the cap
+    assert len(calls) == 1 + Timer.MAX_REPEATS
+    calls.clear()
+    Timer(3)(lambda: (calls.append(1), time.sleep(0.01)))  # ~10 ms: ~0.1 s of calls
+    assert 1 + 3 < len(calls) <= 1 + 11
+    calls.clear()
+    Timer(3)(lambda: (calls.append(1), time.sleep(0.06)))  # slow enough: as asked
+    assert len(calls) == 1 + 3
 
 
 def test_llama_cpp_failures_come_back_as_a_reason_not_a_crash(tmp_path):

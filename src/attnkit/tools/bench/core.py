@@ -92,14 +92,28 @@ class Case:
 
 
 class Timer:
-    """Median wall time of a call over the run's repeats, after one warm-up call."""
+    """Median wall time of a call over the run's repeats, after one warm-up call.
+
+    A call too quick to time well once (a sub-millisecond decode step, where one timer
+    interrupt or page fault is a large share) gets more repeats: enough to fill
+    `QUICK_CALLS_SECONDS` by the warm-up's time, at most `MAX_REPEATS`.
+    """
+
+    QUICK_CALLS_SECONDS = 0.1
+    MAX_REPEATS = 50
 
     def __init__(self, repeats: int) -> None:
         self.repeats = repeats
 
     def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> float:
         with torch.inference_mode():
-            return median_seconds(fn, repeats=repeats or self.repeats, warmup=1)
+            warm = _seconds(fn)
+            return median_seconds(fn, repeats=self._repeats(repeats, warm), warmup=0)
+
+    def _repeats(self, asked: int | None, warm_seconds: float) -> int:
+        repeats = asked or self.repeats
+        wanted = math.ceil(self.QUICK_CALLS_SECONDS / max(warm_seconds, 1e-6))
+        return max(repeats, min(self.MAX_REPEATS, wanted))
 
     def pair(
         self, ours: Callable[[], object], theirs: Callable[[], object], repeats: int | None = None
@@ -108,13 +122,19 @@ class Timer:
         warm-up call each: a drift in the machine's speed (a shared host) falls on both."""
         times: tuple[list[float], list[float]] = ([], [])
         with torch.inference_mode():
-            ours(), theirs()
-            for _ in range(repeats or self.repeats):
+            warm = _seconds(ours) + _seconds(theirs)
+            for _ in range(self._repeats(repeats, warm)):
                 for fn, out in zip((ours, theirs), times, strict=True):
                     start = time.perf_counter()
                     fn()
                     out.append(time.perf_counter() - start)
         return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:

@@ -136,7 +136,6 @@ def decode_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         # the copy bandwidth is re-measured here, beside the calls it bounds: on a shared
         # machine it drifts by tens of percent within a run
         floor = (k.nbytes + v.nbytes) / Machine.copy_rate(timer)
-        contiguous = timer(lambda: attnkit.attention(q, k, v))
 
         # The same K/V in a pool of 16-token blocks, handed out in shuffled order.
         blocks = context // BLOCK_SIZE
@@ -148,7 +147,10 @@ def decode_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         v_pool[table] = v.transpose(1, 2).reshape(batch, blocks, BLOCK_SIZE, kv, d)
         lengths = torch.full((batch,), context)
         q1 = q[:, :, 0]
-        paged = timer(lambda: paged_decode(q1, k_pool, v_pool, table, lengths, check=False))
+        contiguous, paged = timer.pair(  # in turn: the paged/contiguous ratio sees one machine
+            lambda: attnkit.attention(q, k, v),
+            lambda: paged_decode(q1, k_pool, v_pool, table, lengths, check=False),
+        )
         case = f"decode GQA 32/8 d128, batch {batch}, context {context}"
         note = f"K/V {(k.nbytes + v.nbytes) / 2**20:.0f} MiB"
         return [
