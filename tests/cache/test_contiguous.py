@@ -200,7 +200,9 @@ def test_decode_attend_takes_the_kernel_and_equals_attention(ragged, monkeypatch
 
     calls = []
     real = cpu_decode.decode_contiguous
-    monkeypatch.setattr(cpu_decode, "decode_contiguous", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        cpu_decode, "decode_contiguous", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
 
     def no_dispatch(*args, **kwargs):
         raise AssertionError("the decode step went through attention()")

@@ -14,6 +14,7 @@ from test_window import decode_model
 
 from attnkit.cache import CacheFull, ContiguousCache
 from attnkit.cache.quantized import QuantizedCache, dequantize, quantize
+from attnkit.ops import cpu_decode
 from models.test_llama import tiny
 
 BOUND = (1 + 2**-22) / 254  # per element, relative to its row's absmax
@@ -214,6 +215,36 @@ def test_model_logits_through_the_int8_cache():
     int8_err = (int8_logits - float_logits).abs().max()
     assert 0 < int8_err <= 2 * noise_err
     assert int8_logits.argmax(-1).eq(float_logits.argmax(-1)).float().mean() > 0.9
+
+
+@torch.no_grad()
+def test_float32_decode_reads_the_int8_rows_in_place(monkeypatch):
+    # Decode steps in float32 through `attend` (layer by layer; the stacked step is
+    # test_stacked_decode's) go to the C++ kernel with the int8 views and their scales
+    # (no dequantized copy of the history); the logits are the float64 model's on the
+    # round-tripped K/V within the 2x rule (twice the plain float32 path's error + 1e-5).
+    calls, decode = [], cpu_decode.decode_contiguous
+
+    def spy(q, k, v, *args, scales=None, **kwargs):
+        calls.append((k.dtype, scales is not None))
+        return decode(q, k, v, *args, scales=scales, **kwargs)
+
+    monkeypatch.setattr(cpu_decode, "decode_contiguous", spy)
+    model = tiny()  # float64
+    ids = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(2))
+    chunks = [12] + [1] * 8
+
+    def run(m, cache_type, dtype):
+        return decode_model(m, cache_type(3, 3, 6, max_seqs=2, dtype=dtype), ids, chunks)
+
+    want = run(model, RoundTripCache, torch.float64)
+    calls.clear()
+    model.float()._stacked_decode = lambda *args: None  # layer by layer, through `attend`
+    got = run(model, QuantizedCache, torch.float32)
+    assert calls == [(torch.int8, True)] * (3 * 8)  # every layer of every decode step
+    plain = run(model, RoundTripCache, torch.float32)  # the float32 model, float32 views
+    err, plain_err = ((t.double() - want).abs().max() for t in (got, plain))
+    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
 
 
 @pytest.mark.parametrize(

@@ -175,7 +175,7 @@ def test_hooks_gradients_and_other_layers_run_block_by_block(stack_calls):
     c = windowed.config
     shape = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
     full = ContiguousCache(*shape, max_seqs=2)  # lists every key, not the layers' window
-    int8 = QuantizedCache(*shape, max_seqs=2)  # stores no float32 K/V to lend
+    int8 = QuantizedCache(*shape, max_seqs=2, scale_dtype=torch.float16)  # no kernel for those
     with torch.no_grad():
         for model, cache in ((windowed, full), (tiny_transformer(9).float(), int8)):
             for _ in range(2):
@@ -277,3 +277,33 @@ def test_weights_replaced_through_data_rebuild_the_stack_even_at_the_same_addres
         want, _ = decode(twin, "contiguous")
         assert (got - want).abs().max() < 1e-4, trial
         assert (got - before).abs().max() > 1e-2
+
+
+def test_int8_cache_steps_quantize_and_count_error_as_the_cache_does(stack_calls):
+    # The stack quantizes each new row in C++ as `quantize` does and reads int8 rows with
+    # their scales: the same storage, the same error statistics and, up to float32
+    # rounding, the same logits as the blocks one by one through QuantizedCache.
+    def run(model):
+        c = model.config
+        cache = QuantizedCache(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max_seqs=3, initial_len=8
+        )
+        for _ in PROMPTS:
+            cache.add_sequence()
+        gen = torch.Generator().manual_seed(3)
+        for seq, n in zip(cache.sequences, PROMPTS, strict=True):
+            model(torch.randint(0, 101, (1, n), generator=gen), cache=cache, seq_ids=[seq])
+        tokens = torch.randint(0, 101, (len(PROMPTS), STEPS), generator=gen)
+        logits = [model(tokens[:, i : i + 1], cache=cache) for i in range(STEPS)]
+        return torch.cat(logits, dim=1), cache
+
+    with torch.no_grad():
+        got, stacked = run(tiny_transformer(17, attention_bias=True).float())
+        assert stack_calls == [len(PROMPTS)] * STEPS
+        want, alone = run(block_by_block(tiny_transformer(17, attention_bias=True).float()))
+    assert (got - want).abs().max() < 1e-5
+    for name in ("k", "v", "k_scale", "v_scale"):
+        assert torch.equal(getattr(stacked, name), getattr(alone, name)), name
+    e, f = stacked.quantization_error, alone.quantization_error
+    assert e.max_abs == f.max_abs and e.max_rel == f.max_rel and 0 < e.max_rel <= 1 / 254
+    assert e.mean_rel == pytest.approx(f.mean_rel, rel=1e-5)

@@ -255,7 +255,7 @@ def _stack_reference(x, blocks, storage, cos, sin, heads, head_dim, interleaved)
     from attnkit import attention
     from attnkit.ops.masks import padding
 
-    k_pool, v_pool, table, starts = storage
+    k_pool, v_pool, table, starts = storage[:4]
     b, bs = x.shape[0], k_pool.shape[2]
     rows, where = torch.arange(b), (table[torch.arange(b), starts // bs], starts % bs)
     for layer, w in enumerate(blocks):
@@ -359,10 +359,23 @@ def test_decode_stack_refuses_a_cache_of_another_shape():
     stack, pools, x, cos, sin = _one_block_stack(torch.Generator().manual_seed(4))
     table, starts = torch.tensor([[0], [1]]), torch.tensor([0, 0])
     wrong = [torch.zeros(1, 3, 4, 2, 4) for _ in "kv"]  # 2 KV heads, the stack has 1
-    with pytest.raises(RuntimeError, match=r"k_cache and v_cache must be float32 \(layers >= 1"):
+    wanted = r"k_cache and v_cache must both be float32 or int8 \(layers >= 1"
+    with pytest.raises(RuntimeError, match=wanted):
         stack(x, decode_block.KVStorage(*wrong, table, starts), cos, sin)
     with pytest.raises(RuntimeError, match="block_table must be"):
         stack(x, decode_block.KVStorage(*pools, table[:1], starts), cos, sin)
+    int8 = [p.to(torch.int8) for p in pools]
+    scales = [torch.ones(p.shape[:4]) for p in pools]
+    error = torch.zeros(3, dtype=torch.float64)
+    bad = [
+        (int8, None, None, "k_scale, v_scale and error go with int8 caches"),
+        (pools, scales, error, "k_scale, v_scale and error go with int8 caches"),
+        (int8, [s[..., :0] for s in scales], error, r"k_scale and v_scale must be float32 \("),
+        (int8, scales, error.float(), "error must be a contiguous float64 tensor of 3"),
+    ]
+    for kv, sc, err, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            stack(x, decode_block.KVStorage(*kv, table, starts, scales=sc, error=err), cos, sin)
 
 
 def test_decode_stack_says_which_caches_it_serves():

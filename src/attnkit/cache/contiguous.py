@@ -129,27 +129,43 @@ class ContiguousCache(KVCache):
         dispatch (~20 us a layer and step, about what the kernel itself takes on a short
         context); every other step is `update` + mask + `attention`."""
         k_all, v_all = self.update(layer, k, v)
-        fits = backend == "auto" and pattern is None and q.shape[2] == 1
-        if fits and self.key_positions(layer) is None and _decodable(q, k_all, v_all):
-            decodes, lengths = self._decode_lengths(self.step)
-            if decodes:
-                scale = 1.0 / math.sqrt(q.shape[-1])
-                query = q[:, :, 0].contiguous()
-                out, _ = cpu_decode.decode_contiguous(query, k_all, v_all, lengths, scale)
-                return out.unsqueeze(2)
+        out = self._decoded(layer, q, k_all, v_all, pattern, backend)
+        if out is not None:
+            return out
         return attention(q, k_all, v_all, self.layer_mask(layer, pattern), backend=backend)
+
+    def _decoded(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, pattern, backend, scales=None
+    ) -> Tensor | None:
+        """The decode kernel's output for `q` over this step's views `k`, `v` (int8 with
+        their `scales`), or None when the step is not one it serves."""
+        fits = backend == "auto" and pattern is None and q.shape[2] == 1
+        if not (fits and self.key_positions(layer) is None and _decodable(q, k, v, scales)):
+            return None
+        decodes, lengths = self._decode_lengths(self.step)
+        if not decodes:
+            return None
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        query = q[:, :, 0].contiguous()
+        out, _ = cpu_decode.decode_contiguous(query, k, v, lengths, scale, scales=scales)
+        return out.unsqueeze(2)
 
     def decode_storage(self) -> KVStorage | None:
         """The buffers as `(layers, slots, capacity, kv_heads, d)` views, one block per slot,
         at a decode step. Subclasses that store otherwise lend their own (rings) or none
         (int8, evicted)."""
-        step = self.step
-        if type(self) is not ContiguousCache or step is None or step.n_new != 1:
+        if type(self) is not ContiguousCache:
             return None
-        slots = torch.tensor([self._slot[s] for s in step.seq_ids], device=self.k.device)
-        return KVStorage(
-            self.k.transpose(2, 3), self.v.transpose(2, 3), slots.view(-1, 1), step.start
-        )
+        return self._slot_storage()
+
+    def _slot_storage(self, **extra) -> KVStorage | None:
+        """`decode_storage` of the buffers, one block per slot, at a decode step."""
+        step = self.step
+        if step is None or step.n_new != 1:
+            return None
+        slots = self._placement(step).slot_index
+        k, v = self.k.transpose(2, 3), self.v.transpose(2, 3)
+        return KVStorage(k, v, slots, step.start, **extra)
 
     def _placement(self, step: CacheStep) -> _Placement:
         """Where `step`'s tokens go in the buffer; worked out once per step, used by every layer."""
@@ -223,13 +239,20 @@ class ContiguousCache(KVCache):
             setattr(self, name, new)
 
 
-def _decodable(q: Tensor, k: Tensor, v: Tensor) -> bool:
+def _decodable(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor] | None) -> bool:
     """Whether the decode kernel can take this step as it is (shapes that `attention` would
-    accept, a CPU dtype it serves); anything else goes through `attention`, which explains."""
+    accept, a CPU dtype it serves: one for all three, or int8 K/V with float32 scales beside
+    a float32 q); anything else goes through `attention`, which explains."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         return False
     if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[1] % k.shape[1] or k.shape[2] == 0:
         return False
     if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
         return False
-    return q.dtype == k.dtype == v.dtype and cpu_decode.can_take(q, k, v)
+    if scales is not None:
+        int8 = k.dtype == v.dtype == torch.int8 and q.dtype == torch.float32
+        if not (int8 and all(s.dtype == torch.float32 for s in scales)):
+            return False
+    elif not q.dtype == k.dtype == v.dtype:
+        return False
+    return cpu_decode.can_take(q, k, v)

@@ -15,6 +15,9 @@ import torch
 from torch import Tensor
 
 from attnkit.cache.contiguous import ContiguousCache
+from attnkit.ops.attention import attention
+from attnkit.ops.decode_block import KVStorage
+from attnkit.ops.masks import Mask
 
 INT8_MAX = 127
 
@@ -89,17 +92,49 @@ class QuantizedCache(ContiguousCache):
         return QuantizationError(max_abs, max_rel, sum_rel / max(self._error_count, 1))
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        k_int, v_int, (k_scale, v_scale) = self._store(layer, k, v)
+        return dequantize(k_int, k_scale, self.dtype), dequantize(v_int, v_scale, self.dtype)
+
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, pattern: Mask | None, backend="auto"
+    ) -> Tensor:
+        """At decode the C++ kernel reads the int8 rows and their scales as stored (a
+        quarter of float32's bytes); other steps dequantize and go through `attention`."""
+        k_int, v_int, scales = self._store(layer, k, v)
+        out = self._decoded(layer, q, k_int, v_int, pattern, backend, scales)
+        if out is not None:
+            return out
+        k_all, v_all = (
+            dequantize(x, s, self.dtype) for x, s in zip((k_int, v_int), scales, strict=True)
+        )
+        return attention(q, k_all, v_all, self.layer_mask(layer, pattern), backend=backend)
+
+    def decode_storage(self) -> KVStorage | None:
+        """The int8 buffers with their scales and error statistics, for float32 K/V (the
+        kernel quantizes each new row as `quantize` does and counts its error)."""
+        if type(self) is not QuantizedCache or self.dtype != torch.float32:
+            return None
+        if self.scale_dtype != torch.float32:
+            return None
+        scales = self.k_scale.transpose(2, 3), self.v_scale.transpose(2, 3)
+        return self._slot_storage(scales=scales, error=self._error)
+
+    def stored_every_layer(self) -> None:
+        per_layer = self.step.batch * self.kv_heads * (self.head_dim + self.v_head_dim)
+        self._error_count += self.n_layers * per_layer  # elements behind the error's sum
+
+    def _store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, tuple]:
+        """Quantize and write this step's K/V; the step's int8 views `(batch, kv_heads,
+        kv_len, d)` and their scales `(batch, kv_heads, kv_len)`."""
         (qk, sk), (qv, sv) = quantize(k, self.scale_dtype), quantize(v, self.scale_dtype)
         k_int, v_int = super().update(layer, qk, qv)  # checks, then writes the int8 rows
-        step = self.step
-        rows = torch.tensor([self._slot[s] for s in step.seq_ids], device=self.k.device)
-        self.k_scale[layer][rows.view(-1, 1), :, step.positions] = sk.transpose(1, 2)
-        self.v_scale[layer][rows.view(-1, 1), :, step.positions] = sv.transpose(1, 2)
+        step, place = self.step, self._placement(self.step)
+        self.k_scale[layer][place.slot_index, :, place.positions] = sk.transpose(1, 2)
+        self.v_scale[layer][place.slot_index, :, place.positions] = sv.transpose(1, 2)
         for x, q, s in ((k, qk, sk), (v, qv, sv)):
             self._track_error(x, q, s)
-        k_scale = self.k_scale[layer, rows, :, : step.kv_len]
-        v_scale = self.v_scale[layer, rows, :, : step.kv_len]
-        return dequantize(k_int, k_scale, self.dtype), dequantize(v_int, v_scale, self.dtype)
+        read = (layer, place.rows, slice(None), slice(None, step.kv_len))
+        return k_int, v_int, (self.k_scale[read], self.v_scale[read])
 
     def _track_error(self, x: Tensor, q: Tensor, scale: Tensor) -> None:
         work = torch.promote_types(self.dtype, torch.float32)

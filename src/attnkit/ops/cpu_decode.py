@@ -61,12 +61,21 @@ def request_limits(q: Tensor, *kv: Tensor) -> str | None:
 
 
 def decode_contiguous(
-    q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, scale: float, num_splits=None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lengths: Tensor | None,
+    scale: float,
+    num_splits=None,
+    scales: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The kernel on contiguous-cache K/V `(batch, kv_heads, n, d)` (any strides, d
-    contiguous or copied): read as a pool of `batch` blocks of n tokens, no copy."""
+    contiguous or copied): read as a pool of `batch` blocks of n tokens, no copy. Int8 K/V
+    come with `scales` (k's, v's), `(batch, kv_heads, n)` float32: one per row."""
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-    return cpp_decode(q, k.transpose(1, 2), v.transpose(1, 2), None, lengths, scale, num_splits)
+    rows = (None, None) if scales is None else tuple(s.transpose(1, 2) for s in scales)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    return cpp_decode(q, k, v, None, lengths, scale, num_splits, rows)
 
 
 def require_kernel() -> ModuleType:
@@ -85,16 +94,19 @@ def cpp_decode(
     lengths: Tensor | None,
     scale: float,
     num_splits: int | None,
+    scales: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Tensor, Tensor]:
     """Run the kernel: q (batch, heads, d); k/v (num_blocks, block_size, kv_heads, d / dv).
 
     `block_table` None means sequence b is block b (a contiguous cache); `lengths` None means
-    every sequence fills its block. Shapes must already be checked; the kernel checks lengths
-    and block ids itself (it reads raw memory). Returns out (batch, heads, dv) in q's dtype
-    and lse (batch, heads), float64 for float64 inputs and float32 otherwise.
+    every sequence fills its block. Int8 k/v (with a float32 q) need `scales`, k's and v's
+    `(num_blocks, block_size, kv_heads)` float32. Shapes must already be checked; the kernel
+    checks lengths and block ids itself (it reads raw memory). Returns out (batch, heads, dv)
+    in q's dtype and lse (batch, heads), float64 for float64 inputs and float32 otherwise.
     """
     module = require_kernel()
-    return tuple(module.decode(q, k, v, block_table, lengths, float(scale), num_splits or 0))
+    splits = num_splits or 0
+    return tuple(module.decode(q, k, v, block_table, lengths, float(scale), splits, *scales))
 
 
 def _load() -> ModuleType | None:

@@ -51,7 +51,10 @@ class KVStorage(NamedTuple):
     written at that index and sees all of them. A ring buffer lists only the keys its
     window keeps (blocks of one token, in any order, the new token's slot last): `window`
     and `sinks` then say which, as the layer's `sliding_window(window) | sinks(sinks)`;
-    `window` None: every key before the new token.
+    `window` None: every key before the new token. Int8 k and v come with `scales` (k's,
+    v's: `(layers, blocks, block_size, kv_heads)` float32, one per row) and `error`, the
+    cache's float64 `[max abs, max relative, sum relative]` quantization error, which the
+    kernel updates with the rows it quantizes.
     """
 
     k: Tensor
@@ -60,6 +63,8 @@ class KVStorage(NamedTuple):
     starts: Tensor
     window: int | None = None
     sinks: int = 0
+    scales: tuple[Tensor, Tensor] | None = None
+    error: Tensor | None = None
 
 
 class DecodeStack:
@@ -94,10 +99,12 @@ class DecodeStack:
         self._kv_shape = (heads[1], head_dim)
 
     def serves(self, storage: KVStorage) -> bool:
-        """Whether `storage` holds float32 K/V of this stack's layers and shape (a cache for
-        another model would be refused by the kernel; callers can take another path)."""
+        """Whether `storage` holds float32 (or int8, with its scales and error) CPU K/V of
+        this stack's layers and shape (a cache for another model would be refused by the
+        kernel; callers can take another path)."""
+        dtype = torch.float32 if storage.scales is None else torch.int8
         return all(
-            t.dtype == torch.float32 and t.dim() == 5 and t.shape[0] == len(self)
+            t.dtype == dtype and t.dim() == 5 and t.shape[0] == len(self)
             and tuple(t.shape[3:]) == self._kv_shape and t.device.type == "cpu"
             for t in (storage.k, storage.v)
         )  # fmt: skip
@@ -110,9 +117,11 @@ class DecodeStack:
         K/V it stores in `storage`; `cos`, `sin` `(batch, r/2)` are the tokens' angles."""
         b, _, hidden = x.shape
         rows, tables = x.reshape(b, hidden).contiguous(), (storage.block_table, storage.starts)
+        scales = (None, None) if storage.scales is None else storage.scales
         out = self._stack.run(
-            rows, storage.k, storage.v, *tables, cos.contiguous(), sin.contiguous()
-        )
+            rows, storage.k, storage.v, *tables, cos.contiguous(), sin.contiguous(),
+            *scales, storage.error,
+        )  # fmt: skip
         return out.view(b, 1, hidden)
 
 

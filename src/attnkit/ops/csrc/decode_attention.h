@@ -67,6 +67,11 @@ struct Layout {
   int64_t v_block, v_token, v_head;
   const int64_t* table;  // (batch, table_stride) block ids; null: sequence b is block b
   int64_t table_stride;
+  // int8 K/V: one float scale per row (block, token, KV head), the row's value / int8.
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+  int64_t ks_block = 0, ks_token = 0, ks_head = 0;
+  int64_t vs_block = 0, vs_token = 0, vs_head = 0;
 };
 
 struct WorkItem {
@@ -102,6 +107,7 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
   S.k_rows.resize(TILE * NH);
   S.v_rows.resize(TILE * NH);
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  constexpr bool quantized = std::is_same_v<scalar_t, int8_t>;
   if (convert) {
     S.kbuf.resize(TILE * NH * D);
     S.vbuf.resize(TILE * NH * DV);
@@ -116,6 +122,8 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
   constexpr int RING = AHEAD + 1;
   const scalar_t* k_tok[RING][TILE];
   const scalar_t* v_tok[RING][TILE];
+  const float* ks_tok[RING][TILE];  // int8: the rows' scales
+  const float* vs_tok[RING][TILE];
   int64_t count[RING] = {};
   if (w.start >= w.end) {  // nothing to attend to (block_size may even be 0)
     std::fill(lse2, lse2 + NQ, -std::numeric_limits<acc_t>::infinity());
@@ -130,6 +138,10 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
       const int64_t block = L.table ? L.table[w.b * L.table_stride + block_index] : w.b;
       k_tok[slot][i] = K + block * L.k_block + offset * L.k_token + w.head * L.k_head;
       v_tok[slot][i] = V + block * L.v_block + offset * L.v_token + w.head * L.v_head;
+      if constexpr (quantized) {
+        ks_tok[slot][i] = L.k_scale + block * L.ks_block + offset * L.ks_token + w.head * L.ks_head;
+        vs_tok[slot][i] = L.v_scale + block * L.vs_block + offset * L.vs_token + w.head * L.vs_head;
+      }
       if (++offset == L.block_size) {
         offset = 0;
         ++block_index;
@@ -154,8 +166,14 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
         if constexpr (convert) {
           acc_t* kb = S.kbuf.data() + (i * NH + h) * D;
           acc_t* vb = S.vbuf.data() + (i * NH + h) * DV;
-          for (int64_t d = 0; d < D; ++d) kb[d] = static_cast<acc_t>(kr[d]);
-          for (int64_t d = 0; d < DV; ++d) vb[d] = static_cast<acc_t>(vr[d]);
+          if constexpr (quantized) {
+            const float ks = ks_tok[slot][i][h * L.ks_head], vs = vs_tok[slot][i][h * L.vs_head];
+            for (int64_t d = 0; d < D; ++d) kb[d] = static_cast<float>(kr[d]) * ks;
+            for (int64_t d = 0; d < DV; ++d) vb[d] = static_cast<float>(vr[d]) * vs;
+          } else {
+            for (int64_t d = 0; d < D; ++d) kb[d] = static_cast<acc_t>(kr[d]);
+            for (int64_t d = 0; d < DV; ++d) vb[d] = static_cast<acc_t>(vr[d]);
+          }
           S.k_rows[i * NH + h] = kb;
           S.v_rows[i * NH + h] = vb;
         } else {
@@ -320,6 +338,8 @@ void run(const Layout& L, const at::Tensor& q, const scalar_t* K, const scalar_t
          const int64_t* lengths, double scale, int64_t num_splits, at::Tensor& out,
          at::Tensor& lse) {
   using acc_t = typename AccType<scalar_t>::type;
+  // q and out: float32 beside int8 K/V, else K/V's own dtype.
+  using io_t = std::conditional_t<std::is_same_v<scalar_t, int8_t>, float, scalar_t>;
   const int64_t H = L.heads, G = L.group, D = L.dim, DV = L.v_dim;
   int64_t num_parts = 0;
   std::vector<int64_t> splits_of(L.batch);
@@ -328,7 +348,7 @@ void run(const Layout& L, const at::Tensor& q, const scalar_t* K, const scalar_t
   // Queries in acc_t, pre-scaled by scale * log2(e): (batch, heads, dim).
   const acc_t q_scale = static_cast<acc_t>(scale * 1.4426950408889634);
   std::vector<acc_t> qs(L.batch * H * D);
-  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const io_t* qp = q.data_ptr<io_t>();
   for (int64_t i = 0; i < L.batch * H * D; ++i) qs[i] = static_cast<acc_t>(qp[i]) * q_scale;
 
   // Outputs in acc_t. A split sequence's slices write partials (slot, heads, v_dim), merged
@@ -384,8 +404,8 @@ void run(const Layout& L, const at::Tensor& q, const scalar_t* K, const scalar_t
     base += splits;
   }
 
-  scalar_t* op = out.data_ptr<scalar_t>();
-  for (int64_t i = 0; i < L.batch * H * DV; ++i) op[i] = static_cast<scalar_t>(out_acc[i]);
+  io_t* op = out.data_ptr<io_t>();
+  for (int64_t i = 0; i < L.batch * H * DV; ++i) op[i] = static_cast<io_t>(out_acc[i]);
   const acc_t ln2 = static_cast<acc_t>(0.6931471805599453);
   if (lse.scalar_type() == at::kDouble) {
     double* lp = lse.data_ptr<double>();
@@ -399,6 +419,8 @@ void run(const Layout& L, const at::Tensor& q, const scalar_t* K, const scalar_t
 // q: (batch, heads, dim). k/v: (num_blocks, block_size, kv_heads, dim / v_dim), any strides
 // with the last dim contiguous. block_table: (batch, max_blocks) integer, or None for one
 // block per sequence (num_blocks == batch). lengths: (batch,) integer, or None for block_size.
+// int8 k/v (q float32) come with k_scale, v_scale: (num_blocks, block_size, kv_heads) float32,
+// any strides; a row reads as its int8 values times its scale.
 // Returns out (batch, heads, v_dim) in q's dtype and lse (batch, heads), float64 for float64
 // inputs and float32 otherwise. Shapes are checked in Python; values are checked here always
 // (a bad block id would read outside the pool).
@@ -406,14 +428,26 @@ inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& 
                                       const at::Tensor& v,
                                       const c10::optional<at::Tensor>& block_table,
                                       const c10::optional<at::Tensor>& lengths_in, double scale,
-                                      int64_t num_splits) {
+                                      int64_t num_splits,
+                                      const c10::optional<at::Tensor>& k_scale = c10::nullopt,
+                                      const c10::optional<at::Tensor>& v_scale = c10::nullopt) {
   TORCH_CHECK_VALUE(q_in.dim() == 3 && k.dim() == 4 && v.dim() == 4,
                     "decode_attention kernel: q must be 3-D and k, v 4-D");
   TORCH_CHECK_VALUE(q_in.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
                     "the cpp backend takes CPU tensors");
-  TORCH_CHECK_VALUE(k.scalar_type() == q_in.scalar_type() &&
-                        v.scalar_type() == q_in.scalar_type(),
-                    "q, k and v must share one dtype");
+  const bool quantized = k.scalar_type() == at::kChar;
+  if (quantized) {
+    TORCH_CHECK_VALUE(v.scalar_type() == at::kChar && q_in.scalar_type() == at::kFloat,
+                      "int8 k needs int8 v and a float32 q");
+    TORCH_CHECK_VALUE(k_scale.has_value() && v_scale.has_value(),
+                      "int8 k and v need k_scale and v_scale");
+  } else {
+    TORCH_CHECK_VALUE(k.scalar_type() == q_in.scalar_type() &&
+                          v.scalar_type() == q_in.scalar_type(),
+                      "q, k and v must share one dtype");
+    TORCH_CHECK_VALUE(!k_scale.has_value() && !v_scale.has_value(),
+                      "k_scale and v_scale go with int8 k and v only");
+  }
   TORCH_CHECK_VALUE(k.stride(3) == 1 && v.stride(3) == 1,
                     "k and v must be contiguous in their last dim");
   const at::Tensor q = q_in.contiguous();
@@ -437,6 +471,22 @@ inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& 
   L.v_block = v.stride(0);
   L.v_token = v.stride(1);
   L.v_head = v.stride(2);
+  if (quantized) {
+    for (const at::Tensor* t : {&*k_scale, &*v_scale}) {
+      TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 3 &&
+                            t->size(0) == L.num_blocks && t->size(1) == L.block_size &&
+                            t->size(2) == L.kv_heads,
+                        "k_scale and v_scale must be float32 (num_blocks, block_size, kv_heads)");
+    }
+    L.k_scale = k_scale->data_ptr<float>();
+    L.v_scale = v_scale->data_ptr<float>();
+    L.ks_block = k_scale->stride(0);
+    L.ks_token = k_scale->stride(1);
+    L.ks_head = k_scale->stride(2);
+    L.vs_block = v_scale->stride(0);
+    L.vs_token = v_scale->stride(1);
+    L.vs_head = v_scale->stride(2);
+  }
 
   at::Tensor table;
   if (block_table.has_value()) {
@@ -467,7 +517,7 @@ inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& 
                              q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble
                                                                               : at::kFloat));
   if (L.batch == 0) return {out, lse};
-  switch (q.scalar_type()) {
+  switch (k.scalar_type()) {  // int8 K/V beside a float32 q
     case at::kFloat:
       run<float>(L, q, k.data_ptr<float>(), v.data_ptr<float>(), lens, scale, num_splits, out,
                  lse);
@@ -479,6 +529,10 @@ inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& 
     case at::kBFloat16:
       run<c10::BFloat16>(L, q, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), lens,
                          scale, num_splits, out, lse);
+      break;
+    case at::kChar:
+      run<int8_t>(L, q, k.data_ptr<int8_t>(), v.data_ptr<int8_t>(), lens, scale, num_splits, out,
+                  lse);
       break;
     case at::kHalf:
       run<c10::Half>(L, q, k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), lens, scale,

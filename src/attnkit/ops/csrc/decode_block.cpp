@@ -13,7 +13,10 @@
 // the two calls above around the new tokens' K/V written into the cache and decode attention
 // (decode_attention.h) read from it in place. Called per block from Python, the step still
 // spent ~7 ms of a 40 ms batch-8 step between the kernels (views, cache bookkeeping,
-// checks, ~15 Python calls a layer).
+// checks, ~15 Python calls a layer). An int8 cache (one float32 scale per row) is served
+// too: each new row is quantized here as `cache.quantized.quantize` does (absmax / 127,
+// rounded half to even), its error added to the cache's running statistics, and attention
+// reads the int8 rows with their scales.
 
 #include <ATen/ATen.h>
 #include <torch/extension.h>
@@ -195,20 +198,39 @@ class DecodeStack {
   // (a paged pool as it is; a contiguous cache's (layers, slots, kv_heads, capacity, d)
   // buffer transposed, one block per slot). block_table (batch, max_blocks): each
   // sequence's blocks; starts (batch,): its length before this token, which lands at that
-  // position. cos, sin (batch, half): the token's RoPE angles. Returns the stack's output.
+  // position. cos, sin (batch, half): the token's RoPE angles. Int8 caches come with
+  // k_scale, v_scale (layers, blocks, block_size, kv_heads) float32, any strides, and
+  // error, a float64 (3,) of [max abs error, max error / row absmax, sum of the latter]
+  // that this step's rows update. Returns the stack's output.
   at::Tensor run(const at::Tensor& x_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const at::Tensor& block_table, const at::Tensor& starts_in,
-                 const at::Tensor& cos, const at::Tensor& sin) const {
+                 const at::Tensor& cos, const at::Tensor& sin,
+                 const c10::optional<at::Tensor>& k_scale,
+                 const c10::optional<at::Tensor>& v_scale,
+                 const c10::optional<at::Tensor>& error) const {
     check_rows(x_in, "x");
     const int64_t batch = x_in.size(0);
+    const bool int8 = k_cache.scalar_type() == at::kChar;
     for (const at::Tensor* c : {&k_cache, &v_cache})
-      TORCH_CHECK(c->dim() == 5 && c->scalar_type() == at::kFloat && c->stride(4) == 1 &&
+      TORCH_CHECK(c->dim() == 5 && c->scalar_type() == k_cache.scalar_type() &&
+                      (int8 || c->scalar_type() == at::kFloat) && c->stride(4) == 1 &&
                       c->size(0) >= size() && c->size(3) == kv_heads_ &&
                       c->size(4) == head_dim_ && c->size(1) == k_cache.size(1) &&
                       c->size(2) == k_cache.size(2),
-                  "k_cache and v_cache must be float32 (layers >= ", size(),
+                  "k_cache and v_cache must both be float32 or int8 (layers >= ", size(),
                   ", blocks, block_size, ", kv_heads_, ", ", head_dim_,
                   "), head_dim contiguous");
+    TORCH_CHECK(int8 == (k_scale.has_value() && v_scale.has_value() && error.has_value()),
+                "k_scale, v_scale and error go with int8 caches, and only with them");
+    if (int8) {
+      for (const at::Tensor* t : {&*k_scale, &*v_scale})
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 &&
+                        t->sizes() == k_cache.sizes().slice(0, 4),
+                    "k_scale and v_scale must be float32 (layers, blocks, block_size, kv_heads)");
+      TORCH_CHECK(error->scalar_type() == at::kDouble && error->is_contiguous() &&
+                      error->numel() == 3,
+                  "error must be a contiguous float64 tensor of 3");
+    }
     const at::Tensor table = block_table.to(at::kLong).contiguous();
     const at::Tensor starts = starts_in.to(at::kLong).contiguous();
     TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && starts.dim() == 1 &&
@@ -237,11 +259,19 @@ class DecodeStack {
       const std::vector<at::Tensor> qkv = attention_inputs(
           x, w.attn_norm, w.attn_eps, w.qkv, outs, w.qkv_bias, cos, sin, head_dim_, interleaved_);
       const at::Tensor k_layer = k_cache.select(0, l), v_layer = v_cache.select(0, l);
-      store(qkv[1], k_layer, block, offset);
-      store(qkv[2], v_layer, block, offset);
+      c10::optional<at::Tensor> k_scales, v_scales;
+      if (int8) {
+        k_scales = k_scale->select(0, l);
+        v_scales = v_scale->select(0, l);
+        quantize_into(qkv[1], k_layer, *k_scales, block, offset, error->data_ptr<double>());
+        quantize_into(qkv[2], v_layer, *v_scales, block, offset, error->data_ptr<double>());
+      } else {
+        store(qkv[1], k_layer, block, offset);
+        store(qkv[2], v_layer, block, offset);
+      }
       const at::Tensor attn = decode_attention::decode(
-          qkv[0].view({batch, heads_, head_dim_}), k_layer, v_layer, table, lengths, scale,
-          0)[0];
+          qkv[0].view({batch, heads_, head_dim_}), k_layer, v_layer, table, lengths, scale, 0,
+          k_scales, v_scales)[0];
       x = block_outputs(x, attn.view({batch, heads_ * head_dim_}), w.wo, w.bias_o, w.mlp_norm,
                         w.mlp_eps, w.gate, w.up, w.down, intermediate_);
     }
@@ -259,6 +289,41 @@ class DecodeStack {
         std::copy_n(src + (b * kv_heads_ + h) * head_dim_, head_dim_,
                     dst + block[b] * cache.stride(0) + offset[b] * cache.stride(1) +
                         h * cache.stride(2));
+  }
+
+  // rows (batch, kv_heads * head_dim) into the int8 cache[block[b]][offset[b]] with their
+  // scales, as `quantize` does (float32: s = absmax / 127, q = round(x / s), half to even,
+  // clamped to +-127; an all-zero row stores zeros with scale 0), and their error into
+  // `error` as QuantizedCache._track_error counts it.
+  void quantize_into(const at::Tensor& rows, const at::Tensor& cache, const at::Tensor& scales,
+                     const std::vector<int64_t>& block, const std::vector<int64_t>& offset,
+                     double* error) const {
+    const float* src = rows.data_ptr<float>();
+    int8_t* dst = cache.data_ptr<int8_t>();
+    float* scale_out = scales.data_ptr<float>();
+    for (size_t b = 0; b < block.size(); ++b)
+      for (int64_t h = 0; h < kv_heads_; ++h) {
+        const float* x = src + (b * kv_heads_ + h) * head_dim_;
+        int8_t* q = dst + block[b] * cache.stride(0) + offset[b] * cache.stride(1) +
+                    h * cache.stride(2);
+        float absmax = 0.0f;
+        for (int64_t d = 0; d < head_dim_; ++d) absmax = std::max(absmax, std::fabs(x[d]));
+        const float s = absmax / 127.0f, divisor = s > 0.0f ? s : 1.0f;
+        scale_out[block[b] * scales.stride(0) + offset[b] * scales.stride(1) +
+                  h * scales.stride(2)] = s;
+        for (int64_t d = 0; d < head_dim_; ++d) {
+          const float r = std::clamp(std::nearbyint(x[d] / divisor), -127.0f, 127.0f);
+          q[d] = static_cast<int8_t>(r);
+          // |x - what is read back|: the product rounded to float32 first, as torch does
+          // (a contracted x - r * s, one FMA, would measure the unrounded product).
+          const float back = r * s;
+          const float err = static_cast<float>(std::fabs(double(x[d]) - double(back)));
+          const float rel = absmax > 0.0f ? err / absmax : 0.0f;
+          error[0] = std::max(error[0], double(err));
+          error[1] = std::max(error[1], double(rel));
+          error[2] += rel;
+        }
+      }
   }
 
   std::vector<BlockTensors> blocks_;
@@ -283,5 +348,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     int64_t, bool>())
       .def("__len__", &DecodeStack::size)
       .def("run", &DecodeStack::run, "one decode step through every block and the cache",
+           py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"),
+           py::arg("starts"), py::arg("cos"), py::arg("sin"), py::arg("k_scale") = py::none(),
+           py::arg("v_scale") = py::none(), py::arg("error") = py::none(),
            py::call_guard<py::gil_scoped_release>());
 }
