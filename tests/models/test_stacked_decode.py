@@ -25,6 +25,7 @@ from attnkit.cache import (
 )
 from attnkit.cache.paged import PagedCache
 from attnkit.models.llama import Block
+from attnkit.models.stacked_decode import StackedDecode
 from attnkit.ops.decode_block import DecodeStack
 
 PROMPTS = (5, 9, 2)  # ragged: the decode kernel reads a length per sequence
@@ -307,3 +308,43 @@ def test_int8_cache_steps_quantize_and_count_error_as_the_cache_does(stack_calls
     e, f = stacked.quantization_error, alone.quantization_error
     assert e.max_abs == f.max_abs and e.max_rel == f.max_rel and 0 < e.max_rel <= 1 / 254
     assert e.mean_rel == pytest.approx(f.mean_rel, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1e38], ids=["nan", "inf"])
+def test_a_non_finite_int8_row_is_stored_and_counted_as_quantize_does(bad, stack_calls):
+    # The C++ quantizer once dropped a NaN from the row's absmax (a finite scale, NaN
+    # stored as garbage, finite logits where the cache gives NaN) and from the error.
+    def run(model):
+        c = model.config
+        cache = QuantizedCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        cache.add_sequence()
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]), cache=cache)  # a clean prefill, then a bad K row
+            model.blocks[2].attn.wk.weight[0, :] = bad
+            return model(torch.tensor([[4]]), cache=cache), cache
+
+    got, stacked = run(tiny_transformer(18).float())
+    assert stack_calls == [1]
+    want, alone = run(block_by_block(tiny_transformer(18).float()))
+    assert torch.equal(got.isfinite(), want.isfinite())
+    for name in ("k", "v", "k_scale", "v_scale"):
+        a, b = getattr(stacked, name), getattr(alone, name)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+    e, f = stacked.quantization_error, alone.quantization_error
+    assert str(e.max_abs) == str(f.max_abs) and str(e.max_rel) == str(f.max_rel)
+
+
+def test_a_model_pickled_before_the_stack_knew_its_block_class_still_loads(stack_calls):
+    model = tiny_transformer(19).float()
+    want, _ = decode(model, "contiguous")
+    state = StackedDecode.__getstate__
+    try:
+        StackedDecode.__getstate__ = lambda self: {}  # what sessions before this one wrote
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+    finally:
+        StackedDecode.__getstate__ = state
+    buffer.seek(0)
+    stack_calls.clear()
+    got, _ = decode(torch.load(buffer, weights_only=False), "contiguous")
+    assert len(stack_calls) == STEPS and torch.equal(got, want)

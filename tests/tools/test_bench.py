@@ -151,6 +151,11 @@ def test_calls_too_quick_to_time_once_get_more_repeats_up_to_a_cap():
     calls.clear()
     Timer(3)(lambda: (calls.append(1), time.sleep(0.06)))  # slow enough: as asked
     assert len(calls) == 1 + 3
+    calls.clear()
+    # A first call that builds something (slow) must not leave a quick call with the
+    # base repeats: they follow the fastest call so far.
+    Timer(3)(lambda: (calls.append(1), time.sleep(0.2 if len(calls) == 1 else 0)))
+    assert len(calls) == 1 + Timer.MAX_REPEATS
 
 
 def test_llama_cpp_failures_come_back_as_a_reason_not_a_crash(tmp_path):

@@ -132,13 +132,12 @@ class SlidingWindowCache(ContiguousCache):
         keys = torch.where(index < self.sinks, index, position - (seen - 1 - index))
         keys = torch.where(index < seen, keys, position)  # padding past a short sequence
         k, v = self.k, self.v
-        token = k.stride(3)
-        ring_stride = k.stride(1) // token  # blocks per buffer row
+        ring_stride = k.stride(1) // k.stride(3)  # blocks per buffer row (K's and V's alike)
         table = self._rows.view(-1, 1) * ring_stride + self._ring_slot(keys)
         blocks = (self.max_seqs - 1) * ring_stride + self.capacity
         views = [
             t.as_strided((t.shape[0], blocks, 1, self.kv_heads, t.shape[4]),
-                         (t.stride(0), token, token, t.stride(2), 1))
+                         (t.stride(0), t.stride(3), t.stride(3), t.stride(2), 1))
             for t in (k, v)
         ]  # fmt: skip
         return KVStorage(*views, table, seen.view(-1) - 1, self.window, self.sinks)

@@ -21,7 +21,7 @@ from torch import nn
 
 from attnkit._checks import check_positive_int
 from attnkit.engine.generate import GenerationResult, encode_prompt
-from attnkit.models.llama import Transformer
+from attnkit.models.llama import Block, Transformer
 from attnkit.models.stacked_decode import StackedDecode
 
 
@@ -91,7 +91,7 @@ def first_layers(model: Transformer, n_layers: int) -> Transformer:
         model.rope,
     )
     draft.blocks = nn.ModuleList(list(model.blocks)[:n_layers])
-    draft._stacked_decode = StackedDecode(model._stacked_decode.block_type)
+    draft._stacked_decode = StackedDecode(Block)
     return draft
 
 

@@ -16,7 +16,9 @@ something it depends on changes: a module or parameter replaced, a parameter wri
 place (its version; inference tensors keep none, as `skinny_linear.packed_weight` says),
 moved (its data pointer; the stack keeps the old data alive, so a replaced tensor's
 address cannot be reused by its successor), a hook or an instance `forward` added, an
-attention setting, head shape, RoPE layout or norm epsilon changed. That fingerprint is
+attention setting, head shape, RoPE layout or norm epsilon changed (a write into
+`p.data[...]` bumps only that view's version and goes unseen, as in `packed_weight`: write
+the parameter itself under `torch.no_grad()`). That fingerprint is
 re-read every step (~0.3 ms of a ~35 ms SmolLM2 step), which is what makes the stack safe
 to keep.
 """
@@ -51,6 +53,10 @@ class StackedDecode:
         return {"block_type": self.block_type}
 
     def __setstate__(self, state: dict) -> None:
+        if "block_type" not in state:  # pickled before the stack knew its block class
+            from attnkit.models.llama import Block
+
+            state = {"block_type": Block}
         self.__init__(state["block_type"])
 
     def __call__(self, blocks: nn.ModuleList, x: Tensor, ctx, global_hooks: bool) -> Tensor | None:

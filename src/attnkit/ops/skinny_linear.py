@@ -77,7 +77,9 @@ def packed_weight(weight: Tensor, module) -> Tensor:
     """`weight` packed in panels of 32 output features, made once and kept on the tensor
     until the weight changes (another data pointer, or an in-place write: the version).
     The packed copy holds the data it was made from, so data assigned later (`p.data =`)
-    can never reuse that address and pass for it. Inference tensors (made under
+    can never reuse that address and pass for it. A write into `weight.data[...]` bumps
+    only that detached view's version and goes unseen: write the weight itself under
+    `torch.no_grad()`. Inference tensors (made under
     `torch.inference_mode`) keep no version counter: an in-place write to one inside
     inference mode goes unseen; assign new data instead."""
     version = None if weight.is_inference() else weight._version

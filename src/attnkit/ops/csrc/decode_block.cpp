@@ -154,6 +154,9 @@ at::Tensor block_outputs(const at::Tensor& x, const at::Tensor& attn, const at::
   return out;
 }
 
+// max that keeps a NaN, as torch's max reduction does.
+inline double nan_max(double a, double b) { return std::isnan(a) || a > b ? a : b; }
+
 // The tensors of one block, packed once: the norms, the packed q/k/v, output and MLP
 // weights, the optional q/k/v and output biases.
 struct BlockTensors {
@@ -306,21 +309,26 @@ class DecodeStack {
         const float* x = src + (b * kv_heads_ + h) * head_dim_;
         int8_t* q = dst + block[b] * cache.stride(0) + offset[b] * cache.stride(1) +
                     h * cache.stride(2);
+        // NaN propagates as in torch: a row holding one gets a NaN scale (its values stored
+        // as x rounded, NaN itself as 0, as torch's conversion gives) and a NaN error.
         float absmax = 0.0f;
-        for (int64_t d = 0; d < head_dim_; ++d) absmax = std::max(absmax, std::fabs(x[d]));
+        for (int64_t d = 0; d < head_dim_; ++d) {
+          const float a = std::fabs(x[d]);
+          if (std::isnan(a) || a > absmax) absmax = a;
+        }
         const float s = absmax / 127.0f, divisor = s > 0.0f ? s : 1.0f;
         scale_out[block[b] * scales.stride(0) + offset[b] * scales.stride(1) +
                   h * scales.stride(2)] = s;
         for (int64_t d = 0; d < head_dim_; ++d) {
           const float r = std::clamp(std::nearbyint(x[d] / divisor), -127.0f, 127.0f);
-          q[d] = static_cast<int8_t>(r);
+          q[d] = std::isnan(r) ? int8_t{0} : static_cast<int8_t>(r);
           // |x - what is read back|: the product rounded to float32 first, as torch does
           // (a contracted x - r * s, one FMA, would measure the unrounded product).
           const float back = r * s;
           const float err = static_cast<float>(std::fabs(double(x[d]) - double(back)));
           const float rel = absmax > 0.0f ? err / absmax : 0.0f;
-          error[0] = std::max(error[0], double(err));
-          error[1] = std::max(error[1], double(rel));
+          error[0] = nan_max(error[0], double(err));
+          error[1] = nan_max(error[1], double(rel));
           error[2] += rel;
         }
       }

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import torch
 
-from attnkit.tools.measure import median_seconds
-
 TARGETS = {
     1: "GQA/MQA prefill",
     2: "sliding window",
@@ -96,7 +94,7 @@ class Timer:
 
     A call too quick to time well once (a sub-millisecond decode step, where one timer
     interrupt or page fault is a large share) gets more repeats: enough to fill
-    `QUICK_CALLS_SECONDS` by the warm-up's time, at most `MAX_REPEATS`.
+    `QUICK_CALLS_SECONDS` by the fastest call so far, at most `MAX_REPEATS`.
     """
 
     QUICK_CALLS_SECONDS = 0.1
@@ -107,8 +105,14 @@ class Timer:
 
     def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> float:
         with torch.inference_mode():
-            warm = _seconds(fn)
-            return median_seconds(fn, repeats=self._repeats(repeats, warm), warmup=0)
+            fastest = _seconds(fn)  # the warm-up: a first call may build or pack things
+            times: list[float] = []
+            # Sized by the fastest call so far, so a slow first call (a kernel built, weights
+            # packed) does not leave a quick one with the base repeats.
+            while len(times) < self._repeats(repeats, fastest):
+                times.append(_seconds(fn))
+                fastest = min(fastest, times[-1])
+            return statistics.median(times)
 
     def _repeats(self, asked: int | None, warm_seconds: float) -> int:
         repeats = asked or self.repeats
@@ -122,12 +126,11 @@ class Timer:
         warm-up call each: a drift in the machine's speed (a shared host) falls on both."""
         times: tuple[list[float], list[float]] = ([], [])
         with torch.inference_mode():
-            warm = _seconds(ours) + _seconds(theirs)
-            for _ in range(self._repeats(repeats, warm)):
+            fastest = _seconds(ours) + _seconds(theirs)
+            while len(times[0]) < self._repeats(repeats, fastest):
                 for fn, out in zip((ours, theirs), times, strict=True):
-                    start = time.perf_counter()
-                    fn()
-                    out.append(time.perf_counter() - start)
+                    out.append(_seconds(fn))
+                fastest = min(fastest, times[0][-1] + times[1][-1])
         return statistics.median(times[0]), statistics.median(times[1])
 
 
