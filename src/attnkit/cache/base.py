@@ -179,9 +179,10 @@ class KVCache:
         `update`/`attend` layer by layer.
 
         A cache offers it only for a step of one new token per sequence whose K/V it stores
-        as they are, in float: every key in order (contiguous and paged K/V), or a table of
-        the keys its window keeps (ring buffers). The kernel writes every layer's new K/V;
-        the caller then says so with `stored_every_layer()`.
+        as the kernel reads them: every key in order (contiguous and paged K/V, int8 rows
+        with their scales), or a table of the keys its window keeps (ring buffers). The
+        kernel writes every layer's new K/V; the caller then says so with
+        `stored_every_layer()`.
         """
         return None
 

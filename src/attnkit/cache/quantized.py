@@ -92,7 +92,10 @@ class QuantizedCache(ContiguousCache):
         return QuantizationError(max_abs, max_rel, sum_rel / max(self._error_count, 1))
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        k_int, v_int, (k_scale, v_scale) = self._store(layer, k, v)
+        return self._dequantized(*self._store(layer, k, v))
+
+    def _dequantized(self, k_int: Tensor, v_int: Tensor, scales) -> tuple[Tensor, Tensor]:
+        k_scale, v_scale = scales
         return dequantize(k_int, k_scale, self.dtype), dequantize(v_int, v_scale, self.dtype)
 
     def attend(
@@ -104,9 +107,7 @@ class QuantizedCache(ContiguousCache):
         out = self._decoded(layer, q, k_int, v_int, pattern, backend, scales)
         if out is not None:
             return out
-        k_all, v_all = (
-            dequantize(x, s, self.dtype) for x, s in zip((k_int, v_int), scales, strict=True)
-        )
+        k_all, v_all = self._dequantized(k_int, v_int, scales)
         return attention(q, k_all, v_all, self.layer_mask(layer, pattern), backend=backend)
 
     def decode_storage(self) -> KVStorage | None:

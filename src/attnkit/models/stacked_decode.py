@@ -6,10 +6,10 @@ is exactly the model's own block class (a subclass may override `forward`) and t
 per-block fused calls (`Block._decode_weights`: plain attnkit layers, float32 on CPU, no
 hooks), every attention layer is self-attention of one shape with the `auto` backend and
 no sparse pattern, the cache lends its storage (`KVCache.decode_storage`: contiguous,
-paged or ring-buffer float32 K/V at a step of one token per sequence) listing the keys the
+paged, ring-buffer or int8 K/V at a step of one token per sequence) listing the keys the
 layers see (all of them for full-attention layers; windowed layers need a ring of their
-own window and sinks), and no gradient is being recorded. Anything else returns None and the blocks
-run one by one, as before, with the same results up to float32 rounding.
+own window and sinks), and no gradient is being recorded. Anything else returns None and
+the blocks run one by one, as before, with the same results up to float32 rounding.
 
 The stack holds packed copies of the weights, so it is built once and rebuilt whenever
 something it depends on changes: a module or parameter replaced, a parameter written in
@@ -18,9 +18,8 @@ moved (its data pointer; the stack keeps the old data alive, so a replaced tenso
 address cannot be reused by its successor), a hook or an instance `forward` added, an
 attention setting, head shape, RoPE layout or norm epsilon changed (a write into
 `p.data[...]` bumps only that view's version and goes unseen, as in `packed_weight`: write
-the parameter itself under `torch.no_grad()`). That fingerprint is
-re-read every step (~0.3 ms of a ~35 ms SmolLM2 step), which is what makes the stack safe
-to keep.
+the parameter itself under `torch.no_grad()`). That fingerprint is re-read every step
+(~0.3 ms of a ~35 ms SmolLM2 step), which is what makes the stack safe to keep.
 """
 
 from __future__ import annotations

@@ -79,9 +79,9 @@ def packed_weight(weight: Tensor, module) -> Tensor:
     The packed copy holds the data it was made from, so data assigned later (`p.data =`)
     can never reuse that address and pass for it. A write into `weight.data[...]` bumps
     only that detached view's version and goes unseen: write the weight itself under
-    `torch.no_grad()`. Inference tensors (made under
-    `torch.inference_mode`) keep no version counter: an in-place write to one inside
-    inference mode goes unseen; assign new data instead."""
+    `torch.no_grad()`. Inference tensors (made under `torch.inference_mode`) keep no
+    version counter: an in-place write to one inside inference mode goes unseen; assign
+    new data instead."""
     version = None if weight.is_inference() else weight._version
     key = (weight.data_ptr(), version, tuple(weight.shape))
     cached = getattr(weight, "_attnkit_packed", None)

@@ -104,34 +104,32 @@ class Timer:
         self.repeats = repeats
 
     def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> float:
-        with torch.inference_mode():
-            fastest = _seconds(fn)  # the warm-up: a first call may build or pack things
-            times: list[float] = []
-            # Sized by the fastest call so far, so a slow first call (a kernel built, weights
-            # packed) does not leave a quick one with the base repeats.
-            while len(times) < self._repeats(repeats, fastest):
-                times.append(_seconds(fn))
-                fastest = min(fastest, times[-1])
-            return statistics.median(times)
-
-    def _repeats(self, asked: int | None, warm_seconds: float) -> int:
-        repeats = asked or self.repeats
-        wanted = math.ceil(self.QUICK_CALLS_SECONDS / max(warm_seconds, 1e-6))
-        return max(repeats, min(self.MAX_REPEATS, wanted))
+        return self._medians((fn,), repeats)[0]
 
     def pair(
         self, ours: Callable[[], object], theirs: Callable[[], object], repeats: int | None = None
     ) -> tuple[float, float]:
         """Median seconds of two calls timed in turn (ours, theirs, ours, ...), after one
         warm-up call each: a drift in the machine's speed (a shared host) falls on both."""
-        times: tuple[list[float], list[float]] = ([], [])
+        return self._medians((ours, theirs), repeats)
+
+    def _medians(self, fns, repeats: int | None) -> tuple[float, ...]:
+        """Each of `fns` called in turn, one warm-up round then the timed rounds; the
+        rounds are counted from the fastest round so far, so a slow first call (a kernel
+        built, weights packed) does not leave a quick one with the base repeats."""
+        times: list[list[float]] = [[] for _ in fns]
         with torch.inference_mode():
-            fastest = _seconds(ours) + _seconds(theirs)
+            fastest = sum(_seconds(fn) for fn in fns)
             while len(times[0]) < self._repeats(repeats, fastest):
-                for fn, out in zip((ours, theirs), times, strict=True):
+                for fn, out in zip(fns, times, strict=True):
                     out.append(_seconds(fn))
-                fastest = min(fastest, times[0][-1] + times[1][-1])
-        return statistics.median(times[0]), statistics.median(times[1])
+                fastest = min(fastest, sum(out[-1] for out in times))
+        return tuple(statistics.median(out) for out in times)
+
+    def _repeats(self, asked: int | None, round_seconds: float) -> int:
+        repeats = asked or self.repeats
+        wanted = math.ceil(self.QUICK_CALLS_SECONDS / max(round_seconds, 1e-6))
+        return max(repeats, min(self.MAX_REPEATS, wanted))
 
 
 def _seconds(fn: Callable[[], object]) -> float:
