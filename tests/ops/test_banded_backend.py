@@ -7,6 +7,8 @@ unit-normal inputs (measured ~1e-6).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -83,6 +85,46 @@ def test_model_sized_window_through_auto():
     q, k, v = _inputs(2, 1, 8, 2, 1500, 1500, 64, 64)
     for mask in (masks.sliding_window(512), masks.sliding_window(512) | masks.sinks(4)):
         _check(q, k, v, mask, "auto")
+
+
+@pytest.mark.parametrize("tile", [1, 5, 32])
+@pytest.mark.parametrize(
+    ("mask", "n_q", "n_k"),
+    [
+        (masks.sliding_window(8), 5, 40),  # a decode-sized chunk after a long prefix
+        (masks.sliding_window(3), 20, 120),  # the band's vector-rounded start is clamped
+        (masks.sliding_window(3) | masks.sinks(4), 20, 60),  # hidden keys between sinks
+    ],
+)
+def test_nan_in_keys_no_query_sees_does_not_leak(mask, n_q, n_k, tile):
+    """Keys outside every query's window and sinks must not reach the arithmetic (a NaN
+    there would come through 0 · NaN in the product with V), whatever the tiling."""
+    q, k, v = _inputs(4, 1, 4, 2, n_q, n_k, 16, 16)
+    with torch.no_grad():
+        clean = attnkit.attention(q, k, v, mask, backend=BandedBackend(tile))
+        seen = mask.dense(n_q, n_k, n_k - n_q)[0, 0].any(0)
+        k_bad, v_bad = k.clone(), v.clone()
+        k_bad[:, :, ~seen], v_bad[:, :, ~seen] = math.nan, math.inf
+        assert (~seen).sum() >= n_k // 2
+        assert torch.equal(
+            clean, attnkit.attention(q, k_bad, v_bad, mask, backend=BandedBackend(tile))
+        )
+
+
+def test_windows_and_sinks_past_the_sequence_are_clamped_not_allocated():
+    """sliding_window(2**63 - 1) means "no limit"; the kernel's scratch is sized by n_k."""
+    q, k, v = _inputs(5, 1, 4, 2, 50, 50, 16, 16)
+    for mask in (
+        masks.sliding_window(2**63 - 1),
+        masks.sliding_window(7) | masks.sinks(2**62),
+        masks.sliding_window(2**63 - 1) | masks.sinks(2**62),
+    ):
+        _check(q, k, v, mask, "banded")
+    module = load_kernel(SOURCE)
+    with torch.no_grad():
+        huge_tile = module.banded_attention(q, k, v, 7, 0, 0, 0.25, 2**62)
+        small_tile = module.banded_attention(q, k, v, 7, 0, 0, 0.25, 50)
+    assert torch.equal(huge_tile, small_tile)
 
 
 @pytest.mark.parametrize(

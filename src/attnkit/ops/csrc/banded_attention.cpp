@@ -2,8 +2,8 @@
 //
 // A window W lets query position p see keys p - W < j <= p, plus keys j < sinks (StreamingLLM).
 // Cutting the queries into tiles of `tile` rows, each tile needs only the band of keys from
-// its first row's window start to its last row: W + tile - 1 keys (rounded out to whole
-// vectors), not the N of a dense mask. Per (sequence, KV head, query tile) this kernel
+// its first row's window start to its last row: W + tile - 1 keys (its start rounded down
+// to a whole vector where no unseen key enters), not the N of a dense mask. Per (sequence, KV head, query tile) this kernel
 //   1. folds the tile's rows of the G query heads that share the KV head into one
 //      (G·tile, d) matrix (GQA: K and V read once per group),
 //   2. multiplies it by the band's keys with torch's matmul (one BLAS call), and by the
@@ -60,6 +60,8 @@ inline vfloat exp_nonpositive(vfloat x) {
   return p * scale;
 }
 
+inline int64_t round_up(int64_t n) { return (n + WIDTH - 1) / WIDTH * WIDTH; }
+
 inline vint lane_index() {
   vint idx;
   for (int64_t i = 0; i < WIDTH; ++i) idx[i] = int32_t(i);
@@ -106,7 +108,7 @@ float softmax_row(float* s, int64_t band, int64_t first, int64_t last, int64_t s
     acc += kept;
   }
   std::fill(s, s + begin, 0.0f);
-  if (j < band) std::fill(s + j, s + band, 0.0f);
+  if (j < band) std::fill(s + j, s + band, 0.0f);  // j may pass band: fill needs j <= band
   return 1.0f / sum_lanes<float>(acc);
 }
 
@@ -179,8 +181,16 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t B = q.size(0), H = q.size(1), n_q = q.size(2), d = q.size(3);
   const int64_t Hkv = k.size(1), n_k = k.size(2), dv = v.size(3), G = H / Hkv;
   at::Tensor out = at::empty({B, H, n_q, dv}, q.options());
+  // Past n_k a window or sink count changes nothing (nor a tile past n_q): clamped, so the
+  // scratch below is sized by the problem, not by an argument like sliding_window(2**63 - 1).
+  window = std::min(window, n_k);
+  sinks = std::min(sinks, n_k);
+  tile = std::min(tile, std::max<int64_t>(n_q, 1));
   const int64_t n_tiles = (n_q + tile - 1) / tile;
-  const int64_t max_band = std::min(n_k, window + tile + WIDTH);
+  // score rows: a band of up to W + tile - 1 keys, plus up to WIDTH - 1 for its rounded-down
+  // start, padded to whole vectors
+  const int64_t max_ld = round_up(std::min(n_k, window + tile + WIDTH - 2));
+  const int64_t first_seen = std::max<int64_t>(0, q_offset - window + 1);  // by any query
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -188,45 +198,52 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float fscale = float(scale);
   at::parallel_for(0, B * Hkv * n_tiles, 1, [&](int64_t begin, int64_t end) {
     // this thread's scratch: folded queries, band and sink scores, folded outputs
-    std::vector<float> qbuf(G * tile * d), sband(G * tile * (max_band + WIDTH)),
-        obuf(G * tile * dv),
-        ssink(G * tile * ((sinks + WIDTH - 1) / WIDTH) * WIDTH), inv_total(G * tile);
+    // (64-byte aligned: at::empty's allocator; a score row starting on a cache line lets
+    // MKL and the row passes run 2-3% faster)
+    const at::Tensor scratch = at::empty({G * tile * (d + max_ld + dv + round_up(sinks) + 1)},
+                                         q.options());
+    float* const sband = scratch.data_ptr<float>();         // (G·tile, ld), first: aligned
+    float* const qbuf = sband + G * tile * max_ld;          // (G·tile, d)
+    float* const obuf = qbuf + G * tile * d;                // (G·tile, dv)
+    float* const ssink = obuf + G * tile * dv;              // (G·tile, ld_sink)
+    float* const inv_total = ssink + G * tile * round_up(sinks);  // (G·tile,)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item % n_tiles, hk = (item / n_tiles) % Hkv, b = item / (n_tiles * Hkv);
       const int64_t r0 = t * tile, rows = std::min(tile, n_q - r0), m = G * rows;
       const int64_t p0 = q_offset + r0, p_last = p0 + rows - 1;
-      const int64_t lo = std::max<int64_t>(0, (p0 - window + 1) / WIDTH * WIDTH),
-                    hi = std::min(n_k, p_last + 1);
-      // the band starts on a whole vector (lo rounded down): 544 keys, not 543, at W 512 and
-      // tile 32 puts every score row on a 64-byte boundary; MKL and the row pass ran 2-3% faster
+      // The band's start is rounded down to a whole vector (544 keys, not 543, at W 512 and
+      // tile 32: MKL's products and the row passes ran 2-3% faster), but never below the
+      // first key any query sees: keys no query sees stay out of the arithmetic (a NaN
+      // there would reach the output through 0 · NaN in the product with V).
+      const int64_t lo = std::max((p0 - window + 1) / WIDTH * WIDTH, first_seen);
+      const int64_t hi = std::min(n_k, p_last + 1);
       const int64_t band = hi - lo, n_sink = std::min(sinks, lo);
-      const int64_t ld = (band + WIDTH - 1) / WIDTH * WIDTH;  // score rows padded to whole vectors
-      const int64_t ld_sink = (n_sink + WIDTH - 1) / WIDTH * WIDTH;
+      const int64_t ld = round_up(band), ld_sink = round_up(n_sink);  // whole vectors
       for (int64_t g = 0; g < G; ++g) {  // fold the group's heads into rows, scaled
         const float* src = qp + ((b * H + hk * G + g) * n_q + r0) * d;
-        float* dst = qbuf.data() + g * rows * d;
+        float* dst = qbuf + g * rows * d;
         for (int64_t i = 0; i < rows * d; ++i) dst[i] = src[i] * fscale;
       }
-      const at::Tensor qf = view_of(qbuf.data(), m, d);
+      const at::Tensor qf = view_of(qbuf, m, d);
       const float* kh = kp + (b * Hkv + hk) * n_k * d;
       const float* vh = vp + (b * Hkv + hk) * n_k * dv;
-      at::Tensor sb = view_of(sband.data(), m, band, ld);
+      at::Tensor sb = view_of(sband, m, band, ld);
       at::mm_out(sb, qf, view_of(const_cast<float*>(kh) + lo * d, band, d).t());
       for (int64_t row = 0; row < m; ++row) {  // sink scores: a few dot products, no BLAS call
-        dots(qbuf.data() + row * d, kh, n_sink, d, ssink.data() + row * ld_sink);
+        dots(qbuf + row * d, kh, n_sink, d, ssink + row * ld_sink);
       }
       for (int64_t row = 0; row < m; ++row) {
         const int64_t p = p0 + row % rows;
         const int64_t first = std::max(lo, p - window + 1) - lo, last = std::min(hi - 1, p) - lo;
         const int64_t sink_end = std::clamp<int64_t>(sinks - lo, 0, first);
-        inv_total[row] = softmax_row(sband.data() + row * ld, band, first, last, sink_end,
-                                     ssink.data() + row * ld_sink, n_sink);
+        inv_total[row] = softmax_row(sband + row * ld, band, first, last, sink_end,
+                                     ssink + row * ld_sink, n_sink);
       }
-      at::Tensor of = view_of(obuf.data(), m, dv);
+      at::Tensor of = view_of(obuf, m, dv);
       at::mm_out(of, sb, view_of(const_cast<float*>(vh) + lo * dv, band, dv));
       for (int64_t row = 0; row < m; ++row) {
         const int64_t g = row / rows, i = row % rows;
-        write_row(obuf.data() + row * dv, ssink.data() + row * ld_sink, vh, n_sink, dv,
+        write_row(obuf + row * dv, ssink + row * ld_sink, vh, n_sink, dv,
                   inv_total[row], op + ((b * H + hk * G + g) * n_q + r0 + i) * dv);
       }
     }
