@@ -23,10 +23,13 @@ from attnkit.cache import (
     SlidingWindowCache,
     StreamingLLMCache,
 )
+from attnkit.cache.latent import LatentCache
 from attnkit.cache.paged import PagedCache
+from attnkit.layers.latent import LatentAttention
+from attnkit.models.convert.mla import to_mla
 from attnkit.models.llama import Block
 from attnkit.models.stacked_decode import StackedDecode
-from attnkit.ops.decode_block import DecodeStack
+from attnkit.ops.decode_block import DecodeStack, LatentDecodeStack
 
 PROMPTS = (5, 9, 2)  # ragged: the decode kernel reads a length per sequence
 STEPS = 6
@@ -348,3 +351,73 @@ def test_a_model_pickled_before_the_stack_knew_its_block_class_still_loads(stack
     stack_calls.clear()
     got, _ = decode(torch.load(buffer, weights_only=False), "contiguous")
     assert len(stack_calls) == STEPS and torch.equal(got, want)
+
+
+@pytest.fixture
+def latent_calls(monkeypatch) -> list[int]:
+    """The batch size of every step that ran through a LatentDecodeStack."""
+    calls, run = [], LatentDecodeStack.__call__
+
+    def counted(stack, x, *args):
+        calls.append(x.shape[0])
+        return run(stack, x, *args)
+
+    monkeypatch.setattr(LatentDecodeStack, "__call__", counted)
+    return calls
+
+
+def mla_model(rope_heads=1, rope_pairs=None, q_rank=None, **overrides):
+    """A tiny MLA Transformer (head_dim 6: three angle columns for the RoPE dims' pairs);
+    its layers keep 4, 5, 6 no-RoPE dims (as `to_mla`'s layers may differ)."""
+
+    def latent(cfg, i):
+        return LatentAttention(
+            i, cfg.hidden_size, cfg.num_attention_heads, kv_rank=10, rope_dim=6, nope_dim=4 + i,
+            v_head_dim=4, rope_heads=rope_heads, rope_pairs=rope_pairs, q_rank=q_rank,
+            qkv_bias=True, out_bias=True,
+        )  # fmt: skip
+
+    return tiny_transformer(21, attention=latent, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("rope_heads", "rope_pairs", "interleaved"),
+    [(1, None, False), (3, (2, 0, 2), True)],  # a shared RoPE key; one per KV head, gathered
+)
+def test_mla_steps_match_the_float64_model(rope_heads, rope_pairs, interleaved, latent_calls):
+    def build():
+        return mla_model(rope_heads, rope_pairs, rope_interleaved=interleaved)
+
+    want, _ = decode(build(), "contiguous")
+    latent_calls.clear()
+    got, cache = decode(build().float(), "contiguous")
+    assert isinstance(cache, LatentCache) and cache.capacity > 8  # grew while decoding
+    assert latent_calls == [len(PROMPTS)] * STEPS
+    plain, _ = decode(block_by_block(build().float()), "contiguous")
+    err, plain_err = ((t.double() - want).abs().max().item() for t in (got, plain))
+    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+
+
+def test_a_converted_mla_model_decodes_through_the_stack(latent_calls):
+    """to_mla's layers (no latent norm, RoPE pairs picked by the conversion) at float32."""
+    model = to_mla(tiny_transformer(5), 7, rope_dim=4, calibration=torch.arange(40).view(1, -1))
+    want, _ = decode(model, "contiguous")
+    got, _ = decode(copy.deepcopy(model).float(), "contiguous")
+    assert latent_calls == [len(PROMPTS)] * STEPS
+    assert (got.double() - want).abs().max().item() < 1e-4
+
+
+def test_mla_layers_the_stack_does_not_serve_run_block_by_block(latent_calls):
+    with_query_latent = mla_model(q_rank=8).float()
+    naive = mla_model().float()
+    for block in naive.blocks:
+        block.attn.mode = "naive"  # asked for explicitly: the per-head K/V path
+    for model in (with_query_latent, naive):
+        want, _ = decode(block_by_block(copy.deepcopy(model)), "contiguous")
+        got, _ = decode(model, "contiguous")
+        assert latent_calls == []
+        assert torch.equal(got, want)
+    for block in naive.blocks:  # back to auto: the stack is built and taken
+        block.attn.mode = "auto"
+    decode(naive, "contiguous")
+    assert latent_calls == [len(PROMPTS)] * STEPS

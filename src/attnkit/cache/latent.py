@@ -7,6 +7,7 @@ from torch import Tensor
 
 from attnkit._checks import check_positive_int
 from attnkit.cache.contiguous import ContiguousCache
+from attnkit.ops.decode_block import KVStorage
 
 
 class LatentCache(ContiguousCache):
@@ -55,6 +56,11 @@ class LatentCache(ContiguousCache):
     def values_per_token(self) -> int:
         """Values one layer stores per token: the latent plus every RoPE key head."""
         return self.kv_rank + self.rope_heads * self.rope_dim
+
+    def decode_storage(self) -> KVStorage | None:
+        """Latents as K and flattened RoPE keys as V, one block per slot (`ContiguousCache`'s
+        layout), for `ops.decode_block.LatentDecodeStack` at a decode step."""
+        return self._slot_storage() if type(self) is LatentCache else None
 
     def update(self, layer: int, latent: Tensor, rope_key: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's latents and (rotated) RoPE keys; return everything cached.

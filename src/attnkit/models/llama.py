@@ -18,11 +18,12 @@ from attnkit._checks import check_positive_int
 from attnkit.cache.base import KVCache
 from attnkit.cache.layered import LayeredCache
 from attnkit.layers.attention import Attention, AttentionContext
+from attnkit.layers.latent import LatentAttention
 from attnkit.layers.projection import Linear, project
 from attnkit.layers.rope import RopeScaling, RotaryEmbedding
 from attnkit.models.stacked_decode import StackedDecode
 from attnkit.ops import decode_block
-from attnkit.ops.decode_block import BlockWeights
+from attnkit.ops.decode_block import BlockWeights, LatentBlockWeights
 from attnkit.ops.masks import causal
 from attnkit.ops.rms_norm import rms_norm
 from attnkit.ops.skinny_linear import MAX_ROWS
@@ -180,6 +181,50 @@ class Block(nn.Module):
         )
         tensors = [weights.attn_norm[0], *weights.qkv, *weights.qkv_bias, *weights.wo]
         tensors += [weights.mlp_norm[0], *weights.mlp, ctx.cos, ctx.sin]
+        return weights if decode_block.fusable(x, tensors) else None
+
+    def _latent_decode_weights(self, x: Tensor, ctx: AttentionContext) -> LatentBlockWeights | None:
+        """The tensors of an MLA block (`LatentAttention` without a query latent, in its
+        own modules, absorbed or `auto` mode with the `auto` backend) when this step can
+        take `LatentDecodeStack`, else None."""
+        modules = self._modules
+        attn, mlp = modules["attn"], modules["mlp"]
+        attn_norm, mlp_norm = modules["attn_norm"], modules["mlp_norm"]
+        if not (_plain(attn, LatentAttention) and _plain(mlp, FeedForward)):
+            return None
+        if attn.q_rank is not None or attn.mode == "naive" or attn.backend != "auto":
+            return None
+        if not (_plain(attn_norm, RMSNorm) and _plain(mlp_norm, RMSNorm)):
+            return None
+        if max(attn.rope_pairs) >= ctx.cos.shape[-1]:
+            return None  # the layer itself names the problem
+        kv_norm = attn.kv_norm
+        if kv_norm is not None and not (_plain(kv_norm, nn.RMSNorm) and kv_norm.weight is not None):
+            return None
+        linears = [attn._modules[n] for n in ("wq", "wkv_a", "wkv_b", "wo")]
+        linears += [mlp._modules[n] for n in ("gate", "up", "down")]
+        if not all(_plain(m, Linear) for m in linears):
+            return None
+        params = [m._parameters for m in linears]
+        if any(p["bias"] is not None for p in params[4:]) or params[2]["bias"] is not None:
+            return None
+        kv_eps = None
+        if kv_norm is not None:
+            eps = torch.finfo(torch.float32).eps if kv_norm.eps is None else kv_norm.eps
+            kv_eps = (kv_norm.weight, eps)
+        weights = LatentBlockWeights(
+            (attn_norm._parameters["weight"], attn_norm.eps),
+            (params[0]["weight"], params[0]["bias"]),
+            (params[1]["weight"], params[1]["bias"]),
+            kv_eps,
+            params[2]["weight"],
+            (params[3]["weight"], params[3]["bias"]),
+            (mlp_norm._parameters["weight"], mlp_norm.eps),
+            tuple(p["weight"] for p in params[4:]),
+        )
+        tensors = [weights.attn_norm[0], weights.mlp_norm[0], *weights.mlp, ctx.cos, ctx.sin]
+        tensors += [*weights.wq, *weights.wkv_a, weights.wkv_b, *weights.wo]
+        tensors += [] if kv_eps is None else [kv_eps[0]]
         return weights if decode_block.fusable(x, tensors) else None
 
     def _fused_forward(self, x: Tensor, ctx: AttentionContext, w: BlockWeights) -> Tensor:

@@ -8,8 +8,11 @@ hooks), every attention layer is self-attention of one shape with the `auto` bac
 no sparse pattern, the cache lends its storage (`KVCache.decode_storage`: contiguous,
 paged, ring-buffer or int8 K/V at a step of one token per sequence) listing the keys the
 layers see (all of them for full-attention layers; windowed layers need a ring of their
-own window and sinks), and no gradient is being recorded. Anything else returns None and
-the blocks run one by one, as before, with the same results up to float32 rounding.
+own window and sinks), and no gradient is being recorded. MLA blocks (`LatentAttention`
+without a query latent, in `auto` or `absorbed` mode with the `auto` backend) take
+`ops.decode_block.LatentDecodeStack` the same way, over a `LatentCache`'s storage, in
+absorbed mode. Anything else returns None and the blocks run one by one, as before, with
+the same results up to float32 rounding.
 
 The stack holds packed copies of the weights, so it is built once and rebuilt whenever
 something it depends on changes: a module or parameter replaced, a parameter written in
@@ -28,8 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.layers.attention import Attention
-from attnkit.ops.decode_block import DecodeStack
+from attnkit.layers.latent import LatentAttention
+from attnkit.ops.decode_block import DecodeStack, LatentDecodeStack, LatentShape
 from attnkit.ops.skinny_linear import MAX_ROWS
+
+Stack = DecodeStack | LatentDecodeStack
 
 
 class StackedDecode:
@@ -38,7 +44,7 @@ class StackedDecode:
     def __init__(self, block_type: type[nn.Module]) -> None:
         self.block_type = block_type  # the only block class whose forward the stack knows
         self._fingerprint: tuple | None = None
-        self._stack: DecodeStack | None = None
+        self._stack: Stack | None = None
         self._window: tuple[int, int] | None = None  # the layers' (window, sinks), if any
         # The parameters (ids in the fingerprint) and their data at build time: holding the
         # data keeps its address from being reused by a tensor that replaced it (`p.data =`).
@@ -87,9 +93,11 @@ class StackedDecode:
         return out
 
 
-def _build(blocks: nn.ModuleList, x: Tensor, ctx) -> tuple[DecodeStack | None, tuple | None]:
+def _build(blocks: nn.ModuleList, x: Tensor, ctx) -> tuple[Stack | None, tuple | None]:
     """A stack of `blocks`' weights and the layers' (window, sinks) (None: full attention),
     or None when some block or layer does not qualify."""
+    if isinstance(blocks[0]._modules["attn"], LatentAttention):
+        return _build_latent(blocks, x, ctx), None
     weights, shapes = [], set()
     for i, block in enumerate(blocks):
         w = block._decode_weights(x, ctx)
@@ -107,6 +115,23 @@ def _build(blocks: nn.ModuleList, x: Tensor, ctx) -> tuple[DecodeStack | None, t
     return stack, window
 
 
+def _build_latent(blocks: nn.ModuleList, x: Tensor, ctx) -> LatentDecodeStack | None:
+    """A stack of MLA blocks of one shape, or None when some block does not qualify."""
+    weights, shapes, layers = [], set(), []
+    for i, block in enumerate(blocks):
+        attn = block._modules["attn"]
+        w = block._latent_decode_weights(x, ctx) if type(attn) is LatentAttention else None
+        if w is None or attn.layer_idx != i:
+            return None
+        weights.append(w)
+        dims = (attn.n_heads, attn.kv_rank, attn.rope_heads, attn.rope_dim, attn.v_head_dim)
+        shapes.add(LatentShape(*dims, w.mlp[0].shape[0]))
+        layers.append((attn.nope_dim, attn.scale, attn.rope_pairs))
+    if len(shapes) != 1:
+        return None
+    return LatentDecodeStack(weights, shapes.pop(), layers, ctx.interleaved)
+
+
 def _fingerprint(blocks: nn.ModuleList, block_type: type, interleaved: bool) -> tuple | None:
     """Everything a built stack depends on, cheap to compare; None when a block is not
     exactly `block_type` or a module has hooks or an instance `forward` (the blocks must
@@ -117,7 +142,7 @@ def _fingerprint(blocks: nn.ModuleList, block_type: type, interleaved: bool) -> 
             return None
         m = block._modules
         attn = m["attn"]
-        if type(attn) is not Attention:
+        if type(attn) not in (Attention, LatentAttention):
             return None
         modules = (block, *m.values(), *attn._modules.values(), *m["mlp"]._modules.values())
         parts.append(modules)  # compared by identity (modules define no __eq__)
@@ -128,8 +153,17 @@ def _fingerprint(blocks: nn.ModuleList, block_type: type, interleaved: bool) -> 
                 if p is not None:
                     version = -1 if p.is_inference() else p._version
                     parts.append((id(p), p.data_ptr(), version))
-        attention = (attn.window, attn.sinks, attn.pattern is None, attn.backend, attn.cross)
         norms = (getattr(m["attn_norm"], "eps", None), getattr(m["mlp_norm"], "eps", None))
-        shape = (attn.n_heads, attn.n_kv_heads, attn.head_dim)
-        parts.append((*attention, attn.layer_idx, *shape, *norms))
+        parts.append((*_attention_settings(attn), attn.layer_idx, *norms))
     return tuple(parts)
+
+
+def _attention_settings(attn: nn.Module) -> tuple:
+    """An attention layer's settings that a built stack depends on (besides its weights)."""
+    if type(attn) is LatentAttention:
+        dims = (attn.n_heads, attn.kv_rank, attn.rope_heads, attn.rope_dim, attn.nope_dim)
+        kv_norm = None if attn.kv_norm is None else attn.kv_norm.eps
+        return (attn.mode, attn.backend, attn.scale, attn.rope_pairs, attn.q_rank, *dims,
+                attn.v_head_dim, kv_norm)  # fmt: skip
+    attention = (attn.window, attn.sinks, attn.pattern is None, attn.backend, attn.cross)
+    return (*attention, attn.n_heads, attn.n_kv_heads, attn.head_dim)

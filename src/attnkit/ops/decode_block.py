@@ -9,7 +9,7 @@ with the packed-weight matmuls of `skinny_linear`.
 `DecodeStack` runs a whole stack of such blocks for one decode step in one call, attention
 included: the new K/V are written into the cache's storage and read back by the decode
 kernel (csrc/decode_attention.h) in place, so a step costs one call instead of ~15 Python
-calls a layer.
+calls a layer. `LatentDecodeStack` does the same for MLA blocks over a latent cache.
 
 `fusable(x, tensors)` says whether the calls serve a step: float32 CPU tensors, at most
 `MAX_ROWS` rows (batch x new tokens), no autograd, the kernel built and packed weights on
@@ -121,6 +121,97 @@ class DecodeStack:
         out = self._stack.run(
             rows, storage.k, storage.v, *tables, cos.contiguous(), sin.contiguous(),
             *scales, storage.error,
+        )  # fmt: skip
+        return out.view(b, 1, hidden)
+
+
+class LatentBlockWeights(NamedTuple):
+    """A pre-norm MLA block's tensors (`LatentAttention` without a query latent) for
+    `LatentDecodeStack`, as stored: projections (weight, bias), norms (weight, eps)."""
+
+    attn_norm: tuple[Tensor, float]
+    wq: tuple[Tensor, Tensor | None]
+    wkv_a: tuple[Tensor, Tensor | None]
+    kv_norm: tuple[Tensor, float] | None  # the latent's RMSNorm, if any
+    wkv_b: Tensor  # (heads · (nope_dim + v_head_dim), kv_rank): W_uk and W_uv per head
+    wo: tuple[Tensor, Tensor | None]
+    mlp_norm: tuple[Tensor, float]
+    mlp: tuple[Tensor, Tensor, Tensor]  # gate, up, down
+
+
+class LatentShape(NamedTuple):
+    """What every block of a `LatentDecodeStack` shares (`LatentAttention`'s settings; the
+    no-RoPE query/key dims and the score scale may differ by layer, as `to_mla` makes them)."""
+
+    heads: int
+    kv_rank: int
+    rope_heads: int
+    rope_dim: int
+    v_head_dim: int
+    intermediate: int
+
+
+class LatentDecodeStack:
+    """MLA blocks run for a decode step in one C++ call, in absorbed mode: the latent and
+    RoPE key of each new token written into a `LatentCache`'s storage, attention read over
+    the cached latents in place (csrc/latent_attention.h). Weights are packed once, here."""
+
+    def __init__(
+        self,
+        blocks: Sequence[LatentBlockWeights],
+        shape: LatentShape,
+        layers: Sequence[tuple[int, float, tuple[int, ...]]],
+        interleaved: bool,
+    ) -> None:
+        """`layers`: per block, its `nope_dim`, score `scale` and `rope_pairs` (the angle
+        column of each RoPE pair; a conversion picks its own per layer)."""
+        module = load_kernel(SOURCE)
+        if module is None:
+            reason = unavailable_reason(SOURCE)
+            raise RuntimeError(f"LatentDecodeStack needs its C++ kernel: {reason}")
+        heads, rank = shape.heads, shape.kv_rank
+        tensors, biases, eps = [], [], []
+        for w, (nope, _, _) in zip(blocks, layers, strict=True):
+            wq, wkv_a, wo = (packed_weight(t[0], module) for t in (w.wq, w.wkv_a, w.wo))
+            gate, up, down = (packed_weight(t, module) for t in w.mlp)
+            per_head = w.wkv_b.view(heads, nope + shape.v_head_dim, rank)
+            w_uk, w_uv = (t.contiguous() for t in per_head.split([nope, shape.v_head_dim], 1))
+            kv_norm = torch.empty(0) if w.kv_norm is None else w.kv_norm[0].contiguous()
+            norms = w.attn_norm[0].contiguous(), w.mlp_norm[0].contiguous()
+            tensors.append([norms[0], wq, wkv_a, kv_norm, w_uk, w_uv, wo, norms[1], gate, up, down])
+            bias = (w.wq[1], w.wkv_a[1], w.wo[1])
+            biases.append([None if b is None else b.contiguous() for b in bias])
+            kv_eps = 0.0 if w.kv_norm is None else w.kv_norm[1]
+            eps.append([float(w.attn_norm[1]), float(w.mlp_norm[1]), float(kv_eps)])
+        dims = [heads, rank, shape.rope_heads, shape.rope_dim, shape.v_head_dim, shape.intermediate]
+        scales = [float(scale) for _, scale, _ in layers]
+        self._stack = module.LatentDecodeStack(tensors, biases, eps, scales, dims, interleaved)
+        self._widths = (rank, shape.rope_heads * shape.rope_dim)
+        self._pairs = torch.tensor([list(p) for *_, p in layers])  # (layers, rope_dim / 2)
+
+    def serves(self, storage: KVStorage) -> bool:
+        """Whether `storage` holds a float32 CPU latent cache of this stack's layers and
+        widths (latents as K, flattened RoPE keys as V, one "KV head")."""
+        if storage.scales is not None or storage.window is not None:
+            return False
+        return all(
+            t.dtype == torch.float32 and t.dim() == 5 and t.shape[0] == len(self)
+            and tuple(t.shape[3:]) == (1, width) and t.device.type == "cpu"
+            for t, width in zip((storage.k, storage.v), self._widths, strict=True)
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self._stack)
+
+    def __call__(self, x: Tensor, storage: KVStorage, cos: Tensor, sin: Tensor) -> Tensor:
+        """The stack's output for `x` (batch, 1, hidden); `cos`, `sin` `(batch, r/2)` are the
+        model's angles for the tokens, of which each layer's RoPE pairs take their columns."""
+        b, _, hidden = x.shape
+        # (batch, columns) -> (layers, batch, rope_dim / 2): each layer's pairs' columns
+        cos, sin = (t[:, self._pairs].transpose(0, 1).contiguous() for t in (cos, sin))
+        out = self._stack.run(
+            x.reshape(b, hidden).contiguous(), storage.k, storage.v, storage.block_table,
+            storage.starts, cos, sin,
         )  # fmt: skip
         return out.view(b, 1, hidden)
 
