@@ -391,7 +391,7 @@ def test_mla_steps_match_the_float64_model(rope_heads, rope_pairs, interleaved, 
     want, _ = decode(build(), "contiguous")
     latent_calls.clear()
     got, cache = decode(build().float(), "contiguous")
-    assert isinstance(cache, LatentCache) and cache.capacity > 8  # grew while decoding
+    assert isinstance(cache, LatentCache) and cache.capacity > 8  # grew (at the 9-token prompt)
     assert latent_calls == [len(PROMPTS)] * STEPS
     plain, _ = decode(block_by_block(build().float()), "contiguous")
     err, plain_err = ((t.double() - want).abs().max().item() for t in (got, plain))
@@ -421,3 +421,20 @@ def test_mla_layers_the_stack_does_not_serve_run_block_by_block(latent_calls):
         block.attn.mode = "auto"
     decode(naive, "contiguous")
     assert latent_calls == [len(PROMPTS)] * STEPS
+
+
+def test_an_mla_model_without_its_latent_norm_or_with_a_plain_cache(latent_calls):
+    """`attn.kv_norm = None` (an ablation) leaves None among the layer's submodules; a
+    plain ContiguousCache of the latent cache's widths is still refused, as the layers do."""
+    model = mla_model().float()
+    for block in model.blocks:
+        block.attn.kv_norm = None
+    want, _ = decode(block_by_block(copy.deepcopy(model)), "contiguous")
+    got, _ = decode(model, "contiguous")
+    assert latent_calls == [len(PROMPTS)] * STEPS
+    assert (got - want).abs().max().item() < 1e-4
+    plain = ContiguousCache(3, 1, 10, v_head_dim=6, max_seqs=1)
+    with torch.no_grad():
+        plain.add_sequence()
+        with pytest.raises(TypeError, match="caches latents in a LatentCache"):
+            model(torch.tensor([[1]]), cache=plain)

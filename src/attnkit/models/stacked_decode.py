@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnkit.cache.latent import LatentCache
 from attnkit.layers.attention import Attention
 from attnkit.layers.latent import LatentAttention
 from attnkit.ops.decode_block import DecodeStack, LatentDecodeStack, LatentShape
@@ -39,7 +40,8 @@ Stack = DecodeStack | LatentDecodeStack
 
 
 class StackedDecode:
-    """Runs a model's decode steps through a `DecodeStack` when they qualify (see module)."""
+    """Runs a model's decode steps through a `DecodeStack` (or, for MLA blocks, a
+    `LatentDecodeStack`) when they qualify (see module)."""
 
     def __init__(self, block_type: type[nn.Module]) -> None:
         self.block_type = block_type  # the only block class whose forward the stack knows
@@ -86,6 +88,8 @@ class StackedDecode:
             self._kept = [t for p in blocks.parameters() for t in (p, p.data)]
         if self._stack is None or not self._stack.serves(storage):
             return None
+        if isinstance(self._stack, LatentDecodeStack) != isinstance(cache, LatentCache):
+            return None  # a cache of the other kind with matching widths: the layers say why
         if self._window is not None and self._window != (storage.window, storage.sinks):
             return None  # windowed layers read only a ring of their own window
         out = self._stack(x, storage, *ctx.angles_by_row(x.shape[0], 1))
@@ -96,7 +100,7 @@ class StackedDecode:
 def _build(blocks: nn.ModuleList, x: Tensor, ctx) -> tuple[Stack | None, tuple | None]:
     """A stack of `blocks`' weights and the layers' (window, sinks) (None: full attention),
     or None when some block or layer does not qualify."""
-    if isinstance(blocks[0]._modules["attn"], LatentAttention):
+    if len(blocks) and isinstance(blocks[0]._modules["attn"], LatentAttention):
         return _build_latent(blocks, x, ctx), None
     weights, shapes = [], set()
     for i, block in enumerate(blocks):
@@ -144,7 +148,9 @@ def _fingerprint(blocks: nn.ModuleList, block_type: type, interleaved: bool) -> 
         attn = m["attn"]
         if type(attn) not in (Attention, LatentAttention):
             return None
-        modules = (block, *m.values(), *attn._modules.values(), *m["mlp"]._modules.values())
+        # (an unset optional submodule, e.g. `attn.kv_norm = None`, stays in _modules as None)
+        children = (*m.values(), *attn._modules.values(), *m["mlp"]._modules.values())
+        modules = (block, *(c for c in children if c is not None))
         parts.append(modules)  # compared by identity (modules define no __eq__)
         for module in modules:
             if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
@@ -162,6 +168,7 @@ def _attention_settings(attn: nn.Module) -> tuple:
     """An attention layer's settings that a built stack depends on (besides its weights)."""
     if type(attn) is LatentAttention:
         dims = (attn.n_heads, attn.kv_rank, attn.rope_heads, attn.rope_dim, attn.nope_dim)
+        # (a norm's eps None and no norm look alike here; the module's identity differs)
         kv_norm = None if attn.kv_norm is None else attn.kv_norm.eps
         return (attn.mode, attn.backend, attn.scale, attn.rope_pairs, attn.q_rank, *dims,
                 attn.v_head_dim, kv_norm)  # fmt: skip

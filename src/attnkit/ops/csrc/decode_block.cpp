@@ -477,8 +477,8 @@ class LatentDecodeStack {
                                          nullptr, kv.data_ptr<float>())});
       float* qp = q.data_ptr<float>();
       float* kvp = kv.data_ptr<float>();
-      for (int64_t b = 0; b < batch; ++b)
-        if (w.kv_norm.numel() > 0)
+      if (w.kv_norm.numel() > 0)
+        for (int64_t b = 0; b < batch; ++b)
           rms_norm_row(kvp + b * kv_width, w.kv_norm.data_ptr<float>(), float(w.kv_eps),
                        kv_rank_, kvp + b * kv_width);
       const float* cp = cos.data_ptr<float>() + l * batch * half;  // this layer's pairs
