@@ -36,17 +36,22 @@ STEPS = 6
 RING_SLACK = {"max_new_per_step": 9}  # the longest prompt; rings wrap while decoding
 
 
-@pytest.fixture
-def stack_calls(monkeypatch) -> list[int]:
-    """The batch size of every step that ran through a DecodeStack."""
-    calls, run = [], DecodeStack.__call__
+def count_steps(monkeypatch, stack_type) -> list[int]:
+    """The batch size of every step that runs through a `stack_type` from now on."""
+    calls, run = [], stack_type.__call__
 
     def counted(stack, x, *args):
         calls.append(x.shape[0])
         return run(stack, x, *args)
 
-    monkeypatch.setattr(DecodeStack, "__call__", counted)
+    monkeypatch.setattr(stack_type, "__call__", counted)
     return calls
+
+
+@pytest.fixture
+def stack_calls(monkeypatch) -> list[int]:
+    """The batch size of every step that ran through a DecodeStack."""
+    return count_steps(monkeypatch, DecodeStack)
 
 
 def new_cache(model, kind: str):
@@ -356,14 +361,7 @@ def test_a_model_pickled_before_the_stack_knew_its_block_class_still_loads(stack
 @pytest.fixture
 def latent_calls(monkeypatch) -> list[int]:
     """The batch size of every step that ran through a LatentDecodeStack."""
-    calls, run = [], LatentDecodeStack.__call__
-
-    def counted(stack, x, *args):
-        calls.append(x.shape[0])
-        return run(stack, x, *args)
-
-    monkeypatch.setattr(LatentDecodeStack, "__call__", counted)
-    return calls
+    return count_steps(monkeypatch, LatentDecodeStack)
 
 
 def mla_model(rope_heads=1, rope_pairs=None, q_rank=None, **overrides):

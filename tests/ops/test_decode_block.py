@@ -355,6 +355,41 @@ def test_decode_stack_refuses_writes_outside_the_cache(table, starts, message):
     assert all(torch.equal(a, b) for a, b in zip(pools, before, strict=True))
 
 
+def _one_latent_block_stack(gen, block_size=4):
+    hidden, heads, rank, rope, nope, v_dim = 8, 2, 4, 2, 3, 4
+
+    def w(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    block = decode_block.LatentBlockWeights(
+        (w(hidden), 1e-6), (w(heads * (nope + rope), hidden), None), (w(rank + rope, hidden), None),
+        (w(rank), 1e-6), w(heads * (nope + v_dim), rank), (w(hidden, heads * v_dim), None),
+        (w(hidden), 1e-6), (w(8, hidden), w(8, hidden), w(hidden, 8)),
+    )  # fmt: skip
+    shape = decode_block.LatentShape(heads, rank, 1, rope, v_dim, 8)
+    stack = decode_block.LatentDecodeStack([block], shape, [(nope, 0.5, (0,))], False)
+    pools = [torch.zeros(1, 3, block_size, 1, width) for width in (rank, rope)]
+    return stack, pools, torch.randn(2, 1, hidden), torch.ones(2, 2), torch.zeros(2, 2)
+
+
+@pytest.mark.parametrize(
+    ("table", "starts", "message"),
+    [
+        ([[0], [1]], [3, 4], "sequence 1 starts at 4, past its block table"),
+        ([[0], [1]], [3, -1], "sequence 1 starts at -1"),
+        ([[0], [7]], [1, 2], "block id 7 is outside the cache's 3 blocks"),
+        ([[0, 1], [9, 2]], [1, 5], "block id 9 is outside"),  # a block it reads, not writes
+    ],
+)
+def test_latent_stack_refuses_reads_and_writes_outside_the_cache(table, starts, message):
+    stack, pools, x, cos, sin = _one_latent_block_stack(torch.Generator().manual_seed(5))
+    before = [p.clone() for p in pools]
+    storage = decode_block.KVStorage(*pools, torch.tensor(table), torch.tensor(starts))
+    with pytest.raises(RuntimeError, match=message):
+        stack(x, storage, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(pools, before, strict=True))
+
+
 def test_decode_stack_refuses_a_cache_of_another_shape():
     stack, pools, x, cos, sin = _one_block_stack(torch.Generator().manual_seed(4))
     table, starts = torch.tensor([[0], [1]]), torch.tensor([0, 0])

@@ -149,28 +149,41 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), ctx)
         return x + self.mlp(self.mlp_norm(x))
 
+    def _plain_parts(
+        self, attention: type[nn.Module], projections: tuple[str, ...]
+    ) -> tuple[nn.Module, list[dict]] | None:
+        """The attention layer and the parameter registries of its four `projections` and
+        the MLP's gate, up and down, when the block is made of plain modules (exactly
+        `attention`, FeedForward, RMSNorm and Linear, no hooks) and the MLP has no biases
+        (`block_outputs` takes none); else None."""
+        # Submodules and parameters are read from their registries: nn.Module.__getattr__
+        # costs ~1 us a read here (~60 us a layer and step, 4% of a decode step).
+        modules = self._modules
+        attn, mlp = modules["attn"], modules["mlp"]
+        if not (_plain(attn, attention) and _plain(mlp, FeedForward)):
+            return None
+        if not (_plain(modules["attn_norm"], RMSNorm) and _plain(modules["mlp_norm"], RMSNorm)):
+            return None
+        linears = [attn._modules.get(n) for n in projections]  # (an MLA query latent: no wq)
+        linears += [mlp._modules[n] for n in ("gate", "up", "down")]
+        if not all(_plain(m, Linear) for m in linears):
+            return None
+        params = [m._parameters for m in linears]
+        if any(p["bias"] is not None for p in params[4:]):
+            return None
+        return attn, params
+
     def _decode_weights(self, x: Tensor, ctx: AttentionContext) -> BlockWeights | None:
         """The block's tensors when this step can take the fused decode calls
         (`ops.decode_block`: a few float32 CPU rows through this file's own layers, with no
         forward hooks that the fused calls would skip)."""
         if x.shape[0] * x.shape[1] > MAX_ROWS or _global_hooks():
             return None
-        # Submodules and parameters are read from their registries: nn.Module.__getattr__
-        # costs ~1 us a read here (~60 us a layer and step, 4% of a decode step).
-        modules = self._modules
-        attn, mlp = modules["attn"], modules["mlp"]
-        attn_norm, mlp_norm = modules["attn_norm"], modules["mlp_norm"]
-        if not (_plain(attn, Attention) and _plain(mlp, FeedForward)) or attn.cross:
+        parts = self._plain_parts(Attention, ("wq", "wk", "wv", "wo"))
+        if parts is None or parts[0].cross:
             return None
-        if not (_plain(attn_norm, RMSNorm) and _plain(mlp_norm, RMSNorm)):
-            return None
-        linears = [attn._modules[n] for n in ("wq", "wk", "wv", "wo")]
-        linears += [mlp._modules[n] for n in ("gate", "up", "down")]
-        if not all(_plain(m, Linear) for m in linears):
-            return None
-        params = [m._parameters for m in linears]
-        if any(p["bias"] is not None for p in params[4:]):  # block_outputs has no MLP biases
-            return None
+        _, params = parts
+        attn_norm, mlp_norm = self._modules["attn_norm"], self._modules["mlp_norm"]
         weights = BlockWeights(
             (attn_norm._parameters["weight"], attn_norm.eps),
             tuple(p["weight"] for p in params[:3]),
@@ -187,27 +200,20 @@ class Block(nn.Module):
         """The tensors of an MLA block (`LatentAttention` without a query latent, in its
         own modules, absorbed or `auto` mode with the `auto` backend) when this step can
         take `LatentDecodeStack`, else None."""
-        modules = self._modules
-        attn, mlp = modules["attn"], modules["mlp"]
-        attn_norm, mlp_norm = modules["attn_norm"], modules["mlp_norm"]
-        if not (_plain(attn, LatentAttention) and _plain(mlp, FeedForward)):
+        parts = self._plain_parts(LatentAttention, ("wq", "wkv_a", "wkv_b", "wo"))
+        if parts is None:
             return None
+        attn, params = parts
         if attn.q_rank is not None or attn.mode == "naive" or attn.backend != "auto":
-            return None
-        if not (_plain(attn_norm, RMSNorm) and _plain(mlp_norm, RMSNorm)):
             return None
         if max(attn.rope_pairs) >= ctx.cos.shape[-1]:
             return None  # the layer itself names the problem
         kv_norm = attn.kv_norm
         if kv_norm is not None and not (_plain(kv_norm, nn.RMSNorm) and kv_norm.weight is not None):
             return None
-        linears = [attn._modules[n] for n in ("wq", "wkv_a", "wkv_b", "wo")]
-        linears += [mlp._modules[n] for n in ("gate", "up", "down")]
-        if not all(_plain(m, Linear) for m in linears):
+        if params[2]["bias"] is not None:  # W_uk and W_uv are absorbed: no bias to carry
             return None
-        params = [m._parameters for m in linears]
-        if any(p["bias"] is not None for p in params[4:]) or params[2]["bias"] is not None:
-            return None
+        attn_norm, mlp_norm = self._modules["attn_norm"], self._modules["mlp_norm"]
         kv_eps = None
         if kv_norm is not None:
             eps = torch.finfo(torch.float32).eps if kv_norm.eps is None else kv_norm.eps

@@ -166,6 +166,41 @@ at::Tensor block_outputs(const at::Tensor& x, const at::Tensor& attn, const at::
   return out;
 }
 
+// Where each sequence's new token goes in a cache of `n_blocks` blocks of `block_size`
+// tokens: block_table (batch, max_blocks) and starts (batch,) as int64, and per sequence
+// the new token's block and offset, checked here since the token is written before any
+// kernel reads. With `every_read`, every block the sequence's keys lie in is checked too
+// (for readers that do not check the table themselves).
+struct TokenPlaces {
+  at::Tensor table, starts;
+  std::vector<int64_t> block, offset;
+};
+
+TokenPlaces token_places(const at::Tensor& block_table, const at::Tensor& starts_in,
+                         int64_t batch, int64_t block_size, int64_t n_blocks, bool every_read) {
+  TokenPlaces places{block_table.to(at::kLong).contiguous(),
+                     starts_in.to(at::kLong).contiguous(), std::vector<int64_t>(batch),
+                     std::vector<int64_t>(batch)};
+  const at::Tensor& table = places.table;
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && places.starts.dim() == 1 &&
+                  places.starts.size(0) == batch,
+              "block_table must be (batch, max_blocks) and starts (batch,)");
+  const int64_t* tp = table.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t start = places.starts.data_ptr<int64_t>()[b];
+    TORCH_CHECK(start >= 0 && start / block_size < table.size(1), "sequence ", b,
+                " starts at ", start, ", past its block table");
+    for (int64_t i = every_read ? 0 : start / block_size; i <= start / block_size; ++i) {
+      const int64_t id = tp[b * table.size(1) + i];
+      TORCH_CHECK(id >= 0 && id < n_blocks, "block id ", id, " is outside the cache's ",
+                  n_blocks, " blocks");
+    }
+    places.block[b] = tp[b * table.size(1) + start / block_size];
+    places.offset[b] = start % block_size;
+  }
+  return places;
+}
+
 // max that keeps a NaN, as torch's max reduction does.
 inline double nan_max(double a, double b) { return std::isnan(a) || a > b ? a : b; }
 
@@ -246,25 +281,13 @@ class DecodeStack {
                       error->numel() == 3,
                   "error must be a contiguous float64 tensor of 3");
     }
-    const at::Tensor table = block_table.to(at::kLong).contiguous();
-    const at::Tensor starts = starts_in.to(at::kLong).contiguous();
-    TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && starts.dim() == 1 &&
-                    starts.size(0) == batch,
-                "block_table must be (batch, max_blocks) and starts (batch,)");
-    // Where each sequence's new token goes: checked here, since it is written before the
-    // attention kernel checks the table for the reads.
-    const int64_t block_size = k_cache.size(2), n_blocks = k_cache.size(1);
-    std::vector<int64_t> block(batch), offset(batch);
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t start = starts.data_ptr<int64_t>()[b];
-      TORCH_CHECK(start >= 0 && start / block_size < table.size(1), "sequence ", b,
-                  " starts at ", start, ", past its block table");
-      block[b] = table.data_ptr<int64_t>()[b * table.size(1) + start / block_size];
-      offset[b] = start % block_size;
-      TORCH_CHECK(block[b] >= 0 && block[b] < n_blocks, "block id ", block[b],
-                  " is outside the cache's ", n_blocks, " blocks");
-    }
-    const at::Tensor lengths = starts + 1;
+    // the attention kernel checks the table for its reads
+    const TokenPlaces places = token_places(block_table, starts_in, batch, k_cache.size(2),
+                                            k_cache.size(1), /*every_read=*/false);
+    const at::Tensor& table = places.table;
+    const std::vector<int64_t>& block = places.block;
+    const std::vector<int64_t>& offset = places.offset;
+    const at::Tensor lengths = places.starts + 1;
     const std::vector<int64_t> outs = {heads_ * head_dim_, kv_heads_ * head_dim_,
                                        kv_heads_ * head_dim_};
     const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
@@ -438,22 +461,11 @@ class LatentDecodeStack {
                     cos.is_contiguous() && sin.is_contiguous(),
                 "cos and sin must be contiguous float32 (layers, batch, rope_dim / 2 = ", half,
                 ")");
-    const at::Tensor table = block_table.to(at::kLong).contiguous();
-    const at::Tensor starts = starts_in.to(at::kLong).contiguous();
-    TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && starts.dim() == 1 &&
-                    starts.size(0) == batch,
-                "block_table must be (batch, max_blocks) and starts (batch,)");
-    const int64_t block_size = latents.size(2), n_blocks = latents.size(1);
-    const int64_t* tp = table.data_ptr<int64_t>();
-    for (int64_t b = 0; b < batch; ++b) {  // every key read or written lies in the cache
-      const int64_t start = starts.data_ptr<int64_t>()[b];
-      TORCH_CHECK(start >= 0 && start / block_size < table.size(1), "sequence ", b,
-                  " starts at ", start, ", past its block table");
-      for (int64_t i = 0; i <= start / block_size; ++i)
-        TORCH_CHECK(tp[b * table.size(1) + i] >= 0 && tp[b * table.size(1) + i] < n_blocks,
-                    "block id ", tp[b * table.size(1) + i], " is outside the cache's ",
-                    n_blocks, " blocks");
-    }
+    // latent_attention::attend reads the cache unchecked: every block it reads is checked
+    const int64_t block_size = latents.size(2);
+    const TokenPlaces places = token_places(block_table, starts_in, batch, block_size,
+                                            latents.size(1), /*every_read=*/true);
+    const int64_t* tp = places.table.data_ptr<int64_t>();
     const int64_t kv_width = kv_rank_ + rope_heads_ * rope_dim_;
     const auto opts = x_in.options();
     at::Tensor kv = at::empty({batch, kv_width}, opts);
@@ -488,12 +500,13 @@ class LatentDecodeStack {
                    interleaved_);
       const at::Tensor lat_layer = latents.select(0, l), key_layer = rope_keys.select(0, l);
       for (int64_t b = 0; b < batch; ++b) {  // the new token's latent and RoPE keys
-        const int64_t start = starts.data_ptr<int64_t>()[b];
-        const int64_t block = tp[b * table.size(1) + start / block_size];
-        const int64_t at_l = block * lat_layer.stride(0) + (start % block_size) * lat_layer.stride(1);
-        const int64_t at_k = block * key_layer.stride(0) + (start % block_size) * key_layer.stride(1);
-        std::copy_n(kvp + b * kv_width, kv_rank_, lat_layer.data_ptr<float>() + at_l);
-        std::copy_n(kvp + b * kv_width + kv_rank_, widths[1], key_layer.data_ptr<float>() + at_k);
+        const int64_t block = places.block[b], offset = places.offset[b];
+        std::copy_n(kvp + b * kv_width, kv_rank_,
+                    lat_layer.data_ptr<float>() + block * lat_layer.stride(0) +
+                        offset * lat_layer.stride(1));
+        std::copy_n(kvp + b * kv_width + kv_rank_, widths[1],
+                    key_layer.data_ptr<float>() + block * key_layer.stride(0) +
+                        offset * key_layer.stride(1));
       }
       // q_nope · (W_uk c) = (W_uk^T q_nope) · c: each head's query moves into latent space
       float* qlp = q_latent.data_ptr<float>();
@@ -515,7 +528,7 @@ class LatentDecodeStack {
           qlp, qrp, batch, heads_, kv_rank_, rope_heads_, rope_dim_,
           {lat_layer.data_ptr<float>(), lat_layer.stride(0), lat_layer.stride(1)},
           {key_layer.data_ptr<float>(), key_layer.stride(0), key_layer.stride(1)}, tp,
-          table.size(1), block_size, starts.data_ptr<int64_t>(), float(w.scale),
+          places.table.size(1), block_size, places.starts.data_ptr<int64_t>(), float(w.scale),
           o.data_ptr<float>());
       // W_uv c, summed after the softmax: each head's output leaves latent space
       const float* uv = w.w_uv.data_ptr<float>();

@@ -16,14 +16,11 @@
 
 namespace latent_attention {
 
+// a · b over n floats: decode_blocks' one-query score (two accumulator chains).
 inline float dot(const float* a, const float* b, int64_t n) {
-  constexpr int64_t W = LANES<float>;
-  Vec<float> acc{};
-  int64_t i = 0;
-  for (; i + W <= n; i += W) acc += load(a + i) * load(b + i);
-  float total = sum_lanes<float>(acc);
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
+  float s;
+  decode_blocks::score_one_key<1, float>(a, b, n, &s, 0);
+  return s;
 }
 
 // Rows of a cache laid out as blocks of tokens: token t of a sequence whose block table row
