@@ -1,158 +1,231 @@
 // Sliding-window attention (optionally with attention sinks) for prefill on CPU.
 //
 // A window W lets query position p see keys p - W < j <= p, plus keys j < sinks (StreamingLLM).
-// Cutting the queries into tiles of `tile` rows, each tile needs only the band of keys from
-// its first row's window start to its last row: W + tile - 1 keys (its start rounded down
-// to a whole vector where no unseen key enters), not the N of a dense mask. Per (sequence, KV head, query tile) this kernel
-//   1. folds the tile's rows of the G query heads that share the KV head into one
-//      (G·tile, d) matrix (GQA: K and V read once per group),
-//   2. multiplies it by the band's keys with torch's matmul (one BLAS call), and by the
-//      few sink keys before the band with dot products,
-//   3. per row, a max pass and an exp-and-sum pass over whole vectors, masking the band keys
-//      that row must not see to 0,
-//   4. multiplies by the band's values (BLAS), adds the sinks' and scales each row by
-//      1 / sum as it is written out.
+// The kernel works on blocks of 32 query rows (16 on AVX2), one per lane of two vectors: a few
+// consecutive positions times the G query heads sharing a KV head (GQA: 8 positions x 4
+// heads), so the block's keys are the W + positions - 1 from its first row's window start
+// to its last row, plus the sinks before them; no mask tensor, no copy of K or V. Per block,
+// all in registers and this thread's L1/L2 scratch:
+//   1. the block's queries, scaled, are transposed to (d, rows): a query row per lane;
+//   2. scores: for 12 keys at a time, s[j] = sum_i k[j][i] * qT[i] (a scalar of K broadcast
+//      against two vectors of queries: 24 accumulators, FMA-bound, K read as stored), masked
+//      by position as they are stored, the row max kept per lane;
+//   3. exp(s - max) per lane: the softmax runs down the key axis, lane-wise, with no
+//      horizontal sums and no masks (masked scores are -inf and come out exactly 0);
+//   4. values: for 13 output columns at a time, o[c] += v[j][c] * p[j] over the keys (the
+//      same shape of kernel, V read as stored); scaled by 1 / sum and transposed back to rows.
 // The whole band fits one pass, so no online-softmax rescaling is needed. Measured on a
-// 2-core Xeon (8/2 heads, d 64, W 512, N 16384, tile 32): 1.26-1.3x torch SDPA's causal
-// kernel time scaled to the share of (query, key) pairs the window keeps; the two BLAS
-// calls are ~70% of it (MKL reaches ~260 GFLOP/s on these (128 x 64) x (64 x 544) and
-// (128 x 544) x (544 x 64) products, ~330 on SDPA's (256 x 64) x (64 x 512)), the row
-// passes ~17%. SDPA over each tile's keys with a mask took 1.8-2.1x (the mask is read per
-// pair, small problems run less efficiently).
+// 2-core Xeon (AVX-512; 8/2 heads, d 64, W 512, N 16384): 0.93-0.96 of the ideal (torch
+// SDPA's causal time x the share of (query, key) pairs the window keeps), where the earlier
+// kernel (BLAS matmuls on (G·32 x d) tiles with row-wise softmax passes) reached 0.74-0.78:
+// MKL ran those small products at ~260 GFLOP/s, the two kernels here at ~285, and the
+// lane-wise softmax needs a third fewer instructions than the row-wise one.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include "vec.h"
-
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <limits>
-#include <vector>
+#include <type_traits>
+#include <utility>
 
 namespace {
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-constexpr int64_t WIDTH = LANES<float>;
-using vfloat = Vec<float>;
-using vint = Vec<int32_t>;
 
+// The kernels keep tiles of vector pairs in registers, so their vectors are the machine's
+// own: vec.h's 64-byte Vec on AVX2 is two registers, and GCC 12 then built each broadcast
+// scalar on the stack (14x slower than the AVX-512 build on the same problem).
+#if defined(__AVX512F__)
+constexpr int64_t REGISTER_BYTES = 64;
+constexpr int KEYS_AT_ONCE = 12;     // 24 accumulators of 32 registers
+constexpr int COLUMNS_AT_ONCE = 13;  // 26: d_v = 64 in 5 pieces, not 6
+#else
+constexpr int64_t REGISTER_BYTES = 32;
+constexpr int KEYS_AT_ONCE = 6;  // 12 accumulators of 16 registers
+constexpr int COLUMNS_AT_ONCE = 6;
+#endif
+using vfloat [[gnu::vector_size(REGISTER_BYTES)]] = float;
+using vint [[gnu::vector_size(REGISTER_BYTES)]] = int32_t;
+constexpr int64_t WIDTH = REGISTER_BYTES / sizeof(float);
+constexpr int64_t ROWS = 2 * WIDTH;  // query rows per block, one per lane of two vectors
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 inline vfloat splat(float x) { return vfloat{} + x; }
+inline vint splat(int32_t x) { return vint{} + x; }
 
-// exp(x) for x <= 0 (scores minus their row max), Cephes' expf: x = n ln2 + r with
-// |r| <= ln2 / 2, a degree-6 polynomial for exp(r), 2^n through the exponent bits.
-inline vfloat exp_nonpositive(vfloat x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round
-  const vfloat r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  vfloat p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vfloat scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+// 2^x for x <= 0: exactly 0 below -126 (masked scores are -inf; their weight must be 0,
+// not fast_exp.h's 2^-126), NaN stays NaN. x = n + f with n = round(x), |f| <= 1/2; 2^f
+// by Cephes' exp2f polynomial (~1 ulp), 2^n through the exponent bits of the rounding.
+inline vfloat exp2_or_zero(vfloat x) {
+  const auto dead = x < splat(-126.0f);
+  constexpr float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat shifted = x + magic;
+  const vfloat f = x - (shifted - magic);
+  vfloat p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  vint bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4B400000 + 127) << 23;  // the low bits of `shifted` hold n + 2^22
+  vfloat two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return dead ? vfloat{} : p * two_n;
 }
 
-inline int64_t round_up(int64_t n) { return (n + WIDTH - 1) / WIDTH * WIDTH; }
-
-inline vint lane_index() {
-  vint idx;
-  for (int64_t i = 0; i < WIDTH; ++i) idx[i] = int32_t(i);
-  return idx;
-}
-
-// One row of band scores s[0, band), padded with anything to whole vectors: the visible
-// ones, [0, sink_end) and [first, last], become exp(s - max) (max and sum also over the
-// row's scores of the sinks before the band, sk[0, n_sink), exponentiated in place), the
-// others 0; sk is padded to whole vectors too. Returns 1 / sum. It works on whole vectors
-// with lane masks: the row's edges fall anywhere, and scalar tails cost a libm exp a score.
-float softmax_row(float* s, int64_t band, int64_t first, int64_t last, int64_t sink_end,
-                  float* sk, int64_t n_sink) {
-  const int64_t begin = sink_end > 0 ? 0 : first / WIDTH * WIDTH;
-  const vint lanes = lane_index();
-  const auto visible = [&](int64_t j) {
-    const vint idx = lanes + int32_t(j);
-    return ((idx >= int32_t(first)) & (idx <= int32_t(last))) | (idx < int32_t(sink_end));
-  };
-  const auto is_sink = [&](int64_t j) { return lanes + int32_t(j) < int32_t(n_sink); };
-  vfloat mv = splat(NEG_INF);
-  for (int64_t j = 0; j < n_sink; j += WIDTH) {
-    const vfloat x = load(sk + j);
-    mv = is_sink(j) & (x > mv) ? x : mv;
+// Which query lanes may see a key: the lanes' positions and the mask's two numbers.
+struct Visibility {
+  vint pos[2];
+  int32_t window, sinks;
+  vint seen(int32_t key, int h) const {
+    const vint sink = splat(key < sinks ? int32_t(-1) : int32_t(0));
+    return (splat(key) <= pos[h]) & ((pos[h] - key < window) | sink);
   }
-  for (int64_t j = begin; j <= last; j += WIDTH) {
-    const vfloat x = load(s + j);
-    mv = visible(j) & (x > mv) ? x : mv;
-  }
-  float mx = NEG_INF;
-  for (int64_t i = 0; i < WIDTH; ++i) mx = std::max(mx, mv[i]);  // once a row: plain loop
-  vfloat acc{};
-  for (int64_t j = 0; j < n_sink; j += WIDTH) {
-    const vfloat e = exp_nonpositive(load(sk + j) - mx);
-    const vfloat kept = is_sink(j) ? e : vfloat{};
-    store<float>(sk + j, kept);
-    acc += kept;
-  }
-  int64_t j = begin;
-  for (; j <= last; j += WIDTH) {
-    const vfloat e = exp_nonpositive(load(s + j) - mx);
-    const vfloat kept = visible(j) ? e : vfloat{};
-    store<float>(s + j, kept);
-    acc += kept;
-  }
-  std::fill(s, s + begin, 0.0f);
-  if (j < band) std::fill(s + j, s + band, 0.0f);  // j may pass band: fill needs j <= band
-  return 1.0f / sum_lanes<float>(acc);
-}
+};
 
-// (rows, cols) over data, rows `stride` floats apart (BLAS's leading dimension)
-at::Tensor view_of(float* data, int64_t rows, int64_t cols, int64_t stride) {
-  return at::from_blob(data, {rows, cols}, {stride, 1}, at::TensorOptions().dtype(at::kFloat));
-}
-at::Tensor view_of(float* data, int64_t rows, int64_t cols) {
-  return view_of(data, rows, cols, cols);
-}
-
-// out[s] = q · k[s] for the n keys k[s] = k + s·d: four keys at a time, so that four lane
-// sums (a chain of dependent shuffles each) overlap instead of running one after another.
-void dots(const float* q, const float* k, int64_t n, int64_t d, float* out) {
-  for (int64_t s0 = 0; s0 < n; s0 += 4) {
-    const int64_t count = std::min<int64_t>(4, n - s0);
-    vfloat acc[4] = {};
-    int64_t i = 0;
-    for (; i + WIDTH <= d; i += WIDTH) {
-      const vfloat x = load(q + i);
-      for (int64_t s = 0; s < count; ++s) acc[s] += x * load(k + (s0 + s) * d + i);
+// Scores of the J keys k[0..J) (rows d apart, positions key0...) against the block's
+// queries qT (d, ROWS): rows j of sT, -inf where a lane may not see the key; mx keeps
+// each lane's max.
+template <int J>
+inline void score_keys(const float* qT, const float* k, int64_t d, int64_t key0, float* sT,
+                       const Visibility& vis, vfloat* mx) {
+  vfloat acc[J][2] = {};
+  for (int64_t i = 0; i < d; ++i) {
+    const vfloat q0 = load(qT + i * ROWS), q1 = load(qT + i * ROWS + WIDTH);
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) {
+      const float kv = k[j * d + i];
+      acc[j][0] += kv * q0;
+      acc[j][1] += kv * q1;
     }
-    for (int64_t s = 0; s < count; ++s) {
-      float total = sum_lanes<float>(acc[s]);
-      for (int64_t j = i; j < d; ++j) total += q[j] * k[(s0 + s) * d + j];
-      out[s0 + s] = total;
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const vfloat s = vis.seen(int32_t(key0 + j), h) ? acc[j][h] : splat(NEG_INF);
+      store(sT + j * ROWS + h * WIDTH, s);
+      mx[h] = s > mx[h] ? s : mx[h];
     }
   }
 }
 
-// dst = (o + sum over the sinks of weight[s] · v[s]) / total, v[s] = v + s·dv: one pass per
-// output row, the sinks' values added where the band's product already sits in registers.
-void write_row(const float* o, const float* weight, const float* v, int64_t n_sink, int64_t dv,
-               float inv_total, float* dst) {
-  int64_t c = 0;
-  for (; c + WIDTH <= dv; c += WIDTH) {
-    vfloat acc = load(o + c);
-    for (int64_t s = 0; s < n_sink; ++s) acc += weight[s] * load(v + s * dv + c);
-    store<float>(dst + c, acc * inv_total);
+// o[c] += sum over the n keys of v[j][c] · pT[j] for the C columns c0...: rows of oT (dv, ROWS).
+template <int C>
+inline void value_columns(const float* pT, const float* v, int64_t n, int64_t dv, int64_t c0,
+                          float* oT) {
+  vfloat acc[C][2];
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) {
+    acc[c][0] = load(oT + (c0 + c) * ROWS);
+    acc[c][1] = load(oT + (c0 + c) * ROWS + WIDTH);
   }
-  for (; c < dv; ++c) {
-    float acc = o[c];
-    for (int64_t s = 0; s < n_sink; ++s) acc += weight[s] * v[s * dv + c];
-    dst[c] = acc * inv_total;
+  for (int64_t j = 0; j < n; ++j) {
+    const vfloat p0 = load(pT + j * ROWS), p1 = load(pT + j * ROWS + WIDTH);
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      const float vv = v[j * dv + c0 + c];
+      acc[c][0] += vv * p0;
+      acc[c][1] += vv * p1;
+    }
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) {
+    store(oT + (c0 + c) * ROWS, acc[c][0]);
+    store(oT + (c0 + c) * ROWS + WIDTH, acc[c][1]);
+  }
+}
+
+// Cuts [0, n) into ceil(n / MOST) nearly equal pieces and calls f(start, size) with the
+// size as a compile-time constant (the kernels above need theirs to keep acc in registers).
+template <int MOST, typename F>
+inline void in_pieces(int64_t n, F&& f) {
+  const int64_t count = (n + MOST - 1) / MOST;
+  int64_t at = 0;
+  for (int64_t piece = 0; piece < count; ++piece) {
+    const int size = int((n - at) / (count - piece));
+    [&]<int... I>(std::integer_sequence<int, I...>) {
+      ((size == I + 1 ? (f(at, std::integral_constant<int, I + 1>{}), 0) : 0), ...);
+    }(std::make_integer_sequence<int, MOST>{});
+    at += size;
+  }
+}
+
+void score_range(const float* qT, const float* k, int64_t d, int64_t key0, int64_t n,
+                 float* sT, const Visibility& vis, vfloat* mx) {
+  in_pieces<KEYS_AT_ONCE>(n, [&](int64_t j, auto size) {
+    score_keys<decltype(size)::value>(qT, k + (key0 + j) * d, d, key0 + j, sT + j * ROWS, vis, mx);
+  });
+}
+
+void value_range(const float* pT, const float* v, int64_t n, int64_t dv, float* oT) {
+  in_pieces<COLUMNS_AT_ONCE>(dv, [&](int64_t c, auto size) {
+    value_columns<decltype(size)::value>(pT, v, n, dv, c, oT);
+  });
+}
+
+// Swaps the off-diagonal b x b blocks of the 2b x 2b block in rows (a, c) = (i, i + b):
+// a's lanes x with bit b set take c's lane x - b, c's lanes x with bit b clear a's x + b.
+template <int b, int... X>
+inline void swap_blocks(vfloat& a, vfloat& c, std::integer_sequence<int, X...>) {
+  const vfloat upper = __builtin_shufflevector(a, c, ((X & b) ? WIDTH + X - b : X)...);
+  const vfloat lower = __builtin_shufflevector(a, c, ((X & b) ? WIDTH + X : X + b)...);
+  a = upper;
+  c = lower;
+}
+
+// Transposes the WIDTH x WIDTH matrix r (row i = r[i]) in place: block swaps for
+// b = WIDTH / 2, ..., 1 (4 x 16 two-source shuffles where scalar moves took 2 x 256).
+template <int b = WIDTH / 2>
+inline void transpose(vfloat* r) {
+#pragma GCC unroll 16
+  for (int i = 0; i < WIDTH; ++i) {
+    if (!(i & b)) swap_blocks<b>(r[i], r[i + b], std::make_integer_sequence<int, WIDTH>{});
+  }
+  if constexpr (b > 1) transpose<b / 2>(r);
+}
+
+// qT (d, ROWS) = scale · the rows src[lane] (d, each), transposed a square at a time.
+void gather_queries(const float* const* src, int64_t d, float scale, float* qT) {
+  int64_t x0 = 0;
+  for (; x0 + WIDTH <= d; x0 += WIDTH) {
+    for (int64_t half = 0; half < 2; ++half) {
+      vfloat r[WIDTH];
+      for (int64_t l = 0; l < WIDTH; ++l) r[l] = load(src[half * WIDTH + l] + x0) * scale;
+      transpose(r);
+      for (int64_t x = 0; x < WIDTH; ++x) store(qT + (x0 + x) * ROWS + half * WIDTH, r[x]);
+    }
+  }
+  for (; x0 < d; ++x0) {
+    for (int64_t lane = 0; lane < ROWS; ++lane) qT[x0 * ROWS + lane] = src[lane][x0] * scale;
+  }
+}
+
+// The rows dst[lane], lane < used, (dv each) = oT's columns (dv, ROWS), transposed back.
+void scatter_outputs(const float* oT, int64_t dv, int64_t used, float* const* dst) {
+  int64_t c0 = 0;
+  for (; c0 + WIDTH <= dv; c0 += WIDTH) {
+    for (int64_t half = 0; half * WIDTH < used; ++half) {
+      vfloat r[WIDTH];
+      for (int64_t c = 0; c < WIDTH; ++c) r[c] = load(oT + (c0 + c) * ROWS + half * WIDTH);
+      transpose(r);
+      const int64_t lanes = std::min(WIDTH, used - half * WIDTH);
+      for (int64_t l = 0; l < lanes; ++l) store(dst[half * WIDTH + l] + c0, r[l]);
+    }
+  }
+  for (; c0 < dv; ++c0) {
+    for (int64_t lane = 0; lane < used; ++lane) dst[lane][c0] = oT[c0 * ROWS + lane];
   }
 }
 
@@ -160,7 +233,8 @@ void write_row(const float* o, const float* weight, const float* v, int64_t n_si
 
 // q (B, H, n_q, d), k (B, Hkv, n_k, d), v (B, Hkv, n_k, dv): float32, contiguous. Query row i
 // sits at position p = q_offset + i (inside the keys, so it sees at least itself) and sees
-// keys p - window < j <= p, plus keys j < sinks with j <= p. `scale` multiplies q·k.
+// keys p - window < j <= p, plus keys j < sinks with j <= p. `scale` multiplies q·k. `tile`
+// caps the query positions per block (fewer when G heads fill the 32 lanes sooner).
 // Returns (B, H, n_q, dv).
 at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             int64_t window, int64_t sinks, int64_t q_offset, double scale,
@@ -178,74 +252,85 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
               window, ", ", sinks, ", ", tile);
   TORCH_CHECK(q_offset >= 0 && q_offset + q.size(2) <= k.size(2),
               "query rows must sit at key positions: 0 <= q_offset and q_offset + n_q <= n_k");
+  TORCH_CHECK(k.size(2) < std::numeric_limits<int32_t>::max(),
+              "banded_attention takes n_k < 2**31 keys (positions are int32 lanes), got ",
+              k.size(2));
   const int64_t B = q.size(0), H = q.size(1), n_q = q.size(2), d = q.size(3);
   const int64_t Hkv = k.size(1), n_k = k.size(2), dv = v.size(3), G = H / Hkv;
   at::Tensor out = at::empty({B, H, n_q, dv}, q.options());
-  // Past n_k a window or sink count changes nothing (nor a tile past n_q): clamped, so the
-  // scratch below is sized by the problem, not by an argument like sliding_window(2**63 - 1).
+  // Past n_k a window or sink count changes nothing: clamped, so the scratch below is sized
+  // by the problem, not by an argument like sliding_window(2**63 - 1).
   window = std::min(window, n_k);
   sinks = std::min(sinks, n_k);
-  tile = std::min(tile, std::max<int64_t>(n_q, 1));
-  const int64_t n_tiles = (n_q + tile - 1) / tile;
-  // score rows: a band of up to W + tile - 1 keys, plus up to WIDTH - 1 for its rounded-down
-  // start, padded to whole vectors
-  const int64_t max_ld = round_up(std::min(n_k, window + tile + WIDTH - 2));
-  const int64_t first_seen = std::max<int64_t>(0, q_offset - window + 1);  // by any query
+  // A block: `positions` query positions x `heads` of the group (G > 32: in several blocks).
+  const int64_t heads = std::min(G, ROWS);
+  const int64_t head_chunks = (G + heads - 1) / heads;
+  const int64_t positions = std::max<int64_t>(1, std::min(tile, ROWS / heads));
+  const int64_t n_blocks = (n_q + positions - 1) / positions;
+  const int64_t max_keys = sinks + std::min(n_k, window + positions - 1);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float fscale = float(scale);
-  at::parallel_for(0, B * Hkv * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    // this thread's scratch: folded queries, band and sink scores, folded outputs
-    // (64-byte aligned: at::empty's allocator; a score row starting on a cache line lets
-    // MKL and the row passes run 2-3% faster)
-    const at::Tensor scratch = at::empty({G * tile * (d + max_ld + dv + round_up(sinks) + 1)},
-                                         q.options());
-    float* const sband = scratch.data_ptr<float>();         // (G·tile, ld), first: aligned
-    float* const qbuf = sband + G * tile * max_ld;          // (G·tile, d)
-    float* const obuf = qbuf + G * tile * d;                // (G·tile, dv)
-    float* const ssink = obuf + G * tile * dv;              // (G·tile, ld_sink)
-    float* const inv_total = ssink + G * tile * round_up(sinks);  // (G·tile,)
+  // scores in log2 units: exp(s) = 2^(s · log2 e) with the factor folded into the queries
+  const float q_scale = float(scale * 1.4426950408889634);
+  // blocks in position order within a KV head: consecutive blocks share most keys (in L2)
+  at::parallel_for(0, B * Hkv * head_chunks * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor scratch = at::empty({ROWS * (max_keys + d + dv)}, q.options());
+    float* const sT = scratch.data_ptr<float>();  // (keys, ROWS): scores, then weights
+    float* const qT = sT + ROWS * max_keys;       // (d, ROWS)
+    float* const oT = qT + ROWS * d;              // (dv, ROWS)
+    const float* src[ROWS];
+    float* dst[ROWS];
+    int32_t lane_pos[ROWS];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item % n_tiles, hk = (item / n_tiles) % Hkv, b = item / (n_tiles * Hkv);
-      const int64_t r0 = t * tile, rows = std::min(tile, n_q - r0), m = G * rows;
-      const int64_t p0 = q_offset + r0, p_last = p0 + rows - 1;
-      // The band's start is rounded down to a whole vector (544 keys, not 543, at W 512 and
-      // tile 32: MKL's products and the row passes ran 2-3% faster), but never below the
-      // first key any query sees: keys no query sees stay out of the arithmetic (a NaN
-      // there would reach the output through 0 · NaN in the product with V).
-      const int64_t lo = std::max((p0 - window + 1) / WIDTH * WIDTH, first_seen);
-      const int64_t hi = std::min(n_k, p_last + 1);
-      const int64_t band = hi - lo, n_sink = std::min(sinks, lo);
-      const int64_t ld = round_up(band), ld_sink = round_up(n_sink);  // whole vectors
-      for (int64_t g = 0; g < G; ++g) {  // fold the group's heads into rows, scaled
-        const float* src = qp + ((b * H + hk * G + g) * n_q + r0) * d;
-        float* dst = qbuf + g * rows * d;
-        for (int64_t i = 0; i < rows * d; ++i) dst[i] = src[i] * fscale;
+      const int64_t block = item % n_blocks, chunk = (item / n_blocks) % head_chunks;
+      const int64_t hk = item / (n_blocks * head_chunks) % Hkv;
+      const int64_t b = item / (n_blocks * head_chunks * Hkv);
+      const int64_t r0 = block * positions, rows = std::min(positions, n_q - r0);
+      const int64_t g0 = chunk * heads, block_heads = std::min(heads, G - g0);
+      const int64_t used = rows * block_heads;
+      for (int64_t lane = 0; lane < ROWS; ++lane) {
+        const int64_t l = std::min(lane, used - 1);  // spare lanes repeat the last row
+        const int64_t i = l / block_heads, h = hk * G + g0 + l % block_heads;
+        src[lane] = qp + ((b * H + h) * n_q + r0 + i) * d;
+        dst[lane] = op + ((b * H + h) * n_q + r0 + i) * dv;
+        lane_pos[lane] = int32_t(q_offset + r0 + i);
       }
-      const at::Tensor qf = view_of(qbuf, m, d);
+      gather_queries(src, d, q_scale, qT);
+      Visibility vis{{}, int32_t(window), int32_t(sinks)};
+      std::memcpy(vis.pos, lane_pos, sizeof(vis.pos));
+      // keys: the sinks before the band, then the band from the first row's window start
+      // to the last row; keys no row sees stay out of the arithmetic (a NaN there would
+      // reach the output through 0 · NaN in the product with V)
+      const int64_t p0 = q_offset + r0, p_last = p0 + rows - 1;
+      const int64_t lo = std::max<int64_t>(0, p0 - window + 1);
+      const int64_t band = p_last - lo + 1, n_sink = std::min(sinks, lo);
       const float* kh = kp + (b * Hkv + hk) * n_k * d;
       const float* vh = vp + (b * Hkv + hk) * n_k * dv;
-      at::Tensor sb = view_of(sband, m, band, ld);
-      at::mm_out(sb, qf, view_of(const_cast<float*>(kh) + lo * d, band, d).t());
-      for (int64_t row = 0; row < m; ++row) {  // sink scores: a few dot products, no BLAS call
-        dots(qbuf + row * d, kh, n_sink, d, ssink + row * ld_sink);
+      vfloat mx[2] = {splat(NEG_INF), splat(NEG_INF)};
+      score_range(qT, kh, d, 0, n_sink, sT, vis, mx);
+      score_range(qT, kh, d, lo, band, sT + n_sink * ROWS, vis, mx);
+      vfloat total[2] = {};
+      for (int64_t j = 0; j < n_sink + band; ++j) {
+        for (int h = 0; h < 2; ++h) {
+          float* s = sT + j * ROWS + h * WIDTH;
+          const vfloat e = exp2_or_zero(load(s) - mx[h]);
+          store(s, e);
+          total[h] += e;
+        }
       }
-      for (int64_t row = 0; row < m; ++row) {
-        const int64_t p = p0 + row % rows;
-        const int64_t first = std::max(lo, p - window + 1) - lo, last = std::min(hi - 1, p) - lo;
-        const int64_t sink_end = std::clamp<int64_t>(sinks - lo, 0, first);
-        inv_total[row] = softmax_row(sband + row * ld, band, first, last, sink_end,
-                                     ssink + row * ld_sink, n_sink);
+      std::fill(oT, oT + ROWS * dv, 0.0f);
+      value_range(sT, vh, n_sink, dv, oT);
+      value_range(sT + n_sink * ROWS, vh + lo * dv, band, dv, oT);
+      const vfloat inv_total[2] = {1.0f / total[0], 1.0f / total[1]};
+      for (int64_t c = 0; c < dv; ++c) {
+        for (int h = 0; h < 2; ++h) {
+          float* o = oT + c * ROWS + h * WIDTH;
+          store(o, load(o) * inv_total[h]);
+        }
       }
-      at::Tensor of = view_of(obuf, m, dv);
-      at::mm_out(of, sb, view_of(const_cast<float*>(vh) + lo * dv, band, dv));
-      for (int64_t row = 0; row < m; ++row) {
-        const int64_t g = row / rows, i = row % rows;
-        write_row(obuf + row * dv, ssink + row * ld_sink, vh, n_sink, dv,
-                  inv_total[row], op + ((b * H + hk * G + g) * n_q + r0 + i) * dv);
-      }
+      scatter_outputs(oT, dv, used, dst);
     }
   });
   return out;
