@@ -59,7 +59,7 @@ def choose_backend(problem: AttentionProblem) -> Backend:
         if decode.unsupported(problem) is None:
             return decode
     if problem.mask is not None and problem.q.device.type == "cpu":
-        banded = get_backend("banded")  # sliding windows (+ sinks): one pass per query tile
+        banded = get_backend("banded")  # sliding windows (+ sinks): one pass per query block
         if banded.unsupported(problem) is None:
             return banded
     sdpa, tiled = get_backend("sdpa"), get_backend("tiled")

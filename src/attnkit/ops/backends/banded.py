@@ -1,9 +1,9 @@
-"""`banded`: sliding-window attention (optionally with sinks) on CPU, one pass per query tile.
+"""`banded`: sliding-window attention (optionally with sinks) on CPU, one pass per query block.
 
 A window mask keeps W keys per query; a dense kernel still reads all N. The C++ kernel
-(csrc/banded_attention.cpp) gives each tile of `tile` query rows the band of W + tile - 1
-keys it needs, with the GQA group folded into the rows, and masks the band's two edges by
-position as it computes the softmax: no mask tensor, no copy of K or V. It serves
+(csrc/banded_attention.cpp) gives each block of 32 query rows (a few positions x the GQA
+group, one row per vector lane) the W + positions - 1 keys they need, and masks by position
+as it stores the scores: no mask tensor, no copy of K or V. It serves
 `sliding_window(W)` and `sliding_window(W) | sinks(S)` masks for float32 CPU inputs without
 autograd, with the queries inside the keys (prefill, or a chunk of it against a cache).
 """
@@ -28,9 +28,9 @@ class BandedBackend(Backend):
     name = "banded"
 
     def __init__(self, tile: int = 32) -> None:
-        # tile 32: the band is W + 32 keys (6% more than W at W = 512) and the folded
-        # (G·32, d) query block still makes BLAS-sized matmuls; 48 and 64 measured the same
-        # within noise (2-core Xeon, W 512, N 16k), 96 5% slower.
+        # tile: the most query positions a block holds; the kernel's 32 lanes (16 on AVX2)
+        # hold 32 // G of them, so only a smaller tile changes anything (the tests use it to
+        # reach every edge of the blocking).
         self.tile = check_positive_int("tile", tile)
 
     def unsupported(self, p: AttentionProblem) -> str | None:

@@ -15,7 +15,7 @@
 //   4. values: for 13 output columns at a time, o[c] += v[j][c] * p[j] over the keys (the
 //      same shape of kernel, V read as stored); scaled by 1 / sum and transposed back to rows.
 // The whole band fits one pass, so no online-softmax rescaling is needed. Measured on a
-// 2-core Xeon (AVX-512; 8/2 heads, d 64, W 512, N 16384): 0.93-0.96 of the ideal (torch
+// 2-core Xeon (AVX-512; 8/2 heads, d 64, W 512, N 16384): 0.93-0.97 of the ideal (torch
 // SDPA's causal time x the share of (query, key) pairs the window keeps), where the earlier
 // kernel (BLAS matmuls on (G·32 x d) tiles with row-wise softmax passes) reached 0.74-0.78:
 // MKL ran those small products at ~260 GFLOP/s, the two kernels here at ~285, and the
