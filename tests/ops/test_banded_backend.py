@@ -171,6 +171,10 @@ def test_the_kernel_names_bad_arguments():
         module.banded_attention(q.double(), q, q, 4, 0, 0, 1.0, 32)
     with pytest.raises(RuntimeError, match="0 <= q_offset and q_offset \\+ n_q <= n_k"):
         module.banded_attention(q, q, q, 4, 0, 1, 1.0, 32)
+    with pytest.raises(RuntimeError, match="0 <= q_offset and q_offset \\+ n_q <= n_k"):
+        module.banded_attention(q, q, q, 4, 0, 2**63 - 1, 1.0, 32)  # q_offset + n_q overflows
+    with pytest.raises(RuntimeError, match="with H > 0 and H % Hkv == 0"):
+        module.banded_attention(torch.randn(1, 0, 4, 8), q, q, 4, 0, 0, 1.0, 32)
 
 
 def test_bad_tile_is_named():

@@ -246,11 +246,12 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
   }
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && v.size(1) == k.size(1) &&
                   v.size(2) == k.size(2) && k.size(3) == q.size(3) && k.size(1) > 0 &&
-                  q.size(1) % k.size(1) == 0,
-              "q (B, H, n_q, d), k (B, Hkv, n_k, d), v (B, Hkv, n_k, dv) with H % Hkv == 0");
+                  q.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "q (B, H, n_q, d), k (B, Hkv, n_k, d), v (B, Hkv, n_k, dv) with H > 0 and "
+              "H % Hkv == 0");
   TORCH_CHECK(window >= 1 && sinks >= 0 && tile >= 1, "window >= 1, sinks >= 0, tile >= 1, got ",
               window, ", ", sinks, ", ", tile);
-  TORCH_CHECK(q_offset >= 0 && q_offset + q.size(2) <= k.size(2),
+  TORCH_CHECK(q_offset >= 0 && q_offset <= k.size(2) - q.size(2),  // no int64 overflow
               "query rows must sit at key positions: 0 <= q_offset and q_offset + n_q <= n_k");
   TORCH_CHECK(k.size(2) < std::numeric_limits<int32_t>::max(),
               "banded_attention takes n_k < 2**31 keys (positions are int32 lanes), got ",
