@@ -267,7 +267,7 @@ def test_lse_is_float32_for_half_inputs_on_every_backend(backend):
     assert lse.dtype == torch.float32
 
 
-def test_auto_picks_banded_for_windows_gathered_for_sparse_tiled_for_lse_and_sdpa_for_dense():
+def test_auto_picks_banded_for_bands_gathered_for_sparse_tiled_for_lse_and_sdpa_for_dense():
     gen = torch.Generator().manual_seed(0)
     q, k, v = random_qkv(gen, batch=1, n_q=4096, n_k=4096, head_dim=8)
     problem = attnkit.ops.problem.make_problem
@@ -282,7 +282,8 @@ def test_auto_picks_banded_for_windows_gathered_for_sparse_tiled_for_lse_and_sdp
     assert chosen(window, tuple(t.double() for t in (q, k, v))) == "gathered"  # kernel: float32
     assert chosen(masks.causal() & masks.document(torch.arange(4096) // 512)) == "gathered"
     assert chosen(window, return_lse=True) == "tiled"
-    assert chosen(masks.causal()) == "sdpa"
+    assert chosen(masks.causal()) == "banded"  # a causal mask is the window n_k
+    assert chosen(masks.causal(), tuple(t.double() for t in (q, k, v))) == "sdpa"
     assert chosen(masks.padding([4000])) == "sdpa"  # dense: nothing to skip
     assert chosen(None) == "sdpa"
     assert chosen(masks.causal(), return_lse=True) == "tiled"

@@ -1,13 +1,15 @@
-"""The banded sliding-window kernel against the float64 reference, and where it declines.
+"""The banded causal / sliding-window kernel against the float64 reference, and where it
+declines.
 
-Tolerance: float32 scores of length-d dot products and a softmax over at most W + S keys,
-with a polynomial exp (Cephes' exp2f, ~1 ulp): within 2e-5 of the float64 reference for
-unit-normal inputs (measured ~1e-6).
+Tolerance: float32 scores of length-d dot products and an online softmax over at most
+W + S keys (n_k when causal), with a polynomial exp (Cephes' exp2f, ~1 ulp): within 2e-5
+of the float64 reference for unit-normal inputs (measured ~1e-6).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -74,6 +76,40 @@ def test_matches_the_reference(n_k, prefix, window, n_sinks, group, kv_heads, di
     _check(q, k, v, mask, BandedBackend(tile))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    n_k=st.integers(1, 700),  # up to three 256-key chunks, several groups of 16 blocks
+    prefix=st.integers(0, 400),
+    group=st.sampled_from([1, 3, 4, 12, 40]),
+    dims=st.sampled_from([(16, 16), (33, 7), (64, 64)]),
+    tile=st.sampled_from([1, 5, 32]),
+    # scores 4x the usual size make the softmax peaky: a wrong rescale between chunks would
+    # show (larger ones take float32 scores' rounding past TOL, torch SDPA's as well)
+    sharpness=st.sampled_from([1, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_causal_matches_the_reference(n_k, prefix, group, dims, tile, sharpness, seed):
+    n_q = max(1, n_k - prefix)
+    q, k, v = _inputs(seed, 1, group, 1, n_q, n_k, *dims)
+    scale = sharpness / math.sqrt(dims[0])
+    _check(q, k, v, masks.causal(), BandedBackend(tile), scale=scale)
+
+
+def test_online_softmax_rescales_when_a_later_chunk_holds_the_max():
+    """Row maxima that grow chunk after chunk (and one that sits in the first chunk): each
+    chunk's weights must be rescaled to the final max, else the output is off by e^gap."""
+    n = 900
+    q, k, v = _inputs(6, 1, 4, 2, n, n, 16, 16)
+    k = k * torch.linspace(0.1, 3.0, n).view(1, 1, n, 1)  # later keys score larger
+    k[:, :, 3] = q[:, ::2, -1] * 4  # one early key far above the rest for the last rows
+    for mask in (
+        masks.causal(),
+        masks.sliding_window(700),
+        masks.sliding_window(600) | masks.sinks(5),
+    ):
+        _check(q, k, v, mask, "banded")
+
+
 def test_sinks_on_either_side_an_explicit_offset_and_scale():
     q, k, v = _inputs(1, 1, 6, 3, 40, 100, 16, 16)
     for mask in (
@@ -83,10 +119,15 @@ def test_sinks_on_either_side_an_explicit_offset_and_scale():
         _check(q, k, v, mask, "banded", q_offset=25, scale=0.3)
 
 
-def test_model_sized_window_through_auto():
+def test_model_sized_window_and_causal_through_auto():
     q, k, v = _inputs(2, 1, 8, 2, 1500, 1500, 64, 64)
-    for mask in (masks.sliding_window(512), masks.sliding_window(512) | masks.sinks(4)):
+    for mask in (
+        masks.sliding_window(512),
+        masks.sliding_window(512) | masks.sinks(4),
+        masks.causal(),
+    ):
         _check(q, k, v, mask, "auto")
+    _check(q[:, :, 1000:], k, v, masks.causal(), "auto")  # a prefill chunk after a cache
 
 
 @pytest.mark.parametrize("tile", [1, 5, 32])
@@ -132,9 +173,10 @@ def test_windows_and_sinks_past_the_sequence_are_clamped_not_allocated():
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"mask": masks.causal()}, "serves sliding_window"),
-        ({"mask": masks.sliding_window(4) & masks.causal()}, "serves sliding_window"),
-        ({"mask": masks.sliding_window(4) | masks.strided(3)}, "serves sliding_window"),
+        ({"mask": masks.causal() & masks.strided(3)}, "serves causal() and sliding_window"),
+        ({"mask": masks.sliding_window(4) & masks.causal()}, "serves causal() and sliding"),
+        ({"mask": masks.sliding_window(4) | masks.strided(3)}, "serves causal() and sliding"),
+        ({"mask": None}, "serves causal() and sliding_window"),
         ({"return_lse": True}, "no log-sum-exp"),
         ({"softcap": 5.0}, "no softcap"),
         ({"dtype": torch.float64}, "float32 CPU"),
@@ -149,7 +191,7 @@ def test_declines_what_it_cannot_serve(change, reason):
     args |= {"return_lse": False} | change
     problem = make_problem(*(t.to(dtype) for t in (q, k, v)), **args)
     assert reason in BandedBackend().unsupported(problem)
-    with pytest.raises(ValueError, match=f"backend 'banded' cannot serve.*{reason}"):
+    with pytest.raises(ValueError, match=f"backend 'banded' cannot serve.*{re.escape(reason)}"):
         attnkit.attention(*(t.to(dtype) for t in (q, k, v)), backend="banded", **args)
 
 

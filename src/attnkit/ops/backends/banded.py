@@ -1,11 +1,13 @@
-"""`banded`: sliding-window attention (optionally with sinks) on CPU, one pass per query block.
+"""`banded`: causal and sliding-window attention (optionally with sinks) on CPU.
 
 A window mask keeps W keys per query; a dense kernel still reads all N. The C++ kernel
 (csrc/banded_attention.cpp) gives each block of 32 query rows (a few positions x the GQA
 group, one row per vector lane) the W + positions - 1 keys they need, and masks by position
-as it stores the scores: no mask tensor, no copy of K or V. It serves
-`sliding_window(W)` and `sliding_window(W) | sinks(S)` masks for float32 CPU inputs without
-autograd, with the queries inside the keys (prefill, or a chunk of it against a cache).
+as it stores the scores: no mask tensor, no copy of K or V. A causal mask is the window
+W = n_k, so the same kernel serves causal prefill, whole or in chunks against a cache
+(where torch SDPA's `is_causal` cannot place the rows and needs a dense mask). It serves
+`causal()`, `sliding_window(W)` and `sliding_window(W) | sinks(S)` masks for float32 CPU
+inputs without autograd, with the queries inside the keys.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ from torch import Tensor
 from attnkit._checks import check_positive_int
 from attnkit.ops.backends.base import Backend, get_backend
 from attnkit.ops.cpp_build import load_kernel, unavailable_reason, wants_grad
-from attnkit.ops.masks import window_and_sinks
+from attnkit.ops.masks import Mask, causal, window_and_sinks
 from attnkit.ops.problem import AttentionProblem
 
 SOURCE = "banded_attention.cpp"
 
 
 class BandedBackend(Backend):
-    """The C++ banded kernel for sliding windows (+ sinks)."""
+    """The C++ banded kernel for causal masks and sliding windows (+ sinks)."""
 
     name = "banded"
 
@@ -36,8 +38,11 @@ class BandedBackend(Backend):
     def unsupported(self, p: AttentionProblem) -> str | None:
         if p.return_lse or p.softcap is not None:
             return "the banded kernel returns no log-sum-exp and has no softcap (use 'tiled')"
-        if window_and_sinks(p.mask) is None:
-            return f"it serves sliding_window(W) masks, optionally | sinks(S); got {p.mask!r}"
+        if band_of(p.mask, p.n_k) is None:
+            return (
+                "it serves causal() and sliding_window(W) masks, optionally | sinks(S); "
+                f"got {p.mask!r}"
+            )
         if p.q.device.type != "cpu" or any(t.dtype != torch.float32 for t in (p.q, p.k, p.v)):
             return "the banded kernel takes float32 CPU tensors"
         if wants_grad(p.q, p.k, p.v):
@@ -50,7 +55,7 @@ class BandedBackend(Backend):
         return unavailable_reason(SOURCE)
 
     def run(self, p: AttentionProblem) -> tuple[Tensor, None]:
-        layout = window_and_sinks(p.mask)
+        layout = band_of(p.mask, p.n_k)
         if layout is None:  # `attention` dropped a mask that hides nothing here: dense
             return get_backend("sdpa").run(p)
         window, n_sinks = layout
@@ -58,3 +63,10 @@ class BandedBackend(Backend):
         module = load_kernel(SOURCE)
         out = module.banded_attention(q, k, v, window, n_sinks, p.q_offset, p.scale, self.tile)
         return out, None
+
+
+def band_of(mask: Mask | None, n_k: int) -> tuple[int, int] | None:
+    """`(W, S)`: the window and sink count the kernel computes `mask` with, or None."""
+    if mask == causal():
+        return max(n_k, 1), 0  # each query sees every key up to its own position
+    return window_and_sinks(mask)

@@ -186,3 +186,8 @@ class Machine:
     def flops_floor(self, flops: float) -> float:
         """Seconds for `flops` at the measured matmul rate."""
         return flops / self.matmul_flops_per_s
+
+
+def causal_flops(n: int, heads: int, d: int) -> float:
+    """Multiply-adds x 2 of causal attention's two matmuls over the kept (i >= j) pairs."""
+    return 2 * 2 * heads * d * n * (n + 1) / 2

@@ -16,7 +16,7 @@ from attnkit import masks
 from attnkit.models.llama import LlamaConfig, Transformer
 from attnkit.ops.linear import linear_attention
 from attnkit.ops.paged_decode import paged_decode
-from attnkit.tools.bench.core import BenchSettings, Case, Machine, Row, Timer
+from attnkit.tools.bench.core import BenchSettings, Case, Machine, Row, Timer, causal_flops
 
 WINDOW, SINKS = 512, 4
 DECODE_HEADS, DECODE_KV_HEADS, DECODE_DIM = 32, 8, 128
@@ -30,11 +30,6 @@ def _qkv(n: int, heads: int, kv_heads: int, d: int = 64, seed: int = 0):
         torch.randn(1, kv_heads, n, d, generator=gen),
         torch.randn(1, kv_heads, n, d, generator=gen),
     )
-
-
-def causal_flops(n: int, heads: int, d: int) -> float:
-    """Multiply-adds x 2 of causal attention's two matmuls over the kept (i >= j) pairs."""
-    return 2 * 2 * heads * d * n * (n + 1) / 2
 
 
 def prefill_cases(s: BenchSettings, machine: Machine) -> list[Case]:
@@ -227,9 +222,13 @@ def linear_cases(s: BenchSettings, machine: Machine) -> list[Case]:
     def prefill(n: int, timer: Timer) -> list[Row]:
         q, k, v = _qkv(n, 8, 8, seed=5)
         ours = timer(lambda: linear_attention(q, k, v, form="chunkwise"))
-        softmax = timer(lambda: attnkit.attention(q, k, v, masks.causal()))
+        sdpa = timer(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        banded = timer(lambda: attnkit.attention(q, k, v, masks.causal()))
         case = f"linear attention (elu) chunkwise, MHA 8 x d64, N={n}"
-        return [Row(5, case, ours, "softmax causal attention (torch SDPA)", softmax, 5.0)]
+        return [
+            Row(5, case, ours, "softmax causal attention (torch SDPA)", sdpa, 5.0),
+            Row(5, case, ours, "softmax causal attention (attnkit auto)", banded, None),
+        ]
 
     def decode(short: int, long: int, timer: Timer) -> list[Row]:
         model = one_layer_model(512, 8, lambda c, i: LinearAttention(i, 512, 8, 8, 64))
