@@ -282,7 +282,6 @@ def test_auto_picks_banded_for_bands_gathered_for_sparse_tiled_for_lse_and_sdpa_
     assert chosen(window, tuple(t.double() for t in (q, k, v))) == "gathered"  # kernel: float32
     assert chosen(masks.causal() & masks.document(torch.arange(4096) // 512)) == "gathered"
     assert chosen(window, return_lse=True) == "tiled"
-    assert chosen(masks.causal()) == "banded"  # a causal mask is the window n_k
     assert chosen(masks.causal(), tuple(t.double() for t in (q, k, v))) == "sdpa"
     assert chosen(masks.padding([4000])) == "sdpa"  # dense: nothing to skip
     assert chosen(None) == "sdpa"
@@ -290,6 +289,27 @@ def test_auto_picks_banded_for_bands_gathered_for_sparse_tiled_for_lse_and_sdpa_
     assert chosen(masks.causal(), softcap=20.0) == "tiled"
     small = tuple(t[:, :, :64] for t in (q, k, v))
     assert chosen(masks.causal() & masks.strided(8), small) == "sdpa"  # too small to tile
+
+
+@pytest.mark.parametrize(
+    ("capability", "heads", "kv_heads", "n_q", "expected"),
+    [
+        ("AVX512", 8, 2, 4096, "banded"),  # a causal mask is the window n_k
+        ("AVX512", 8, 2, 8, "banded"),  # a chunk against a cache: 8 rows x 4 heads fill 32 lanes
+        ("AVX512", 8, 8, 16, "sdpa"),  # 16 rows of ungrouped heads: half a block, SDPA wins
+        ("AVX512", 8, 8, 32, "banded"),
+        ("AVX2", 8, 2, 4096, "sdpa"),  # not timed against SDPA on AVX2 hosts
+        ("DEFAULT", 8, 2, 4096, "sdpa"),
+    ],
+)
+def test_auto_takes_banded_for_causal_only_where_it_was_measured_faster(
+    monkeypatch, capability, heads, kv_heads, n_q, expected
+):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = random_qkv(gen, 1, heads, kv_heads, n_q=n_q, n_k=4096, head_dim=8)
+    problem = attnkit.ops.problem.make_problem(q, k, v, masks.causal(), None, None, None, False)
+    assert attnkit.choose_backend(problem).name == expected
 
 
 def test_flex_declines_gradients_on_cpu_when_named():

@@ -78,9 +78,10 @@ def test_matches_the_reference(n_k, prefix, window, n_sinks, group, kv_heads, di
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n_k=st.integers(1, 700),  # up to three 256-key chunks, several groups of 16 blocks
+    n_k=st.integers(2, 700),  # up to three 256-key chunks, several groups of 16 blocks
     prefix=st.integers(0, 400),
     group=st.sampled_from([1, 3, 4, 12, 40]),
+    batch_and_kv_heads=st.sampled_from([(1, 1), (2, 2)]),
     dims=st.sampled_from([(16, 16), (33, 7), (64, 64)]),
     tile=st.sampled_from([1, 5, 32]),
     # scores 4x the usual size make the softmax peaky: a wrong rescale between chunks would
@@ -88,9 +89,12 @@ def test_matches_the_reference(n_k, prefix, window, n_sinks, group, kv_heads, di
     sharpness=st.sampled_from([1, 4]),
     seed=st.integers(0, 2**16),
 )
-def test_causal_matches_the_reference(n_k, prefix, group, dims, tile, sharpness, seed):
-    n_q = max(1, n_k - prefix)
-    q, k, v = _inputs(seed, 1, group, 1, n_q, n_k, *dims)
+def test_causal_matches_the_reference(
+    n_k, prefix, group, batch_and_kv_heads, dims, tile, sharpness, seed
+):
+    n_q = max(2, n_k - prefix)  # one row at the end sees every key: no mask, no kernel
+    batch, kv_heads = batch_and_kv_heads
+    q, k, v = _inputs(seed, batch, group * kv_heads, kv_heads, n_q, n_k, *dims)
     scale = sharpness / math.sqrt(dims[0])
     _check(q, k, v, masks.causal(), BandedBackend(tile), scale=scale)
 
@@ -108,6 +112,14 @@ def test_online_softmax_rescales_when_a_later_chunk_holds_the_max():
         masks.sliding_window(600) | masks.sinks(5),
     ):
         _check(q, k, v, mask, "banded")
+
+
+@pytest.mark.parametrize("window", [3, 20, 200])
+def test_rows_that_see_no_key_of_a_chunk_yet(window):
+    """A group's first key chunk can hold none of a later block's window: those lanes' max
+    stays -inf until a later chunk, and their weights must come out 0, not exp(-inf + inf)."""
+    q, k, v = _inputs(7, 1, 1, 1, 600, 600, 16, 16)
+    _check(q, k, v, masks.sliding_window(window), BandedBackend(32))
 
 
 def test_sinks_on_either_side_an_explicit_offset_and_scale():
@@ -152,6 +164,19 @@ def test_nan_in_keys_no_query_sees_does_not_leak(mask, n_q, n_k, tile):
         assert torch.equal(
             clean, attnkit.attention(q, k_bad, v_bad, mask, backend=BandedBackend(tile))
         )
+
+
+@pytest.mark.parametrize("tile", [1, 5, 32])
+def test_nan_in_keys_after_the_last_query_does_not_leak_through_causal(tile):
+    q, k, v = _inputs(8, 1, 4, 2, 5, 40, 16, 16)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, 15:], v_bad[:, :, 15:] = math.nan, math.inf  # rows sit at positions 10-14
+    with torch.no_grad():
+        clean = attnkit.attention(q, k, v, masks.causal(), q_offset=10, backend=BandedBackend(tile))
+        dirty = attnkit.attention(
+            q, k_bad, v_bad, masks.causal(), q_offset=10, backend=BandedBackend(tile)
+        )
+    assert torch.equal(clean, dirty) and not clean.isnan().any()
 
 
 def test_windows_and_sinks_past_the_sequence_are_clamped_not_allocated():

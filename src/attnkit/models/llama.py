@@ -23,6 +23,7 @@ from attnkit.layers.projection import Linear, project
 from attnkit.layers.rope import RopeScaling, RotaryEmbedding
 from attnkit.models.stacked_decode import StackedDecode
 from attnkit.ops import decode_block
+from attnkit.ops.cpp_build import wants_grad
 from attnkit.ops.decode_block import BlockWeights, LatentBlockWeights
 from attnkit.ops.masks import causal
 from attnkit.ops.rms_norm import rms_norm
@@ -129,7 +130,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = project(x, (self.gate, self.up))
-        return self.down(F.silu(gate) * up)
+        if wants_grad(gate, up):
+            return self.down(F.silu(gate) * up)
+        # in place: no two fresh (rows, intermediate) tensors (8k prefill: 2% of its time)
+        return self.down(F.silu(gate, inplace=True).mul_(up))
 
 
 class Block(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from attnkit.ops.backends import Backend, TiledBackend, get_backend
@@ -52,15 +53,17 @@ def attention(
 
 def choose_backend(problem: AttentionProblem) -> Backend:
     """The backend `auto` uses: the C++ decode kernel for one query row per sequence on CPU,
-    the C++ banded kernel for sliding windows (+ sinks) on CPU; else torch SDPA unless block
-    skipping or a feature needs `tiled`."""
+    the C++ banded kernel for sliding windows (+ sinks) on CPU and for causal masks where it
+    was measured faster (see `_banded_wins_causal`); else torch SDPA unless block skipping or
+    a feature needs `tiled`."""
     if problem.n_q == 1 and problem.q.device.type == "cpu":
         decode = get_backend("cpp_decode")
         if decode.unsupported(problem) is None:
             return decode
     if problem.mask is not None and problem.q.device.type == "cpu":
-        banded = get_backend("banded")  # sliding windows (+ sinks): one pass per query block
-        if banded.unsupported(problem) is None:
+        banded = get_backend("banded")  # bands of keys per query block, read as stored
+        wanted = problem.mask != causal() or _banded_wins_causal(problem)
+        if wanted and banded.unsupported(problem) is None:
             return banded
     sdpa, tiled = get_backend("sdpa"), get_backend("tiled")
     if sdpa.unsupported(problem) is not None:
@@ -78,6 +81,16 @@ def choose_backend(problem: AttentionProblem) -> Backend:
             gathered = get_backend("gathered")
             return gathered if gathered.unsupported(problem) is None else tiled
     return sdpa
+
+
+def _banded_wins_causal(p: AttentionProblem) -> bool:
+    """Whether the banded kernel beats torch SDPA on this causal problem. Measured on a
+    2-core Xeon with AVX-512 (benchmarks/RESULTS.md, session 13): 1.15-1.27x for prefill
+    at 4k-16k, up to 2.6x for short ones; but a chunk of a few rows against a long cache
+    fills few of a block's 32 lanes when heads are not grouped (8/8 heads, 2 rows after
+    8k keys: 7.5 vs 1.9-3.1 ms), so it needs 32 query rows per KV head. Not timed on AVX2
+    or ARM hosts: there SDPA stays."""
+    return p.n_q * p.group >= 32 and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def _resolve(backend: str | Backend, problem: AttentionProblem) -> Backend:

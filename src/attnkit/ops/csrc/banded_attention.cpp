@@ -52,13 +52,14 @@ constexpr int COLUMNS_AT_ONCE = 6;
 using vfloat [[gnu::vector_size(REGISTER_BYTES)]] = float;
 using vint [[gnu::vector_size(REGISTER_BYTES)]] = int32_t;
 constexpr int64_t WIDTH = REGISTER_BYTES / sizeof(float);
-constexpr int64_t ROWS = 2 * WIDTH;
-// Keys are taken KEY_CHUNK at a time (the chunk's scores, 32 KB, stay in L1 between the
-// three passes over them) by a GROUP of consecutive blocks together (the chunk's K and V
-// stay in L2 for all of them; one block at a time, causal N = 16k read 17 GB of K/V and ran
-// at 0.99x of torch SDPA's time, 16 blocks 1.14x; 8 blocks 1.13x; chunks of 512 the same).
+constexpr int64_t ROWS = 2 * WIDTH;  // query rows per block, one per lane of two vectors
+// Keys are taken KEY_CHUNK at a time (the chunk's scores, 32 KB with AVX-512, stay in L1
+// between the three passes over them) by a GROUP of consecutive blocks together (the
+// chunk's K and V stay in L2 for all of them; one block at a time, causal N = 16k read
+// 17 GB of K/V and ran at 0.99x of torch SDPA's speed, 16 blocks 1.14x, 8 blocks 1.13x;
+// chunks of 512 keys the same).
 constexpr int64_t KEY_CHUNK = 256;
-constexpr int64_t GROUP = 16;  // query rows per block, one per lane of two vectors
+constexpr int64_t GROUP = 16;
 
 inline vfloat load(const float* p) {
   vfloat v;
@@ -237,7 +238,6 @@ void scatter_outputs(const float* oT, int64_t dv, int64_t used, float* const* ds
   }
 }
 
-
 // One block of query rows and its running (online) softmax. Its keys are [0, n_sink) and
 // [lo, hi): the sinks before its band, then the band from its first row's window start to
 // its last row. Keys no row of the block sees stay out of its arithmetic (a NaN there would
@@ -336,9 +336,10 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
   // Past n_k a window or sink count changes nothing: clamped, so positions stay int32.
   window = std::min(window, n_k);
   sinks = std::min(sinks, n_k);
-  // A block: `positions` query positions x `heads` of the group (G > 32: in several blocks).
+  // A block: `positions` query positions x `heads` of the group (G > 32: the group's heads
+  // in several parts, each its own blocks); GROUP consecutive blocks share key chunks.
   const int64_t heads = std::min(G, ROWS);
-  const int64_t head_chunks = (G + heads - 1) / heads;
+  const int64_t head_parts = (G + heads - 1) / heads;
   const int64_t positions = std::max<int64_t>(1, std::min(tile, ROWS / heads));
   const int64_t n_blocks = (n_q + positions - 1) / positions;
   const int64_t n_groups = (n_blocks + GROUP - 1) / GROUP;
@@ -348,14 +349,14 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
   float* op = out.data_ptr<float>();
   // scores in log2 units: exp(s) = 2^(s · log2 e) with the factor folded into the queries
   const float q_scale = float(scale * 1.4426950408889634);
-  at::parallel_for(0, B * Hkv * head_chunks * n_groups, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hkv * head_parts * n_groups, 1, [&](int64_t begin, int64_t end) {
     const at::Tensor scratch =
         at::empty({ROWS * (KEY_CHUNK + GROUP * (d + dv))}, q.options());
     float* const sT = scratch.data_ptr<float>();  // (keys, ROWS): scores, then weights
     Block blocks[GROUP];
-    for (int64_t s = 0; s < GROUP; ++s) {
-      blocks[s].qT = sT + ROWS * (KEY_CHUNK + s * (d + dv));
-      blocks[s].oT = blocks[s].qT + ROWS * d;
+    for (int64_t bi = 0; bi < GROUP; ++bi) {
+      blocks[bi].qT = sT + ROWS * (KEY_CHUNK + bi * (d + dv));
+      blocks[bi].oT = blocks[bi].qT + ROWS * d;
     }
     const float* src[ROWS];
     int32_t lane_pos[ROWS];
@@ -364,14 +365,14 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
       // work grows with its position, and each thread takes a contiguous run of items
       const int64_t t = item % n_groups;
       const int64_t group = t % 2 == 0 ? t / 2 : n_groups - 1 - t / 2;
-      const int64_t chunk = (item / n_groups) % head_chunks;
-      const int64_t hk = item / (n_groups * head_chunks) % Hkv;
-      const int64_t b = item / (n_groups * head_chunks * Hkv);
-      const int64_t g0 = chunk * heads, block_heads = std::min(heads, G - g0);
+      const int64_t head_part = (item / n_groups) % head_parts;
+      const int64_t hk = item / (n_groups * head_parts) % Hkv;
+      const int64_t b = item / (n_groups * head_parts * Hkv);
+      const int64_t g0 = head_part * heads, block_heads = std::min(heads, G - g0);
       const int64_t first = group * GROUP, count = std::min(GROUP, n_blocks - first);
-      for (int64_t s = 0; s < count; ++s) {
-        Block& block = blocks[s];
-        const int64_t r0 = (first + s) * positions, rows = std::min(positions, n_q - r0);
+      for (int64_t bi = 0; bi < count; ++bi) {
+        Block& block = blocks[bi];
+        const int64_t r0 = (first + bi) * positions, rows = std::min(positions, n_q - r0);
         block.used = rows * block_heads;
         for (int64_t lane = 0; lane < ROWS; ++lane) {
           const int64_t l = std::min(lane, block.used - 1);
@@ -392,10 +393,11 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
         std::fill(block.oT, block.oT + ROWS * dv, 0.0f);
       }
       // the group's keys, [0, n_sink) then [lo, hi) for its blocks together, KEY_CHUNK at a
-      // time: each chunk of K and V (in L2) serves every block of the group before the next
-      const Block& last = blocks[count - 1];
-      const int64_t lo = blocks[0].lo, hi = last.hi, n_sink = std::min(sinks, lo);
-      const int64_t n_keys = n_sink + hi - lo;
+      // time: each chunk of K and V (in L2) serves every block of the group before the
+      // next. A later block's window starts later, so it may have more sinks than the
+      // group's n_sink: needed_parts finds those in the band part of the list.
+      const int64_t lo = blocks[0].lo, hi = blocks[count - 1].hi;
+      const int64_t n_sink = std::min(sinks, lo), n_keys = n_sink + hi - lo;
       const float* kh = kp + (b * Hkv + hk) * n_k * d;
       const float* vh = vp + (b * Hkv + hk) * n_k * dv;
       for (int64_t c0 = 0; c0 < n_keys; c0 += KEY_CHUNK) {
@@ -403,12 +405,12 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
         // list positions [c0, c1) as keys: a part among the sinks, a part of the band
         const int64_t a1 = std::min(c0, n_sink), b1 = std::min(c1, n_sink);
         const int64_t a2 = lo + std::max(c0, n_sink) - n_sink, b2 = lo + c1 - n_sink;
-        for (int64_t s = 0; s < count; ++s) {
-          attend(blocks[s], a1, b1, a2, b2, kh, vh, d, dv, sT);
+        for (int64_t bi = 0; bi < count; ++bi) {
+          attend(blocks[bi], a1, b1, a2, b2, kh, vh, d, dv, sT);
         }
       }
-      for (int64_t s = 0; s < count; ++s) {
-        Block& block = blocks[s];
+      for (int64_t bi = 0; bi < count; ++bi) {
+        Block& block = blocks[bi];
         const vfloat inv_total[2] = {1.0f / block.total[0], 1.0f / block.total[1]};
         for (int64_t c = 0; c < dv; ++c) {
           for (int h = 0; h < 2; ++h) {
@@ -424,5 +426,6 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("banded_attention", &banded_attention, "sliding-window (+ sinks) attention, float32");
+  m.def("banded_attention", &banded_attention,
+        "causal or sliding-window (+ sinks) attention, float32");
 }
