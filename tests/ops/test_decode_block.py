@@ -3,7 +3,8 @@
 Each call is checked against the same composition of torch ops in float64 (rms_norm,
 F.linear, `apply_rotary`, silu), on fresh random inputs with awkward sizes. Tolerance: the
 2x rule, the fused float32 error against float64 at most twice that of the plain float32
-torch composition, plus a floor of 1e-5 or 8 float32 ulps at the output's scale.
+torch composition, plus a floor of 1e-5 or 8 float32 ulps at the scale of what the output
+sums (`_within_2x`).
 """
 
 from __future__ import annotations
@@ -31,14 +32,18 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def _within_2x(got: torch.Tensor, plain: torch.Tensor, want: torch.Tensor) -> None:
-    # The floor: 1e-5 for outputs near zero, else 8 float32 ulps at the output's scale. With
-    # one intermediate unit the plain error is a single rounding that can land near 0 by
-    # luck (hypothesis found 9e-6 beside the kernel's 4e-5 on outputs of 78: 4 ulps).
+def _within_2x(
+    got: torch.Tensor, plain: torch.Tensor, want: torch.Tensor, magnitude: float | None = None
+) -> None:
+    # The floor: 1e-5 for outputs near zero, else 8 float32 ulps at `magnitude`, the size
+    # of what the output sums (default: the output's own scale). The plain error alone is
+    # no bound: with one intermediate unit it is a single rounding that can land near 0
+    # by luck (hypothesis found 8e-6 beside the kernel's 5e-5 on outputs of 34).
     err = (got.double() - want).abs().max().item()
     plain_err = (plain.double() - want).abs().max().item()
-    scale = want.abs().max().item() if want.numel() else 0.0
-    floor = max(1e-5, 8 * torch.finfo(torch.float32).eps * scale)
+    if magnitude is None:
+        magnitude = want.abs().max().item() if want.numel() else 0.0
+    floor = max(1e-5, 8 * torch.finfo(torch.float32).eps * magnitude)
     assert err <= 2 * plain_err + floor, (err, plain_err, floor)
 
 
@@ -113,6 +118,22 @@ def _outputs_reference(x, attn, wo, bias_o, norm, eps, gate, up, down):
     return y + F.linear(F.silu(F.linear(n, gate)) * F.linear(n, up), down)
 
 
+def _outputs_magnitude(x, attn, wo, bias_o, norm, eps, gate, up, down) -> float:
+    """How large the float32 rounding of `_outputs_reference` can be, in units of eps
+    (float64 arguments): each sum's absolute terms, carried to the output to first order.
+    A gate pre-activation g = gate·n rounds by ~eps·(|gate|·|n|), which silu(g)·u carries
+    on with the factor |silu'(g)·u|; the residual sums and `down` add their own terms."""
+    y = x + F.linear(attn, wo, bias_o)
+    y_terms = x.abs() + F.linear(attn.abs(), wo.abs(), None if bias_o is None else bias_o.abs())
+    n = _norm(y, norm, eps)
+    g, u = F.linear(n, gate), F.linear(n, up)
+    g_terms, u_terms = F.linear(n.abs(), gate.abs()), F.linear(n.abs(), up.abs())
+    sig = torch.sigmoid(g)
+    silu_slope = sig * (1 + g * (1 - sig))
+    h_terms = (F.silu(g) * u).abs() + F.silu(g).abs() * u_terms + (silu_slope * u).abs() * g_terms
+    return (y_terms + F.linear(h_terms, down.abs())).max().item()
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, MAX_ROWS),
@@ -123,6 +144,7 @@ def _outputs_reference(x, attn, wo, bias_o, norm, eps, gate, up, down):
     seed=st.integers(0, 2**16),
 )
 @example(rows=1, hidden=46, attn_width=1, intermediate=1, with_bias=True, seed=0)  # a lucky plain
+@example(rows=1, hidden=79, attn_width=1, intermediate=1, with_bias=True, seed=8415)  # and another
 def test_block_outputs_match_torch_ops(rows, hidden, attn_width, intermediate, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, 1, hidden, generator=gen)
@@ -141,7 +163,7 @@ def test_block_outputs_match_torch_ops(rows, hidden, attn_width, intermediate, w
     double = [None if t is None else t.double() for t in (*tensors, gate, up, down)]
     want = _outputs_reference(*double[:5], eps, *double[5:])
     assert got.shape == x.shape
-    _within_2x(got, plain, want)
+    _within_2x(got, plain, want, _outputs_magnitude(*double[:5], eps, *double[5:]))
 
 
 def test_silu_tails_are_finite_and_exact_enough():
