@@ -12,12 +12,16 @@ import math
 import time
 
 import pytest
+import torch
 
 from attnkit.cli import main
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason
 from attnkit.tools.bench import TARGETS, BenchSettings, Machine, Row, plan
-from attnkit.tools.bench.core import causal_flops
+from attnkit.tools.bench.core import Timer, causal_flops
 
-MACHINE = Machine(copy_bytes_per_s=30e9, matmul_flops_per_s=1.5e11, description="test")
+MACHINE = Machine(
+    copy_bytes_per_s=30e9, matmul_flops_per_s=1.5e11, peak_flops_per_s=2e11, description="test"
+)
 
 
 def test_speed_is_baseline_over_attnkit_and_goal_is_a_minimum_speed():
@@ -48,6 +52,50 @@ def test_the_copy_floor_is_sized_past_the_largest_cache_linux_reports(tmp_path):
     (tmp_path / "index3" / "size").write_text("3M\n")
     assert last_level_cache_bytes(tmp_path) == 480 * 2**20
     assert last_level_cache_bytes(tmp_path / "missing") == 0
+
+
+def test_the_fma_chains_report_the_flops_they_did():
+    # 12 chains of one vector FMA per iteration on every thread: 2 FLOPs per lane, and a
+    # lane count a machine's registers have (SSE/NEON 4, AVX2 8, AVX-512 16)
+    module = load_kernel("fma_peak.cpp")
+    assert module is not None, unavailable_reason("fma_peak.cpp")
+    flops = module.fma_flops(1000)
+    lanes = flops / (2 * 12 * 1000 * torch.get_num_threads())
+    assert lanes in (4, 8, 16)
+    assert module.fma_flops(3000) == 3 * flops
+    with pytest.raises(RuntimeError, match="iterations >= 1, got 0"):
+        module.fma_flops(0)
+
+
+def test_the_compute_floor_falls_back_to_the_matmul_rate_without_the_kernel(monkeypatch):
+    from attnkit.tools.bench import core
+
+    monkeypatch.setattr(core, "load_kernel", lambda source: None)
+    monkeypatch.setattr(core, "unavailable_reason", lambda source: "no compiler")
+    monkeypatch.setattr(Machine, "copy_rate", staticmethod(lambda timer: 1e9))
+    machine = Machine.measure(Timer(1))
+    assert machine.peak_flops_per_s == machine.matmul_flops_per_s > 0
+    assert "FMA peak unmeasured (no compiler)" in machine.description
+    assert machine.peak_floor(1e9) == machine.flops_floor(1e9)
+
+
+def test_the_peak_is_the_best_call_not_a_median(monkeypatch):
+    # A 2-vCPU VM ran the first quarter second of FMA chains at one core's rate
+    from attnkit.tools.bench import core
+
+    class Chains:
+        def __init__(self):
+            self.calls = 0
+
+        def fma_flops(self, iterations):
+            self.calls += 1
+            return 1e9 * (2 if self.calls == 3 else 1)
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(core, "load_kernel", lambda source: Chains())
+    monkeypatch.setattr(core.time, "perf_counter", lambda: float(next(ticks)))
+    monkeypatch.setattr(Machine, "PEAK_SECONDS", 5)  # each call "takes" 1 s: 5 calls
+    assert Machine.peak_rate() == 2e9
 
 
 def test_causal_flops_count_the_kept_pairs():

@@ -97,6 +97,7 @@ inline vfloat exp2_or_zero(vfloat x) {
 struct Visibility {
   vint pos[2];
   int32_t window, sinks;
+  int32_t first, last;  // the lanes' lowest and highest positions
   vint seen(int32_t key, int h) const {
     const vint sink = splat(key < sinks ? int32_t(-1) : int32_t(0));
     return (splat(key) <= pos[h]) & ((pos[h] - key < window) | sink);
@@ -104,9 +105,9 @@ struct Visibility {
 };
 
 // Scores of the J keys k[0..J) (rows d apart, positions key0...) against the block's
-// queries qT (d, ROWS): rows j of sT, -inf where a lane may not see the key; mx keeps
-// each lane's max.
-template <int J>
+// queries qT (d, ROWS): rows j of sT, -inf where a lane may not see the key (MASKED: keys
+// some lane may not see); mx keeps each lane's max.
+template <int J, bool MASKED>
 inline void score_keys(const float* qT, const float* k, int64_t d, int64_t key0, float* sT,
                        const Visibility& vis, vfloat* mx) {
   vfloat acc[J][2] = {};
@@ -123,7 +124,8 @@ inline void score_keys(const float* qT, const float* k, int64_t d, int64_t key0,
   for (int j = 0; j < J; ++j) {
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
-      const vfloat s = vis.seen(int32_t(key0 + j), h) ? acc[j][h] : splat(NEG_INF);
+      vfloat s = acc[j][h];
+      if constexpr (MASKED) s = vis.seen(int32_t(key0 + j), h) ? s : splat(NEG_INF);
       store(sT + j * ROWS + h * WIDTH, s);
       mx[h] = s > mx[h] ? s : mx[h];
     }
@@ -171,11 +173,25 @@ inline void in_pieces(int64_t n, F&& f) {
   }
 }
 
+// score_keys over keys [key0, key0 + n), masking only where some lane may not see a key:
+// every lane sees [last - window + 1, first], the band's middle (a causal block's keys
+// but its diagonal); the keys before it and the diagonal after it take the mask. The
+// mask's 16 integer vector operations a key are 6% of the arithmetic and shared the FMA
+// pipes on a Zen 4 EPYC: skipping them in the middle, 1.4% faster (causal 4k-16k, W 512).
 void score_range(const float* qT, const float* k, int64_t d, int64_t key0, int64_t n,
                  float* sT, const Visibility& vis, vfloat* mx) {
-  in_pieces<KEYS_AT_ONCE>(n, [&](int64_t j, auto size) {
-    score_keys<decltype(size)::value>(qT, k + (key0 + j) * d, d, key0 + j, sT + j * ROWS, vis, mx);
-  });
+  const int64_t end = key0 + n;
+  const int64_t a = std::clamp<int64_t>(int64_t(vis.last) - vis.window + 1, key0, end);
+  const int64_t b = std::clamp<int64_t>(int64_t(vis.first) + 1, a, end);
+  auto keys = [&]<bool MASKED>(int64_t from, int64_t to, std::bool_constant<MASKED>) {
+    in_pieces<KEYS_AT_ONCE>(to - from, [&](int64_t j, auto size) {
+      score_keys<decltype(size)::value, MASKED>(qT, k + (from + j) * d, d, from + j,
+                                                sT + (from - key0 + j) * ROWS, vis, mx);
+    });
+  };
+  keys(key0, a, std::true_type{});
+  keys(a, b, std::false_type{});
+  keys(b, end, std::true_type{});
 }
 
 void value_range(const float* pT, const float* v, int64_t n, int64_t dv, float* oT) {
@@ -382,7 +398,9 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
           lane_pos[lane] = int32_t(q_offset + r0 + i);
         }
         gather_queries(src, d, q_scale, block.qT);
-        block.vis = Visibility{{}, int32_t(window), int32_t(sinks)};
+        // lanes are in position order; spare ones repeat the last row
+        block.vis = Visibility{{}, int32_t(window), int32_t(sinks), lane_pos[0],
+                               lane_pos[ROWS - 1]};
         std::memcpy(block.vis.pos, lane_pos, sizeof(block.vis.pos));
         const int64_t p0 = q_offset + r0;
         block.lo = std::max<int64_t>(0, p0 - window + 1);

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason
+
 TARGETS = {
     1: "GQA/MQA prefill",
     2: "sliding window",
@@ -159,7 +161,10 @@ class Machine:
 
     copy_bytes_per_s: float  # read + write bytes of a tensor copy past the last-level cache
     matmul_flops_per_s: float  # float32 1024^3 matmul
+    peak_flops_per_s: float  # float32 FMAs on registers, every thread at once (`peak_rate`)
     description: str
+
+    PEAK_SECONDS = 1.0  # calls of the FMA chains for at least this long; the best one counts
 
     @staticmethod
     def copy_rate(timer: Timer) -> float:
@@ -172,20 +177,45 @@ class Machine:
         return 2 * src.nbytes / timer(lambda: dst.copy_(src))
 
     @classmethod
+    def peak_rate(cls) -> float | None:
+        """The float32 FLOPs per second of `csrc/fma_peak.cpp`'s FMA chains, the best of
+        ~30 ms calls over `PEAK_SECONDS` (a peak: the most the cores did; on a 2-vCPU VM the
+        first quarter second ran at one core's rate); None without the C++ kernels."""
+        module = load_kernel("fma_peak.cpp")
+        if module is None:
+            return None
+        best, spent = 0.0, 0.0
+        while spent < cls.PEAK_SECONDS:
+            start = time.perf_counter()
+            flops = module.fma_flops(2**22)
+            seconds = time.perf_counter() - start
+            best, spent = max(best, flops / seconds), spent + seconds
+        return best
+
+    @classmethod
     def measure(cls, timer: Timer) -> Machine:
         copy = cls.copy_rate(timer)
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
         flops = 2 * 1024**3 / timer(lambda: a @ b)
+        peak = cls.peak_rate()
         cpu = platform.processor() or platform.machine()
         text = (
             f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-            f"copy {copy / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s (float32)"
+            f"copy {copy / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s, "
         )
-        return cls(copy, flops, text)
+        if peak is None:  # then the compute floors fall back to the matmul rate
+            text += f"FMA peak unmeasured ({unavailable_reason('fma_peak.cpp')}) (float32)"
+        else:
+            text += f"FMA peak {peak / 1e9:.0f} GFLOP/s (float32)"
+        return cls(copy, flops, flops if peak is None else peak, text)
 
     def flops_floor(self, flops: float) -> float:
-        """Seconds for `flops` at the measured matmul rate."""
+        """Seconds for `flops` at the measured matmul rate (BLAS's best on big matmuls)."""
         return flops / self.matmul_flops_per_s
+
+    def peak_floor(self, flops: float) -> float:
+        """Seconds for `flops` at the FMA peak: no kernel on this machine can take less."""
+        return flops / self.peak_flops_per_s
 
 
 def causal_flops(n: int, heads: int, d: int) -> float:

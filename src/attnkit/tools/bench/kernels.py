@@ -44,12 +44,12 @@ def prefill_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         gqa = timer(
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         )
-        floor = machine.flops_floor(causal_flops(n, 8, 64))
+        floor = machine.peak_floor(causal_flops(n, 8, 64))
         case = f"prefill {layout} N={n}, causal"
         return [
             Row(1, case, ours, "torch SDPA, K/V repeated to MHA", repeated, 1.0),
             Row(1, case, ours, "torch SDPA enable_gqa", gqa, 1.5),
-            Row(1, case, ours, "compute floor (FLOPs / matmul rate)", floor, None),
+            Row(1, case, ours, "compute floor (FLOPs / FMA peak)", floor, None),
         ]
 
     sizes = s.pick((4096, 16384), (2048,))
