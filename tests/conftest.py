@@ -1,5 +1,5 @@
 """Shared fixtures: the real SmolLM2-135M (attnkit's and Hugging Face's), loaded once per
-session; and Triton's interpreter where there is no GPU."""
+session; Triton's interpreter where there is no GPU; the C++ kernels built on every host."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU-only machines
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The AVX-512 decode kernels are checked for correctness on any host, AVX2 and ARM included
+# (outside tests, such hosts leave them to torch: `attnkit.ops.cpp_build`).
+os.environ.setdefault("ATTNKIT_WIDE_VECTOR_KERNELS", "1")
 
 
 @pytest.fixture(scope="session")

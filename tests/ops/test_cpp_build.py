@@ -1,8 +1,12 @@
-"""cpp_build's build names: one build per CPU kind, torch, flags and shared-header version."""
+"""cpp_build: one build per CPU kind, torch, flags and shared-header version; the AVX-512
+decode kernels only where the CPU has AVX-512, torch's paths elsewhere."""
 
 from __future__ import annotations
 
-from attnkit.ops import cpp_build
+import torch
+
+from attnkit.models.llama import LlamaConfig, Transformer
+from attnkit.ops import cpp_build, decode_block
 
 
 def test_a_changed_shared_header_gets_a_new_build_name(tmp_path, monkeypatch):
@@ -19,3 +23,50 @@ def test_a_changed_shared_header_gets_a_new_build_name(tmp_path, monkeypatch):
     assert second != first
     assert second.startswith("attnkit_decode_attention_")
     assert cpp_build.build_name("decode_attention", [*flags, "-DX"]) != second
+
+
+def _without_avx512(monkeypatch):
+    monkeypatch.delenv("ATTNKIT_WIDE_VECTOR_KERNELS", raising=False)  # tests/conftest.py sets it
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+
+
+def test_hosts_without_avx512_leave_the_decode_kernels_to_torch(monkeypatch):
+    _without_avx512(monkeypatch)
+    assert not cpp_build.has_wide_vectors()
+    for source in sorted(cpp_build.WIDE_VECTOR_SOURCES):
+        assert cpp_build.load_kernel(source) is None
+        reason = cpp_build.unavailable_reason(source)
+        assert "written for AVX-512" in reason and "capability is AVX2" in reason, reason
+    # kernels at the host's own vector width stay
+    for source in ("banded_attention.cpp", "rms_norm.cpp", "fma_peak.cpp"):
+        assert cpp_build.load_kernel(source) is not None, cpp_build.unavailable_reason(source)
+    monkeypatch.setenv("ATTNKIT_WIDE_VECTOR_KERNELS", "1")  # built anyway when asked
+    assert cpp_build.load_kernel("decode_attention.cpp") is not None
+
+
+def test_a_decode_step_without_the_decode_kernels_gives_the_same_logits(monkeypatch):
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    prompt, token = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 1))
+
+    def step():
+        cache = model.new_cache(2)
+        with torch.inference_mode():
+            model(prompt, cache)
+            return model(token, cache)
+
+    calls = []
+    real = decode_block.block_outputs
+    monkeypatch.setattr(decode_block, "block_outputs", lambda *a: calls.append(1) or real(*a))
+    fused = step()
+    assert calls  # the step took the fused block calls
+    calls.clear()
+    _without_avx512(monkeypatch)
+    plain = step()
+    assert not calls  # and now torch's ops
+    # float32 sums in another order (fused kernels vs torch ops) over logits of size ~1
+    torch.testing.assert_close(plain, fused, rtol=0, atol=1e-4)

@@ -9,6 +9,15 @@ CPU's model and flags and of torch's version: a home directory shared by differe
 machines keeps one build per kind of CPU. A machine without a compiler gets `None` and the
 reason, and callers fall back to plain torch; so does every machine with `ATTNKIT_NO_CPP=1`
 (to compare against plain torch, or to rule the kernels out).
+
+The decode-step kernels (`WIDE_VECTOR_SOURCES`) are written for AVX-512: each of their
+vectors (vec.h) is one 64-byte register and their tiles fill 32 of them. Where registers
+are narrower the compiler splits every vector and keeps tiles on the stack, and the
+kernels run slower than torch (built with -mno-avx512f on a Zen 4 EPYC: decode attention
+1.4-1.8x slower than torch SDPA, the decode matmuls 1.6-15x slower than F.linear), so such
+hosts get None and the torch paths (`ATTNKIT_WIDE_VECTOR_KERNELS=1` builds them anyway: the
+test suite does, so their correctness is checked on any host). The other kernels use the
+host's own vector width.
 """
 
 from __future__ import annotations
@@ -23,6 +32,10 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
+
+WIDE_VECTOR_SOURCES = frozenset(
+    {"decode_attention.cpp", "decode_block.cpp", "packed_linear.cpp", "skinny_linear.cpp"}
+)
 
 _lock = threading.Lock()
 _built: dict[str, ModuleType | str] = {}  # source name -> module, or the reason it failed
@@ -51,9 +64,23 @@ def cpp_kernels_enabled() -> bool:
     return os.environ.get("ATTNKIT_NO_CPP", "0") in ("", "0")
 
 
+def has_wide_vectors() -> bool:
+    """Whether this CPU runs AVX-512 (torch's own dispatch check): the 64-byte registers
+    that `WIDE_VECTOR_SOURCES` are written for."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def _get(source: str) -> ModuleType | str:
     if not cpp_kernels_enabled():
         return "ATTNKIT_NO_CPP is set: attnkit's C++ kernels are switched off"
+    forced = os.environ.get("ATTNKIT_WIDE_VECTOR_KERNELS", "0") == "1"
+    if source in WIDE_VECTOR_SOURCES and not (forced or has_wide_vectors()):
+        capability = torch.backends.cpu.get_cpu_capability()
+        return (
+            f"{source} is written for AVX-512 and this CPU's vector capability is "
+            f"{capability}: built for it, the kernel ran slower than torch, so torch serves "
+            "(ATTNKIT_WIDE_VECTOR_KERNELS=1 builds it anyway)"
+        )
     if source not in _built:
         with _lock:
             if source not in _built:
