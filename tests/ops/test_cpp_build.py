@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from attnkit.models.llama import LlamaConfig, Transformer
-from attnkit.ops import cpp_build, decode_block
+from attnkit.ops import cpp_build, cpu_decode
 
 
 def test_a_changed_shared_header_gets_a_new_build_name(tmp_path, monkeypatch):
@@ -27,16 +27,22 @@ def test_a_changed_shared_header_gets_a_new_build_name(tmp_path, monkeypatch):
 
 def _without_avx512(monkeypatch):
     monkeypatch.delenv("ATTNKIT_WIDE_VECTOR_KERNELS", raising=False)  # tests/conftest.py sets it
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(cpp_build, "has_wide_vectors", lambda: False)
+
+
+def test_wide_vectors_means_the_cpu_runs_avx512(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
+    assert not cpp_build._cpu_has_avx512()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
+    assert cpp_build._cpu_has_avx512()
 
 
 def test_hosts_without_avx512_leave_the_decode_kernels_to_torch(monkeypatch):
     _without_avx512(monkeypatch)
-    assert not cpp_build.has_wide_vectors()
     for source in sorted(cpp_build.WIDE_VECTOR_SOURCES):
         assert cpp_build.load_kernel(source) is None
         reason = cpp_build.unavailable_reason(source)
-        assert "written for AVX-512" in reason and "capability is AVX2" in reason, reason
+        assert "written for AVX-512" in reason and "this CPU has none" in reason, reason
     # kernels at the host's own vector width stay
     for source in ("banded_attention.cpp", "rms_norm.cpp", "fma_peak.cpp"):
         assert cpp_build.load_kernel(source) is not None, cpp_build.unavailable_reason(source)
@@ -49,24 +55,24 @@ def test_a_decode_step_without_the_decode_kernels_gives_the_same_logits(monkeypa
         vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
         num_attention_heads=6, num_key_value_heads=2,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = Transformer(config).eval()
     prompt, token = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 1))
 
     def step():
+        torch.manual_seed(0)
+        model = Transformer(config).eval()  # fresh: a model keeps the decode stack it built
         cache = model.new_cache(2)
         with torch.inference_mode():
             model(prompt, cache)
-            return model(token, cache)
+            logits = model(token, cache)
+        return logits, model._stacked_decode._stack
 
     calls = []
-    real = decode_block.block_outputs
-    monkeypatch.setattr(decode_block, "block_outputs", lambda *a: calls.append(1) or real(*a))
-    fused = step()
-    assert calls  # the step took the fused block calls
-    calls.clear()
+    real = cpu_decode.cpp_decode
+    monkeypatch.setattr(cpu_decode, "cpp_decode", lambda *a: calls.append(1) or real(*a))
+    fused, stack = step()
+    assert stack is not None  # the decode step ran as one C++ call
     _without_avx512(monkeypatch)
-    plain = step()
-    assert not calls  # and now torch's ops
+    plain, stack = step()
+    assert stack is None and not calls  # torch's ops: no stack, no C++ decode attention
     # float32 sums in another order (fused kernels vs torch ops) over logits of size ~1
-    torch.testing.assert_close(plain, fused, rtol=0, atol=1e-4)
+    torch.testing.assert_close(plain, fused, rtol=0, atol=1e-5)

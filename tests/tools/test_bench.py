@@ -63,6 +63,12 @@ def test_the_fma_chains_report_the_flops_they_did():
     lanes = flops / (2 * 12 * 1000 * torch.get_num_threads())
     assert lanes in (4, 8, 16)
     assert module.fma_flops(3000) == 3 * flops
+    # the chains really run: 2^20 rounds take milliseconds, under 1 TFLOP/s a thread (a
+    # loop the compiler dropped would take microseconds: petaflops)
+    start = time.perf_counter()
+    flops = module.fma_flops(2**20)
+    seconds = time.perf_counter() - start
+    assert flops / seconds < 1e12 * torch.get_num_threads(), (flops, seconds)
     with pytest.raises(RuntimeError, match="iterations >= 1, got 0"):
         module.fma_flops(0)
 

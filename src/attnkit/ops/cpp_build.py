@@ -14,7 +14,7 @@ The decode-step kernels (`WIDE_VECTOR_SOURCES`) are written for AVX-512: each of
 vectors (vec.h) is one 64-byte register and their tiles fill 32 of them. Where registers
 are narrower the compiler splits every vector and keeps tiles on the stack, and the
 kernels run slower than torch (built with -mno-avx512f on a Zen 4 EPYC: decode attention
-1.4-1.8x slower than torch SDPA, the decode matmuls 1.6-15x slower than F.linear), so such
+1.3-1.8x slower than torch SDPA, the decode matmuls 1.6-15x slower than F.linear), so such
 hosts get None and the torch paths (`ATTNKIT_WIDE_VECTOR_KERNELS=1` builds them anyway: the
 test suite does, so their correctness is checked on any host). The other kernels use the
 host's own vector width.
@@ -22,6 +22,7 @@ host's own vector width.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -64,9 +65,20 @@ def cpp_kernels_enabled() -> bool:
     return os.environ.get("ATTNKIT_NO_CPP", "0") in ("", "0")
 
 
+@functools.cache
 def has_wide_vectors() -> bool:
-    """Whether this CPU runs AVX-512 (torch's own dispatch check): the 64-byte registers
-    that `WIDE_VECTOR_SOURCES` are written for."""
+    """Whether this CPU runs AVX-512: the 64-byte registers `WIDE_VECTOR_SOURCES` are
+    written for, and what `-march=native` builds them with. Asked once per process (a
+    decode step loads kernels ~120 times)."""
+    return _cpu_has_avx512()
+
+
+def _cpu_has_avx512() -> bool:
+    """The hardware's answer (torch's check of the CPU, not its `ATEN_CPU_CAPABILITY`
+    dispatch setting), or torch's dispatch level where this torch lacks the check."""
+    check = getattr(torch.cpu, "_is_avx512_supported", None)
+    if check is not None:
+        return bool(check())
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
@@ -75,11 +87,10 @@ def _get(source: str) -> ModuleType | str:
         return "ATTNKIT_NO_CPP is set: attnkit's C++ kernels are switched off"
     forced = os.environ.get("ATTNKIT_WIDE_VECTOR_KERNELS", "0") == "1"
     if source in WIDE_VECTOR_SOURCES and not (forced or has_wide_vectors()):
-        capability = torch.backends.cpu.get_cpu_capability()
         return (
-            f"{source} is written for AVX-512 and this CPU's vector capability is "
-            f"{capability}: built for it, the kernel ran slower than torch, so torch serves "
-            "(ATTNKIT_WIDE_VECTOR_KERNELS=1 builds it anyway)"
+            f"{source} is written for AVX-512 and this CPU has none: built without it, the "
+            "kernel ran slower than torch, so torch serves (ATTNKIT_WIDE_VECTOR_KERNELS=1 "
+            "builds it anyway)"
         )
     if source not in _built:
         with _lock:

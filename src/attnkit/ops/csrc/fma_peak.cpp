@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <vector>
+
 namespace {
 
 #if defined(__AVX512F__)
@@ -23,8 +25,6 @@ constexpr int64_t WIDTH = REGISTER_BYTES / sizeof(float);
 // 12 leaves room and fits AVX2's 16 registers.
 constexpr int CHAINS = 12;
 
-volatile float sink;  // the chains' results land here, so none of them is optimized away
-
 }  // namespace
 
 // Runs `iterations` rounds of CHAINS vector FMAs on each of torch's intra-op threads, at
@@ -32,6 +32,8 @@ volatile float sink;  // the chains' results land here, so none of them is optim
 double fma_flops(int64_t iterations) {
   TORCH_CHECK(iterations >= 1, "fma_flops takes iterations >= 1, got ", iterations);
   const int64_t threads = at::get_num_threads();
+  // every lane of every chain is summed into its thread's result: none can be optimized away
+  std::vector<float> results(threads);
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t thread = begin; thread < end; ++thread) {
       vfloat acc[CHAINS];
@@ -41,11 +43,13 @@ double fma_flops(int64_t iterations) {
 #pragma GCC unroll 12
         for (int c = 0; c < CHAINS; ++c) acc[c] = acc[c] * a + b;
       }
-      float total = 0;
-      for (int c = 0; c < CHAINS; ++c) total += acc[c][0];
-      sink = total;
+      vfloat total = acc[0];
+      for (int c = 1; c < CHAINS; ++c) total += acc[c];
+      for (int64_t lane = 0; lane < WIDTH; ++lane) results[thread] += total[lane];
     }
   });
+  volatile float sink = 0;
+  for (const float r : results) sink = sink + r;
   return 2.0 * double(WIDTH) * CHAINS * double(iterations) * double(threads);
 }
 

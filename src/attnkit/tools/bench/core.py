@@ -179,7 +179,7 @@ class Machine:
     @classmethod
     def peak_rate(cls) -> float | None:
         """The float32 FLOPs per second of `csrc/fma_peak.cpp`'s FMA chains, the best of
-        ~30 ms calls over `PEAK_SECONDS` (a peak: the most the cores did; on a 2-vCPU VM the
+        14-30 ms calls over `PEAK_SECONDS` (a peak: the most the cores did; on a 2-vCPU VM the
         first quarter second ran at one core's rate); None without the C++ kernels."""
         module = load_kernel("fma_peak.cpp")
         if module is None:
@@ -204,7 +204,8 @@ class Machine:
             f"copy {copy / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s, "
         )
         if peak is None:  # then the compute floors fall back to the matmul rate
-            text += f"FMA peak unmeasured ({unavailable_reason('fma_peak.cpp')}) (float32)"
+            reason = (unavailable_reason("fma_peak.cpp") or "").splitlines()[0][:120]
+            text += f"FMA peak unmeasured ({reason}) (float32)"
         else:
             text += f"FMA peak {peak / 1e9:.0f} GFLOP/s (float32)"
         return cls(copy, flops, flops if peak is None else peak, text)
@@ -212,6 +213,13 @@ class Machine:
     def flops_floor(self, flops: float) -> float:
         """Seconds for `flops` at the measured matmul rate (BLAS's best on big matmuls)."""
         return flops / self.matmul_flops_per_s
+
+    @property
+    def peak_name(self) -> str:
+        """What `peak_floor` divides by: the FMA peak, or the matmul rate where the peak
+        kernel could not be built (ATTNKIT_NO_CPP, no compiler)."""
+        measured = "FMA peak unmeasured" not in self.description
+        return "FMA peak" if measured else "matmul rate (FMA peak unmeasured)"
 
     def peak_floor(self, flops: float) -> float:
         """Seconds for `flops` at the FMA peak: no kernel on this machine can take less."""

@@ -6,8 +6,9 @@
 - continuous batching of 32 mixed requests (the scheduler over a `PagedCache`) vs running
   them one by one through `generate`;
 - prefill of 8k tokens vs its floor: the model's matmuls timed alone at the same shapes
-  plus causal attention's FLOPs at the matmul rate, once per layer (attnkit's attention
-  beats torch SDPA's, so SDPA's time is no floor; it is timed beside it, for context);
+  plus causal attention's FLOPs at the measured FMA peak, once per layer (attnkit's
+  attention beats torch SDPA's and the matmul rate, so neither is a floor; both are shown
+  beside it, for context);
 - llama.cpp's decode speed, when llama-cpp-python is installed (4-bit weights: context,
   not a target at float32), timed in a child process (`llama_cpp_run`).
 """
@@ -205,7 +206,7 @@ def batching_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         best_note = (
             "the best continuous batching can do here: the prompts' prefill as measured, plus "
             "every decode step at its floor (the weights read once at the copy bandwidth, or "
-            "the step's matmul FLOPs at the matmul rate, whichever is longer)"
+            "the step's matmul FLOPs at the FMA peak, whichever is longer)"
         )
         return [
             Row(6, case, ours, "the same requests one by one", theirs, 4.0, note),
@@ -235,7 +236,7 @@ def _batched_decode_floor(model, answers: list[int], machine: Machine) -> float:
     for step in range(1, max(answers)):
         batch = sum(n > step for n in answers)
         flops = 2 * batch * matmul_params
-        seconds += max(weights / machine.copy_bytes_per_s, machine.flops_floor(flops))
+        seconds += max(weights / machine.copy_bytes_per_s, machine.peak_floor(flops))
     return seconds
 
 
@@ -259,8 +260,9 @@ def prefill_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         at_matmul_rate = matmuls + machine.flops_floor(attention_flops)
         with_sdpa = matmuls + c.num_hidden_layers * sdpa
         case = f"prefill {n} tokens (one sequence, into a cache)"
+        peak = machine.peak_name
         return [
-            Row(6, case, ours, "floor: matmuls + attention FLOPs at FMA peak", at_peak, 1 / 1.3),
+            Row(6, case, ours, f"floor: matmuls + attention FLOPs at {peak}", at_peak, 1 / 1.3),
             Row(6, case, ours, "matmuls + attention FLOPs at matmul rate", at_matmul_rate, None),
             Row(6, case, ours, "matmuls + torch SDPA causal attention", with_sdpa, None),
         ]

@@ -49,7 +49,7 @@ def prefill_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         return [
             Row(1, case, ours, "torch SDPA, K/V repeated to MHA", repeated, 1.0),
             Row(1, case, ours, "torch SDPA enable_gqa", gqa, 1.5),
-            Row(1, case, ours, "compute floor (FLOPs / FMA peak)", floor, None),
+            Row(1, case, ours, f"compute floor (FLOPs / {machine.peak_name})", floor, None),
         ]
 
     sizes = s.pick((4096, 16384), (2048,))
