@@ -82,11 +82,14 @@ def _cpu_has_avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+def _wide_vectors_forced() -> bool:
+    return os.environ.get("ATTNKIT_WIDE_VECTOR_KERNELS", "0") == "1"
+
+
 def _get(source: str) -> ModuleType | str:
     if not cpp_kernels_enabled():
         return "ATTNKIT_NO_CPP is set: attnkit's C++ kernels are switched off"
-    forced = os.environ.get("ATTNKIT_WIDE_VECTOR_KERNELS", "0") == "1"
-    if source in WIDE_VECTOR_SOURCES and not (forced or has_wide_vectors()):
+    if source in WIDE_VECTOR_SOURCES and not (has_wide_vectors() or _wide_vectors_forced()):
         return (
             f"{source} is written for AVX-512 and this CPU has none: built without it, the "
             "kernel ran slower than torch, so torch serves (ATTNKIT_WIDE_VECTOR_KERNELS=1 "

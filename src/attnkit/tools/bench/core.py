@@ -161,7 +161,8 @@ class Machine:
 
     copy_bytes_per_s: float  # read + write bytes of a tensor copy past the last-level cache
     matmul_flops_per_s: float  # float32 1024^3 matmul
-    peak_flops_per_s: float  # float32 FMAs on registers, every thread at once (`peak_rate`)
+    # float32 FMAs on registers, every thread at once (`peak_rate`); None: unmeasured
+    peak_flops_per_s: float | None
     description: str
 
     PEAK_SECONDS = 1.0  # calls of the FMA chains for at least this long; the best one counts
@@ -208,22 +209,26 @@ class Machine:
             text += f"FMA peak unmeasured ({reason}) (float32)"
         else:
             text += f"FMA peak {peak / 1e9:.0f} GFLOP/s (float32)"
-        return cls(copy, flops, flops if peak is None else peak, text)
+        return cls(copy, flops, peak, text)
 
     def flops_floor(self, flops: float) -> float:
         """Seconds for `flops` at the measured matmul rate (BLAS's best on big matmuls)."""
         return flops / self.matmul_flops_per_s
 
     @property
-    def peak_name(self) -> str:
+    def floor_flops_per_s(self) -> float:
         """What `peak_floor` divides by: the FMA peak, or the matmul rate where the peak
         kernel could not be built (ATTNKIT_NO_CPP, no compiler)."""
-        measured = "FMA peak unmeasured" not in self.description
-        return "FMA peak" if measured else "matmul rate (FMA peak unmeasured)"
+        return self.matmul_flops_per_s if self.peak_flops_per_s is None else self.peak_flops_per_s
+
+    @property
+    def peak_name(self) -> str:
+        """The name of `floor_flops_per_s`, for the rows that divide by it."""
+        return "matmul rate (FMA peak unmeasured)" if self.peak_flops_per_s is None else "FMA peak"
 
     def peak_floor(self, flops: float) -> float:
         """Seconds for `flops` at the FMA peak: no kernel on this machine can take less."""
-        return flops / self.peak_flops_per_s
+        return flops / self.floor_flops_per_s
 
 
 def causal_flops(n: int, heads: int, d: int) -> float:

@@ -41,7 +41,7 @@ class BenchResult:
             "platform": platform.platform(),
             "copy_GBps": self.machine.copy_bytes_per_s / 1e9,
             "matmul_GFLOPps": self.machine.matmul_flops_per_s / 1e9,
-            "fma_peak_GFLOPps": self.machine.peak_flops_per_s / 1e9,
+            "fma_peak_GFLOPps": self.machine.floor_flops_per_s / 1e9,
             "compute_floor": self.machine.peak_name,
             "quick": self.settings.quick,
             "repeats": self.settings.repeats,
