@@ -12,6 +12,8 @@ import attnkit
 from attn_testing import max_err, random_qkv, returns_lse
 from attnkit import masks
 from attnkit.ops.backends import GatheredBackend, TiledBackend
+from attnkit.ops.backends.banded import SOURCE as BANDED_SOURCE
+from attnkit.ops.cpp_build import load_kernel
 from attnkit.tools.measure import peak_bytes
 
 ALL = ["reference", "tiled", TiledBackend(5, 7), "sdpa", "gathered", GatheredBackend(6)] + (
@@ -292,20 +294,23 @@ def test_auto_picks_banded_for_bands_gathered_for_sparse_tiled_for_lse_and_sdpa_
 
 
 @pytest.mark.parametrize(
-    ("capability", "heads", "kv_heads", "n_q", "expected"),
+    ("vector_kernels", "heads", "kv_heads", "blocks_of_rows", "expected"),
     [
-        ("AVX512", 8, 2, 4096, "banded"),  # a causal mask is the window n_k
-        ("AVX512", 8, 2, 8, "banded"),  # a chunk against a cache: 8 rows x 4 heads fill 32 lanes
-        ("AVX512", 8, 8, 16, "sdpa"),  # 16 rows of ungrouped heads: half a block, SDPA wins
-        ("AVX512", 8, 8, 32, "banded"),
-        ("AVX2", 8, 2, 4096, "sdpa"),  # not timed against SDPA on AVX2 hosts
-        ("DEFAULT", 8, 2, 4096, "sdpa"),
+        (True, 8, 2, None, "banded"),  # prefill, 4096 rows: a causal mask is the window n_k
+        (True, 8, 2, 1 / 4, "banded"),  # a chunk against a cache: rows x 4 heads fill a block
+        (True, 8, 8, 1 / 2, "sdpa"),  # ungrouped heads filling half a block: SDPA wins
+        (True, 8, 8, 1, "banded"),
+        (False, 8, 2, None, "sdpa"),  # not timed against SDPA without AVX-512 or AVX2
     ],
 )
 def test_auto_takes_banded_for_causal_only_where_it_was_measured_faster(
-    monkeypatch, capability, heads, kv_heads, n_q, expected
+    monkeypatch, vector_kernels, heads, kv_heads, blocks_of_rows, expected
 ):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    from attnkit.ops import attention as attention_module
+
+    block_rows = load_kernel(BANDED_SOURCE).BLOCK_ROWS  # 32 with AVX-512, 16 with AVX2
+    monkeypatch.setattr(attention_module, "has_wide_vectors", lambda: vector_kernels)
+    n_q = 4096 if blocks_of_rows is None else int(block_rows * blocks_of_rows)
     gen = torch.Generator().manual_seed(3)
     q, k, v = random_qkv(gen, 1, heads, kv_heads, n_q=n_q, n_k=4096, head_dim=8)
     problem = attnkit.ops.problem.make_problem(q, k, v, masks.causal(), None, None, None, False)

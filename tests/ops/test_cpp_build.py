@@ -1,8 +1,13 @@
-"""cpp_build: one build per CPU kind, torch, flags and shared-header version; the AVX-512
-decode kernels only where the CPU has AVX-512, torch's paths elsewhere."""
+"""cpp_build: one build per CPU kind, torch, flags and shared-header version; vectors of
+the target's register width; the decode kernels only where the CPU has AVX-512 or AVX2,
+torch's paths elsewhere."""
 
 from __future__ import annotations
 
+import platform
+import subprocess
+
+import pytest
 import torch
 
 from attnkit.models.llama import LlamaConfig, Transformer
@@ -25,29 +30,64 @@ def test_a_changed_shared_header_gets_a_new_build_name(tmp_path, monkeypatch):
     assert cpp_build.build_name("decode_attention", [*flags, "-DX"]) != second
 
 
-def _without_avx512(monkeypatch):
+def _without_vector_units(monkeypatch):
     monkeypatch.delenv("ATTNKIT_WIDE_VECTOR_KERNELS", raising=False)  # tests/conftest.py sets it
     monkeypatch.setattr(cpp_build, "has_wide_vectors", lambda: False)
 
 
-def test_wide_vectors_means_the_cpu_runs_avx512(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
-    assert not cpp_build._cpu_has_avx512()
-    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
-    assert cpp_build._cpu_has_avx512()
+@pytest.mark.parametrize(
+    ("avx512", "avx2", "expected"),
+    [(True, True, True), (False, True, True), (False, False, False)],
+)
+def test_wide_vectors_means_the_cpu_runs_avx512_or_avx2(monkeypatch, avx512, avx2, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: avx2)
+    cpp_build.has_wide_vectors.cache_clear()
+    try:
+        assert cpp_build.has_wide_vectors() is expected
+    finally:
+        cpp_build.has_wide_vectors.cache_clear()
 
 
-def test_hosts_without_avx512_leave_the_decode_kernels_to_torch(monkeypatch):
-    _without_avx512(monkeypatch)
+def test_hosts_without_vector_units_leave_the_decode_kernels_to_torch(monkeypatch):
+    _without_vector_units(monkeypatch)
     for source in sorted(cpp_build.WIDE_VECTOR_SOURCES):
         assert cpp_build.load_kernel(source) is None
         reason = cpp_build.unavailable_reason(source)
-        assert "written for AVX-512" in reason and "this CPU has none" in reason, reason
-    # kernels at the host's own vector width stay
-    for source in ("banded_attention.cpp", "rms_norm.cpp", "fma_peak.cpp"):
+        assert "tuned for AVX-512 or AVX2" in reason and "has neither" in reason, reason
+    for source in ("banded_attention.cpp", "rms_norm.cpp", "fma_peak.cpp"):  # every host
         assert cpp_build.load_kernel(source) is not None, cpp_build.unavailable_reason(source)
     monkeypatch.setenv("ATTNKIT_WIDE_VECTOR_KERNELS", "1")  # built anyway when asked
     assert cpp_build.load_kernel("decode_attention.cpp") is not None
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="-march targets are x86's"
+)
+def test_kernels_use_the_register_width_of_their_target():
+    # the compiler's own answer for these flags (ATTNKIT_CPU_ARCH=x86-64-v3 reruns the
+    # kernel tests as AVX2 code: make test): 64-byte vectors with AVX-512, else 32
+    macros = subprocess.run(
+        ["c++", *cpp_build.compile_flags(), "-dM", "-E", "-x", "c++", "/dev/null"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    width = 64 if "#define __AVX512F__ 1" in macros else 32
+    built = {
+        "packed_linear": cpp_build.load_kernel("packed_linear.cpp").VECTOR_BYTES,
+        "decode_block": cpp_build.load_kernel("decode_block.cpp").VECTOR_BYTES,
+        "banded rows": cpp_build.load_kernel("banded_attention.cpp").BLOCK_ROWS,
+    }
+    assert built == {"packed_linear": width, "decode_block": width, "banded rows": width // 2}
+
+
+def test_the_target_arch_is_a_plain_name(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_CPU_ARCH", "x86-64-v3")
+    assert cpp_build.target_arch() == "x86-64-v3"
+    monkeypatch.setenv("ATTNKIT_CPU_ARCH", "")
+    assert cpp_build.target_arch() == "native"
+    monkeypatch.setenv("ATTNKIT_CPU_ARCH", "native -fno-strict-aliasing")
+    with pytest.raises(ValueError, match=r"ATTNKIT_CPU_ARCH='native -fno-strict-aliasing'.*-march"):
+        cpp_build.target_arch()
 
 
 def test_a_decode_step_without_the_decode_kernels_gives_the_same_logits(monkeypatch):
@@ -71,7 +111,7 @@ def test_a_decode_step_without_the_decode_kernels_gives_the_same_logits(monkeypa
     monkeypatch.setattr(cpu_decode, "cpp_decode", lambda *a: calls.append(1) or real(*a))
     fused, stack = step()
     assert stack is not None  # the decode step ran as one C++ call
-    _without_avx512(monkeypatch)
+    _without_vector_units(monkeypatch)
     plain, stack = step()
     assert stack is None and not calls  # torch's ops: no stack, no C++ decode attention
     # float32 sums in another order (fused kernels vs torch ops) over logits of size ~1

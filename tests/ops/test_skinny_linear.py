@@ -125,7 +125,9 @@ def test_inference_mode_weights_take_the_packed_kernel(monkeypatch):
 def test_packed_kernel_rejects_a_mismatched_packing():
     module = load_kernel(skinny_linear.PACKED_SOURCE)
     packed = module.pack(torch.randn(8, 16))
-    wanted = r"a packed weight must be \(panels, 12, 32\) float32 for 8 features"
+    panel = 2 * module.VECTOR_BYTES // 4  # two vectors of float32: 32 with AVX-512, 16 with AVX2
+    assert packed.shape == (1, 16, panel)
+    wanted = rf"a packed weight must be \(panels, 12, {panel}\) float32 for 8 features"
     with pytest.raises(RuntimeError, match=wanted):
         module.packed_linear_many(torch.randn(2, 12), [packed], [8], [None])
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from attnkit.ops.backends import Backend, TiledBackend, get_backend
+from attnkit.ops.backends.banded import SOURCE as BANDED_SOURCE
+from attnkit.ops.cpp_build import has_wide_vectors, load_kernel
 from attnkit.ops.masks import Mask, causal
 from attnkit.ops.problem import AttentionProblem, make_problem
 
@@ -85,12 +86,16 @@ def choose_backend(problem: AttentionProblem) -> Backend:
 
 def _banded_wins_causal(p: AttentionProblem) -> bool:
     """Whether the banded kernel beats torch SDPA on this causal problem. Measured on a
-    2-core Xeon with AVX-512 (benchmarks/RESULTS.md, session 13): 1.15-1.27x for prefill
-    at 4k-16k, up to 2.6x for short ones; but a chunk of a few rows against a long cache
-    fills few of a block's 32 lanes when heads are not grouped (8/8 heads, 2 rows after
-    8k keys: 7.5 vs 1.9-3.1 ms), so it needs 32 query rows per KV head. Not timed on AVX2
-    or ARM hosts: there SDPA stays."""
-    return p.n_q * p.group >= 32 and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    2-core Xeon (benchmarks/RESULTS.md): with AVX-512, 1.15-1.27x for prefill at 4k-16k and
+    up to 2.6x for short ones (session 13); built for AVX2 against torch held to AVX2,
+    1.05-1.42x (session 15). A chunk of a few rows against a long cache fills few of a
+    block's lanes when heads are not grouped (8/8 heads, 2 rows after 8k keys: 7.5 vs
+    1.9-3.1 ms with AVX-512), so it needs a block's rows (32, AVX2 16) per KV head. Not
+    timed on ARM or x86 without AVX2: there SDPA stays."""
+    if not has_wide_vectors():
+        return False
+    module = load_kernel(BANDED_SOURCE)
+    return module is not None and p.n_q * p.group >= module.BLOCK_ROWS
 
 
 def _resolve(backend: str | Backend, problem: AttentionProblem) -> Backend:

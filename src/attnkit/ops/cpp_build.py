@@ -10,14 +10,15 @@ machines keeps one build per kind of CPU. A machine without a compiler gets `Non
 reason, and callers fall back to plain torch; so does every machine with `ATTNKIT_NO_CPP=1`
 (to compare against plain torch, or to rule the kernels out).
 
-The decode-step kernels (`WIDE_VECTOR_SOURCES`) are written for AVX-512: each of their
-vectors (vec.h) is one 64-byte register and their tiles fill 32 of them. Where registers
-are narrower the compiler splits every vector and keeps tiles on the stack, and the
-kernels run slower than torch (built with -mno-avx512f on a Zen 4 EPYC: decode attention
-1.3-1.8x slower than torch SDPA, the decode matmuls 1.6-15x slower than F.linear), so such
-hosts get None and the torch paths (`ATTNKIT_WIDE_VECTOR_KERNELS=1` builds them anyway: the
-test suite does, so their correctness is checked on any host). The other kernels use the
-host's own vector width.
+The decode-step kernels (`WIDE_VECTOR_SOURCES`) keep tiles of accumulators in vector
+registers, sized (vec.h) for AVX-512's 32 registers of 64 bytes or AVX2's 16 of 32 bytes.
+They serve hosts with either; elsewhere (ARM, x86 without AVX2) they are untimed against
+torch, so such hosts get None and the torch paths (`ATTNKIT_WIDE_VECTOR_KERNELS=1` builds
+them anyway: the test suite does, so their correctness is checked on any host). The other
+kernels serve every host.
+
+`ATTNKIT_CPU_ARCH` (an x86 `-march` value, default `native`) builds for another target: with
+`x86-64-v3` an AVX-512 machine builds and tests the AVX2 code (`make test` does).
 """
 
 from __future__ import annotations
@@ -67,19 +68,19 @@ def cpp_kernels_enabled() -> bool:
 
 @functools.cache
 def has_wide_vectors() -> bool:
-    """Whether this CPU runs AVX-512: the 64-byte registers `WIDE_VECTOR_SOURCES` are
-    written for, and what `-march=native` builds them with. Asked once per process (a
-    decode step loads kernels ~120 times)."""
-    return _cpu_has_avx512()
+    """Whether this CPU has the vector units the decode-step kernels are tuned for: AVX-512,
+    or AVX2 with FMA. Asked once per process (a decode step loads kernels ~120 times)."""
+    return _cpu_has("avx512") or _cpu_has("avx2")
 
 
-def _cpu_has_avx512() -> bool:
+def _cpu_has(isa: str) -> bool:
     """The hardware's answer (torch's check of the CPU, not its `ATEN_CPU_CAPABILITY`
     dispatch setting), or torch's dispatch level where this torch lacks the check."""
-    check = getattr(torch.cpu, "_is_avx512_supported", None)
+    check = getattr(torch.cpu, f"_is_{isa}_supported", None)
     if check is not None:
         return bool(check())
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability == isa.upper() or (isa == "avx2" and capability == "AVX512")
 
 
 def _wide_vectors_forced() -> bool:
@@ -91,9 +92,8 @@ def _get(source: str) -> ModuleType | str:
         return "ATTNKIT_NO_CPP is set: attnkit's C++ kernels are switched off"
     if source in WIDE_VECTOR_SOURCES and not (has_wide_vectors() or _wide_vectors_forced()):
         return (
-            f"{source} is written for AVX-512 and this CPU has none: built without it, the "
-            "kernel ran slower than torch, so torch serves (ATTNKIT_WIDE_VECTOR_KERNELS=1 "
-            "builds it anyway)"
+            f"{source} is tuned for AVX-512 or AVX2 and this CPU has neither: untimed here "
+            "against torch, so torch serves (ATTNKIT_WIDE_VECTOR_KERNELS=1 builds it anyway)"
         )
     if source not in _built:
         with _lock:
@@ -138,8 +138,21 @@ def compile_flags() -> list[str]:
     # provides the runtime); it also honours `#pragma omp simd`.
     flags = ["-O3", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        flags.append("-march=native")
+        flags.append(f"-march={target_arch()}")
     return flags
+
+
+def target_arch() -> str:
+    """The x86-64 architecture the kernels are built for: the host's own (`native`), or
+    `ATTNKIT_CPU_ARCH` (e.g. `x86-64-v3`: AVX2 and FMA without AVX-512), which lets an
+    AVX-512 machine build and test the code an AVX2 host runs."""
+    arch = os.environ.get("ATTNKIT_CPU_ARCH", "") or "native"
+    if not all(c.isalnum() or c in "-_." for c in arch):
+        raise ValueError(
+            f"ATTNKIT_CPU_ARCH={arch!r} is not an architecture name: expected a -march value "
+            "such as native, x86-64-v3 or skylake-avx512"
+        )
+    return arch
 
 
 def build_name(stem: str, flags: list[str]) -> str:

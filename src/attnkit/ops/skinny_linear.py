@@ -10,7 +10,7 @@ SmolLM2-135M's matmuls at 16 rows take 48 ms against F.linear's 72 ms, at 32 row
 92 ms (2 cores, measured interleaved).
 
 Faster still is csrc/packed_linear.cpp (its kernel is in packed_gemm.h), which reads each
-weight from a copy packed once into panels of 32 output features (no lane sums, x
+weight from a copy packed once into panels of 32 output features (16 with AVX2; no lane sums, x
 broadcast from L1): a pass over SmolLM2's weights at 32 rows 44 vs 68 ms, at 8 rows 18 vs
 25, at 1 row 17 vs 20 (2 cores). The packed copy is made on first use and kept on the
 weight tensor (`_attnkit_packed`), remade when the weight changes (its data pointer or
@@ -74,7 +74,7 @@ def packed_weights_enabled() -> bool:
 
 
 def packed_weight(weight: Tensor, module) -> Tensor:
-    """`weight` packed in panels of 32 output features, made once and kept on the tensor
+    """`weight` packed in panels of 32 (AVX2: 16) output features, made once and kept on the tensor
     until the weight changes (another data pointer, or an in-place write: the version).
     The packed copy holds the data it was made from, so data assigned later (`p.data =`)
     can never reuse that address and pass for it. A write into `weight.data[...]` bumps

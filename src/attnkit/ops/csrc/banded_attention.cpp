@@ -27,6 +27,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -37,19 +39,12 @@ namespace {
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-// The kernels keep tiles of vector pairs in registers, so their vectors are the machine's
-// own: vec.h's 64-byte Vec on AVX2 is two registers, and GCC 12 then built each broadcast
-// scalar on the stack (5.3 s against 115 ms with native-width vectors, W 512, N 16k).
-#if defined(__AVX512F__)
-constexpr int64_t REGISTER_BYTES = 64;
-constexpr int KEYS_AT_ONCE = 12;     // 24 accumulators of 32 registers
-constexpr int COLUMNS_AT_ONCE = 13;  // 26: d_v = 64 in 5 pieces, not 6
-#else
-constexpr int64_t REGISTER_BYTES = 32;
-constexpr int KEYS_AT_ONCE = 6;  // 12 accumulators of 16 registers
-constexpr int COLUMNS_AT_ONCE = 6;
-#endif
-using vfloat [[gnu::vector_size(REGISTER_BYTES)]] = float;
+// The kernels keep tiles of vector pairs in registers (vec.h: the machine's own width; with
+// 64-byte vectors on AVX2, GCC 12 built each broadcast scalar on the stack: 5.3 s against
+// 115 ms with native-width vectors, W 512, N 16k).
+constexpr int KEYS_AT_ONCE = VECTOR_REGISTERS >= 32 ? 12 : 6;  // 24 of 32 / 12 of 16 registers
+constexpr int COLUMNS_AT_ONCE = VECTOR_REGISTERS >= 32 ? 13 : 6;  // 26: d_v = 64 in 5 pieces, not 6
+using vfloat = Vec<float>;
 using vint [[gnu::vector_size(REGISTER_BYTES)]] = int32_t;
 constexpr int64_t WIDTH = REGISTER_BYTES / sizeof(float);
 constexpr int64_t ROWS = 2 * WIDTH;  // query rows per block, one per lane of two vectors
@@ -444,6 +439,7 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("BLOCK_ROWS") = ROWS;  // query rows per block: 32 with AVX-512, 16 with AVX2
   m.def("banded_attention", &banded_attention,
         "causal or sliding-window (+ sinks) attention, float32");
 }

@@ -554,7 +554,9 @@ class LatentDecodeStack {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &packed_gemm::pack, "a (out, in) float32 weight as (ceil(out / 32), in, 32) panels");
+  m.attr("VECTOR_BYTES") = REGISTER_BYTES;  // the width the kernels were built for
+  m.def("pack", &packed_gemm::pack,
+        "a (out, in) float32 weight as (ceil(out / P), in, P) panels, P = two vectors' floats");
   m.def("attention_inputs", &attention_inputs,
         "rms_norm, the q/k/v projections and RoPE of a decode step's rows (float32)",
         py::call_guard<py::gil_scoped_release>());

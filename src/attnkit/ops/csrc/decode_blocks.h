@@ -61,18 +61,13 @@ inline void score_one_key(const acc_t* q, const acc_t* k, int64_t dim, acc_t* sc
   }
 }
 
-using Float8 [[gnu::vector_size(32)]] = float;
-
 // The lane sums of 8 float vectors as one 8-lane vector (lane j: the sum of v[j]), by a
-// transposing tree: halves added (16 -> 8 lanes), then pairs of vectors merged at each
-// level so every shuffle and add serves two sums. ~5 narrow operations per sum, against ~8
-// full-width ones (cross-lane 512-bit shuffles, slow on Zen 4) for sum_lanes on each.
+// transposing tree: 16-lane vectors' halves added first, then pairs of vectors merged at
+// each level so every shuffle and add serves two sums. ~5 narrow operations per sum, against
+// ~8 full-width ones (cross-lane 512-bit shuffles, slow on Zen 4) for sum_lanes on each.
 inline Float8 lane_sums8(const Vec<float> (&v)[8]) {
   Float8 y[8], c[4], e[2];
-  for (int j = 0; j < 8; ++j) {
-    y[j] = __builtin_shufflevector(v[j], v[j], 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v[j], v[j], 8, 9, 10, 11, 12, 13, 14, 15);
-  }
+  for (int j = 0; j < 8; ++j) y[j] = fold_to_8_lanes(v[j]);
   // c[j]: y[2j]'s four partial sums, then y[2j+1]'s.
   for (int j = 0; j < 4; ++j) {
     c[j] = __builtin_shufflevector(y[2 * j], y[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
@@ -177,11 +172,15 @@ inline void value_block(const acc_t* p, int64_t stride, const acc_t* const* rows
 }
 
 // Calls f(std::integral_constant<int, QB>, first_query) over a head's `group` queries in
-// blocks of 4, then 2, then 1.
+// blocks of 4 (with 32 vector registers), then 2, then 1. A block's tiles are QB x 4
+// accumulators for the scores and QB x 4 for the values, plus the rows they load: 4 queries
+// need more than AVX2's 16 registers.
 template <typename F>
 inline void for_query_blocks(int64_t group, F&& f) {
   int64_t j = 0;
-  for (; j + 4 <= group; j += 4) f(std::integral_constant<int, 4>{}, j);
+  if constexpr (VECTOR_REGISTERS >= 32) {
+    for (; j + 4 <= group; j += 4) f(std::integral_constant<int, 4>{}, j);
+  }
   for (; j + 2 <= group; j += 2) f(std::integral_constant<int, 2>{}, j);
   for (; j < group; ++j) f(std::integral_constant<int, 1>{}, j);
 }

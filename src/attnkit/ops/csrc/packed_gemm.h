@@ -1,7 +1,8 @@
-// y = x W^T (+ b) (+ residual) for a few rows of x, with W packed once into panels of 32 output features.
+// y = x W^T (+ b) (+ residual) for a few rows of x, with W packed once into panels of two
+// vectors' width of output features (32 with AVX-512, 16 with AVX2).
 //
-// A panel is (in, 32): for each input index, the 32 features' weights side by side. A tile
-// of R rows of x against one panel keeps R x 2 vector accumulators; each input index costs
+// A panel is (in, PANEL): for each input index, the PANEL features' weights side by side. A
+// tile of R rows of x against one panel keeps R x 2 vector accumulators; each input index costs
 // 2 vector loads of the panel, R scalar broadcasts of x and 2R FMAs, with no lane sums at
 // the end (the row-major kernel, skinny_linear.cpp, needs a horizontal sum per output and
 // reloads x per weight row). The panel is read from memory once, by the first row tile,
@@ -32,6 +33,9 @@ namespace packed_gemm {
 using vfloat = Vec<float>;
 constexpr int64_t WIDTH = LANES<float>;
 constexpr int64_t PANEL = 2 * WIDTH;  // output features per panel
+// The most rows of x a tile takes: R x 2 accumulators and the panel's 2 vectors fill 26 of
+// AVX-512's 32 registers at 12 rows, 14 of AVX2's 16 at 6.
+constexpr int MAX_TILE_ROWS = VECTOR_REGISTERS >= 32 ? 12 : 6;
 
 // Input indices summed into fresh accumulators before they join the running total: a
 // float32 sum over all of `in` in one accumulator errs ~4x BLAS's at in = 576; in blocks
@@ -50,8 +54,7 @@ inline void tile(const float* x, int64_t in, const float* panel, const float* ne
     vfloat acc[R][2] = {};
     for (int64_t i = i0; i < std::min(in, i0 + BLOCK); ++i) {
       if (next) {
-        prefetch_l2(next + i * PANEL);
-        prefetch_l2(next + i * PANEL + WIDTH);
+        for (int64_t c = 0; c < PANEL; c += 64 / sizeof(float)) prefetch_l2(next + i * PANEL + c);
       }
       const vfloat w0 = load(panel + i * PANEL), w1 = load(panel + i * PANEL + WIDTH);
 #pragma GCC unroll 12
@@ -83,13 +86,13 @@ struct Segment {
   int64_t out, first_panel, panels;
 };
 
-// All rows of x against panel p of segment s, in row tiles of 12, then 8, 4, 2, 1; only
-// the first tile prefetches `next` (the others find this panel in L2).
+// All rows of x against panel p of segment s, in row tiles of 12, 8, 4, 2, 1 rows (AVX2: 6,
+// 4, 2, 1); only the first tile prefetches `next` (the others find this panel in L2).
 inline void panel_product(const float* x, int64_t rows, int64_t in, const Segment& s, int64_t p,
                    const float* next) {
   const float* panel = s.packed + p * in * PANEL;
   const int64_t col = p * PANEL, valid = std::min(PANEL, s.out - col);
-  float out[12][PANEL];
+  float out[MAX_TILE_ROWS][PANEL];
   int64_t r0 = 0;
   auto tiles_of = [&](auto size) {  // as many R-row tiles as fit, each stored (+ bias)
     constexpr int R = decltype(size)::value;
@@ -104,8 +107,8 @@ inline void panel_product(const float* x, int64_t rows, int64_t in, const Segmen
       }
     }
   };
-  tiles_of(std::integral_constant<int, 12>{});
-  tiles_of(std::integral_constant<int, 8>{});
+  tiles_of(std::integral_constant<int, MAX_TILE_ROWS>{});
+  if constexpr (MAX_TILE_ROWS > 8) tiles_of(std::integral_constant<int, 8>{});
   tiles_of(std::integral_constant<int, 4>{});
   tiles_of(std::integral_constant<int, 2>{});
   tiles_of(std::integral_constant<int, 1>{});
@@ -145,7 +148,7 @@ inline Segment segment(const at::Tensor& packed, int64_t out, int64_t in, int64_
   return {packed.data_ptr<float>(), bias, residual, y, out, first_panel, packed.size(0)};
 }
 
-// (out, in) float32 contiguous -> (ceil(out / 32), in, 32), the last panel zero-padded.
+// (out, in) float32 contiguous -> (ceil(out / PANEL), in, PANEL), the last panel zero-padded.
 inline at::Tensor pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
               "pack takes a float32 matrix");

@@ -46,7 +46,9 @@ std::vector<at::Tensor> packed_linear_many(const at::Tensor& x,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &packed_gemm::pack, "a (out, in) float32 weight as (ceil(out / 32), in, 32) panels");
+  m.attr("VECTOR_BYTES") = REGISTER_BYTES;  // the width the kernels were built for
+  m.def("pack", &packed_gemm::pack,
+        "a (out, in) float32 weight as (ceil(out / P), in, P) panels, P = two vectors' floats");
   m.def("packed_linear_many", &packed_linear_many,
         "[x W_i^T (+ b_i)] for packed weights W_i in one parallel region (float32)",
         py::call_guard<py::gil_scoped_release>());

@@ -19,7 +19,7 @@
 
 namespace {
 
-constexpr int64_t WIDTH = LANES<float>;  // floats per vector (one AVX-512 register)
+constexpr int64_t WIDTH = LANES<float>;  // floats per vector (one register)
 using vfloat = Vec<float>;
 
 // The lanes' sum, narrowing: halves added, then quarters, then scalars. Each output pays
@@ -27,10 +27,8 @@ using vfloat = Vec<float>;
 // and vec.h's full-width shuffle tree (right for the decode kernel) measured 25-45% slower
 // here at 8-32 rows (interleaved runs, 2 cores).
 inline float sum(vfloat v) {
-  typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
   typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
-  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Float8 a = fold_to_8_lanes(v);
   const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
@@ -77,21 +75,22 @@ inline void tile(const float* x, const float* w, const float* bias, float* y, in
 
 // Output features [first, last) for all `rows` rows of x. One row streams 8 weight rows
 // side by side (more reads in flight); more rows take 4 weight rows at a time against
-// groups of up to 4 rows of x, so the accumulators fit the registers and the weight rows,
+// groups of up to 4 rows of x (2 with AVX2's 16 registers: 4 x 4 accumulators and the 4
+// rows would not fit), so the accumulators fit the registers and the weight rows,
 // read from memory by the first group, are still in L1 for the others: W moves from memory
 // once whatever the number of rows, and from 8 rows on the product is compute-bound.
 template <int FEATS>
 void features(const float* x, const float* w, const float* bias, float* y, int64_t in,
               int64_t out, int64_t rows, int64_t first, int64_t last) {
-  constexpr int GROUP = 4;
+  constexpr int GROUP = VECTOR_REGISTERS >= 32 ? 4 : 2;
   int64_t o = first;
   for (; o + FEATS <= last; o += FEATS) {
     int64_t r0 = 0;
     for (; r0 + GROUP <= rows; r0 += GROUP) tile<GROUP, FEATS>(x, w, bias, y, in, out, o, r0);
-    switch (rows - r0) {
+    switch (rows - r0) {  // fewer than GROUP rows left
       case 1: tile<1, FEATS>(x, w, bias, y, in, out, o, r0); break;
-      case 2: tile<2, FEATS>(x, w, bias, y, in, out, o, r0); break;
-      case 3: tile<3, FEATS>(x, w, bias, y, in, out, o, r0); break;
+      case 2: if constexpr (GROUP > 2) tile<2, FEATS>(x, w, bias, y, in, out, o, r0); break;
+      case 3: if constexpr (GROUP > 3) tile<3, FEATS>(x, w, bias, y, in, out, o, r0); break;
       default: break;
     }
   }

@@ -4,12 +4,25 @@
 
 #include <cstdint>
 
-// 64 bytes of acc_t as one value (GCC/Clang vector extension): a zmm register with AVX-512,
-// split into narrower registers by the compiler elsewhere.
+// The machine's vector registers, which the kernels' tiles of accumulators are sized to
+// fill: 32 of 64 bytes with AVX-512, 16 of 32 bytes with AVX2. Elsewhere (NEON, SSE) 32-byte
+// vectors, which the compiler splits. Vectors wider than the registers cost far more than
+// the split: GCC 12 built AVX2 code for 64-byte vectors with every broadcast scalar on the
+// stack (on a Xeon, x86-64-v3 builds: the banded kernel 46x slower than with 32-byte
+// vectors, the decode matmuls 3.4-20x and decode attention 4-7x slower than torch).
+#if defined(__AVX512F__)
+constexpr int64_t REGISTER_BYTES = 64;
+constexpr int VECTOR_REGISTERS = 32;
+#else
+constexpr int64_t REGISTER_BYTES = 32;
+constexpr int VECTOR_REGISTERS = 16;
+#endif
+
+// One register of acc_t as one value (GCC/Clang vector extension).
 template <typename acc_t>
-using Vec [[gnu::vector_size(64)]] = acc_t;
+using Vec [[gnu::vector_size(REGISTER_BYTES)]] = acc_t;
 template <typename acc_t>
-constexpr int64_t LANES = 64 / sizeof(acc_t);
+constexpr int64_t LANES = REGISTER_BYTES / sizeof(acc_t);
 
 template <typename acc_t>
 inline Vec<acc_t> load(const acc_t* p) {
@@ -30,13 +43,32 @@ inline acc_t sum_lanes(Vec<acc_t> v) {
     v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
     v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
     v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  } else {
-    static_assert(LANES<acc_t> == 8);
+  } else if constexpr (LANES<acc_t> == 8) {
     v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
     v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
     v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  } else {
+    static_assert(LANES<acc_t> == 4);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1);
+    v += __builtin_shufflevector(v, v, 1, 0, 3, 2);
   }
   return v[0];
+}
+
+// Eight float lanes: the first step of the kernels' narrowing lane sums.
+using Float8 [[gnu::vector_size(32)]] = float;
+
+// A float vector folded to 8 lanes: a 16-lane vector's halves added, an 8-lane one as is.
+// (A template: the branch not taken must not be compiled for the other width.)
+template <typename V>
+inline Float8 fold_to_8_lanes(V v) {
+  static_assert(sizeof(V) == 64 || sizeof(V) == 32);
+  if constexpr (sizeof(V) == 64) {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  } else {
+    return v;
+  }
 }
 
 // Asks for the cache line holding p to be brought into L2 (prefetcht2). On x86-64 it is an

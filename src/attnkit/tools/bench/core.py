@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from attnkit.ops.cpp_build import load_kernel, unavailable_reason
+from attnkit.ops.cpp_build import compile_flags, load_kernel, unavailable_reason
 
 TARGETS = {
     1: "GQA/MQA prefill",
@@ -201,7 +201,9 @@ class Machine:
         peak = cls.peak_rate()
         cpu = platform.processor() or platform.machine()
         text = (
-            f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+            f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} "
+            f"({torch.backends.cpu.get_cpu_capability()}), attnkit's kernels "
+            f"{' '.join(compile_flags())}; "
             f"copy {copy / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s, "
         )
         if peak is None:  # then the compute floors fall back to the matmul rate
