@@ -10,8 +10,8 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU-only machines
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# The AVX-512 decode kernels are checked for correctness on any host, AVX2 and ARM included
-# (outside tests, such hosts leave them to torch: `attnkit.ops.cpp_build`).
+# The decode kernels (tuned for AVX-512 and AVX2) are checked for correctness on any host,
+# ARM included (outside tests, such hosts leave them to torch: `attnkit.ops.cpp_build`).
 os.environ.setdefault("ATTNKIT_WIDE_VECTOR_KERNELS", "1")
 
 

@@ -11,6 +11,7 @@ import torch
 import attnkit
 from attn_testing import max_err, random_qkv, returns_lse
 from attnkit import masks
+from attnkit.ops import cpp_build
 from attnkit.ops.backends import GatheredBackend, TiledBackend
 from attnkit.ops.backends.banded import SOURCE as BANDED_SOURCE
 from attnkit.ops.cpp_build import load_kernel
@@ -306,10 +307,8 @@ def test_auto_picks_banded_for_bands_gathered_for_sparse_tiled_for_lse_and_sdpa_
 def test_auto_takes_banded_for_causal_only_where_it_was_measured_faster(
     monkeypatch, vector_kernels, heads, kv_heads, blocks_of_rows, expected
 ):
-    from attnkit.ops import attention as attention_module
-
     block_rows = load_kernel(BANDED_SOURCE).BLOCK_ROWS  # 32 with AVX-512, 16 with AVX2
-    monkeypatch.setattr(attention_module, "has_wide_vectors", lambda: vector_kernels)
+    monkeypatch.setattr(cpp_build, "has_wide_vectors", lambda: vector_kernels)
     n_q = 4096 if blocks_of_rows is None else int(block_rows * blocks_of_rows)
     gen = torch.Generator().manual_seed(3)
     q, k, v = random_qkv(gen, 1, heads, kv_heads, n_q=n_q, n_k=4096, head_dim=8)

@@ -59,8 +59,8 @@ def _check(q, k, v, mask, backend, q_offset=None, scale=None):
     prefix=st.integers(0, 300),  # keys before the first query (chunked prefill)
     window=st.integers(1, 80),
     n_sinks=st.sampled_from([0, 1, 4, 6, 17, 40]),  # in one to four pieces of 12 keys
-    # query heads per KV head: 32 query lanes a block hold 32 // group positions (3 and 12
-    # leave spare lanes; 40 heads take two blocks per position)
+    # query heads per KV head: a block's 32 query lanes (AVX2: 16) hold 32 // group
+    # positions (3 and 12 leave spare lanes; 40 heads take two blocks per position, AVX2 3)
     group=st.sampled_from([1, 2, 3, 4, 12, 40]),
     kv_heads=st.integers(1, 2),
     dims=st.sampled_from([(16, 16), (8, 24), (33, 7)]),

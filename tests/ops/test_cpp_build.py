@@ -4,6 +4,7 @@ torch's paths elsewhere."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 
@@ -67,8 +68,9 @@ def test_hosts_without_vector_units_leave_the_decode_kernels_to_torch(monkeypatc
 def test_kernels_use_the_register_width_of_their_target():
     # the compiler's own answer for these flags (ATTNKIT_CPU_ARCH=x86-64-v3 reruns the
     # kernel tests as AVX2 code: make test): 64-byte vectors with AVX-512, else 32
+    compiler = os.environ.get("CXX", "c++")  # as torch's builds use
     macros = subprocess.run(
-        ["c++", *cpp_build.compile_flags(), "-dM", "-E", "-x", "c++", "/dev/null"],
+        [compiler, *cpp_build.compile_flags(), "-dM", "-E", "-x", "c++", "/dev/null"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     width = 64 if "#define __AVX512F__ 1" in macros else 32

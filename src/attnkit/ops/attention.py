@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from attnkit.ops import cpp_build
 from attnkit.ops.backends import Backend, TiledBackend, get_backend
 from attnkit.ops.backends.banded import SOURCE as BANDED_SOURCE
-from attnkit.ops.cpp_build import has_wide_vectors, load_kernel
 from attnkit.ops.masks import Mask, causal
 from attnkit.ops.problem import AttentionProblem, make_problem
 
@@ -63,8 +63,9 @@ def choose_backend(problem: AttentionProblem) -> Backend:
             return decode
     if problem.mask is not None and problem.q.device.type == "cpu":
         banded = get_backend("banded")  # bands of keys per query block, read as stored
-        wanted = problem.mask != causal() or _banded_wins_causal(problem)
-        if wanted and banded.unsupported(problem) is None:
+        if banded.unsupported(problem) is None and (
+            problem.mask != causal() or _banded_wins_causal(problem)
+        ):
             return banded
     sdpa, tiled = get_backend("sdpa"), get_backend("tiled")
     if sdpa.unsupported(problem) is not None:
@@ -89,12 +90,13 @@ def _banded_wins_causal(p: AttentionProblem) -> bool:
     2-core Xeon (benchmarks/RESULTS.md): with AVX-512, 1.15-1.27x for prefill at 4k-16k and
     up to 2.6x for short ones (session 13); built for AVX2 against torch held to AVX2,
     1.05-1.42x (session 15). A chunk of a few rows against a long cache fills few of a
-    block's lanes when heads are not grouped (8/8 heads, 2 rows after 8k keys: 7.5 vs
-    1.9-3.1 ms with AVX-512), so it needs a block's rows (32, AVX2 16) per KV head. Not
-    timed on ARM or x86 without AVX2: there SDPA stays."""
-    if not has_wide_vectors():
+    block's lanes when heads are not grouped, so it needs a block's rows (32, AVX2 16) per
+    KV head: 8/8 heads after 8k keys, AVX-512 2 rows 7.5 vs 1.9-3.1 ms; AVX2 8 rows 0.91x
+    SDPA's speed, 16 rows 1.39x. Not timed on ARM or x86 without AVX2: there SDPA stays.
+    Called once `banded` has said it can serve the problem (its kernel is built)."""
+    if not cpp_build.has_wide_vectors():
         return False
-    module = load_kernel(BANDED_SOURCE)
+    module = cpp_build.load_kernel(BANDED_SOURCE)
     return module is not None and p.n_q * p.group >= module.BLOCK_ROWS
 
 

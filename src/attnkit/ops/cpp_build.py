@@ -68,8 +68,9 @@ def cpp_kernels_enabled() -> bool:
 
 @functools.cache
 def has_wide_vectors() -> bool:
-    """Whether this CPU has the vector units the decode-step kernels are tuned for: AVX-512,
-    or AVX2 with FMA. Asked once per process (a decode step loads kernels ~120 times)."""
+    """Whether this CPU has the vector units the decode-step kernels are tuned for: AVX-512
+    or AVX2 (the hardware's, whatever `ATTNKIT_CPU_ARCH` asks the build for). Asked once
+    per process (a decode step loads kernels ~120 times)."""
     return _cpu_has("avx512") or _cpu_has("avx2")
 
 
@@ -144,8 +145,9 @@ def compile_flags() -> list[str]:
 
 def target_arch() -> str:
     """The x86-64 architecture the kernels are built for: the host's own (`native`), or
-    `ATTNKIT_CPU_ARCH` (e.g. `x86-64-v3`: AVX2 and FMA without AVX-512), which lets an
-    AVX-512 machine build and test the code an AVX2 host runs."""
+    `ATTNKIT_CPU_ARCH` (e.g. `x86-64-v3`: AVX2 and FMA without AVX-512; GCC 11 or newer),
+    which lets an AVX-512 machine build and test the code an AVX2 host runs. A target with
+    instructions this CPU lacks builds kernels that kill the process (illegal instruction)."""
     arch = os.environ.get("ATTNKIT_CPU_ARCH", "") or "native"
     if not all(c.isalnum() or c in "-_." for c in arch):
         raise ValueError(

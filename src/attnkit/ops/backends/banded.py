@@ -1,13 +1,13 @@
 """`banded`: causal and sliding-window attention (optionally with sinks) on CPU.
 
 A window mask keeps W keys per query; a dense kernel still reads all N. The C++ kernel
-(csrc/banded_attention.cpp) gives each block of 32 query rows (a few positions x the GQA
-group, one row per vector lane) the W + positions - 1 keys they need, and masks by position
-as it stores the scores: no mask tensor, no copy of K or V. A causal mask is the window
-W = n_k, so the same kernel serves causal prefill, whole or in chunks against a cache
-(where torch SDPA's `is_causal` cannot place the rows and needs a dense mask). It serves
-`causal()`, `sliding_window(W)` and `sliding_window(W) | sinks(S)` masks for float32 CPU
-inputs without autograd, with the queries inside the keys.
+(csrc/banded_attention.cpp) gives each block of 32 query rows (16 with AVX2: two vectors'
+lanes; a few positions x the GQA group, one row per lane) the W + positions - 1 keys they
+need, and masks by position as it stores the scores: no mask tensor, no copy of K or V. A
+causal mask is the window W = n_k, so the same kernel serves causal prefill, whole or in
+chunks against a cache (where torch SDPA's `is_causal` cannot place the rows and needs a
+dense mask). It serves `causal()`, `sliding_window(W)` and `sliding_window(W) | sinks(S)`
+masks for float32 CPU inputs without autograd, with the queries inside the keys.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ class BandedBackend(Backend):
     name = "banded"
 
     def __init__(self, tile: int = 32) -> None:
-        # tile: the most query positions a block holds; the kernel's 32 lanes (16 on AVX2)
-        # hold 32 // G of them, so only a smaller tile changes anything (the tests use it to
-        # reach every edge of the blocking).
+        # tile: the most query positions a block holds; the kernel's BLOCK_ROWS lanes (32,
+        # AVX2 16) hold BLOCK_ROWS // G of them, so only a smaller tile changes anything
+        # (the tests use it to reach every edge of the blocking).
         self.tile = check_positive_int("tile", tile)
 
     def unsupported(self, p: AttentionProblem) -> str | None:

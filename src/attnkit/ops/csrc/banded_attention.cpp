@@ -43,7 +43,8 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 // 64-byte vectors on AVX2, GCC 12 built each broadcast scalar on the stack: 5.3 s against
 // 115 ms with native-width vectors, W 512, N 16k).
 constexpr int KEYS_AT_ONCE = VECTOR_REGISTERS >= 32 ? 12 : 6;  // 24 of 32 / 12 of 16 registers
-constexpr int COLUMNS_AT_ONCE = VECTOR_REGISTERS >= 32 ? 13 : 6;  // 26: d_v = 64 in 5 pieces, not 6
+// AVX-512: 26 accumulators, so d_v = 64 goes in 5 pieces, not 6.
+constexpr int COLUMNS_AT_ONCE = VECTOR_REGISTERS >= 32 ? 13 : 6;
 using vfloat = Vec<float>;
 using vint [[gnu::vector_size(REGISTER_BYTES)]] = int32_t;
 constexpr int64_t WIDTH = REGISTER_BYTES / sizeof(float);
@@ -319,7 +320,7 @@ void attend(Block& block, int64_t a1, int64_t b1, int64_t a2, int64_t b2, const 
 // q (B, H, n_q, d), k (B, Hkv, n_k, d), v (B, Hkv, n_k, dv): float32, contiguous. Query row i
 // sits at position p = q_offset + i (inside the keys, so it sees at least itself) and sees
 // keys p - window < j <= p, plus keys j < sinks with j <= p. `scale` multiplies q·k. `tile`
-// caps the query positions per block (fewer when G heads fill the 32 lanes sooner).
+// caps the query positions per block (fewer when G heads fill the ROWS lanes sooner).
 // Returns (B, H, n_q, dv).
 at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             int64_t window, int64_t sinks, int64_t q_offset, double scale,
@@ -347,7 +348,7 @@ at::Tensor banded_attention(const at::Tensor& q, const at::Tensor& k, const at::
   // Past n_k a window or sink count changes nothing: clamped, so positions stay int32.
   window = std::min(window, n_k);
   sinks = std::min(sinks, n_k);
-  // A block: `positions` query positions x `heads` of the group (G > 32: the group's heads
+  // A block: `positions` query positions x `heads` of the group (G > ROWS: the group's heads
   // in several parts, each its own blocks); GROUP consecutive blocks share key chunks.
   const int64_t heads = std::min(G, ROWS);
   const int64_t head_parts = (G + heads - 1) / heads;

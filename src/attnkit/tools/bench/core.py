@@ -17,7 +17,12 @@ from pathlib import Path
 
 import torch
 
-from attnkit.ops.cpp_build import compile_flags, load_kernel, unavailable_reason
+from attnkit.ops.cpp_build import (
+    compile_flags,
+    cpp_kernels_enabled,
+    load_kernel,
+    unavailable_reason,
+)
 
 TARGETS = {
     1: "GQA/MQA prefill",
@@ -200,10 +205,10 @@ class Machine:
         flops = 2 * 1024**3 / timer(lambda: a @ b)
         peak = cls.peak_rate()
         cpu = platform.processor() or platform.machine()
+        kernels = " ".join(compile_flags()) if cpp_kernels_enabled() else "off (ATTNKIT_NO_CPP)"
         text = (
             f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} "
-            f"({torch.backends.cpu.get_cpu_capability()}), attnkit's kernels "
-            f"{' '.join(compile_flags())}; "
+            f"({torch.backends.cpu.get_cpu_capability()}), attnkit's kernels {kernels}; "
             f"copy {copy / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s, "
         )
         if peak is None:  # then the compute floors fall back to the matmul rate
