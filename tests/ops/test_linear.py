@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from attn_testing import NOISE_FLOOR, max_err, random_qkv
+from attnkit.ops import linear as linear_module
 from attnkit.ops.linear import (
     FEATURE_MAPS,
     apply_feature_map,
@@ -80,6 +81,40 @@ def test_causal_forms_equal_the_float64_reference(feature_map, n, chunk):
         got = linear_attention(q, k, v, feature_map=feature_map, form=form, chunk_size=chunk)
         assert got.shape == want.shape and got.dtype == torch.float64
         close(got, want)
+
+
+@pytest.mark.parametrize("feature_map", MAPS)
+def test_chunkwise_in_groups_of_chunks_with_a_carried_state_is_exact(feature_map, monkeypatch):
+    # A prefix-state budget of about one and three chunks a group, so the state passes from
+    # group to group, after a state carried in from the first 40 tokens (recurrent form).
+    q, k, v = draw(97, 97, head_dim=59, v_head_dim=13)
+    want = reference(q, k, v, feature_map, causal=True)
+    head, tail = slice(0, 40), slice(40, None)
+    opts = dict(feature_map=feature_map, return_state=True)
+    out_head, state = linear_attention(
+        q[:, :, head], k[:, :, head], v[:, :, head], form="recurrent", **opts
+    )
+    close(out_head, want[:, :, head])
+    batch, kv_heads = k.shape[:2]
+    per_chunk = batch * kv_heads * feature_dim(feature_map, 59) * (13 + 1)  # states of [v | 1]
+    for chunks_a_group in (1, 3):
+        monkeypatch.setattr(linear_module, "PREFIX_STATE_ELEMENTS", chunks_a_group * per_chunk)
+        out_tail, _ = linear_attention(
+            q[:, :, tail], k[:, :, tail], v[:, :, tail], chunk_size=16, state=state, **opts
+        )
+        close(out_tail, want[:, :, tail])
+
+
+@pytest.mark.parametrize("feature_map", MAPS)
+def test_chunkwise_gradients_equal_the_parallel_forms(feature_map):
+    # training runs the chunkwise form: its in-place steps must leave autograd exact
+    q, k, v = (t.requires_grad_() for t in draw(5, 37, head_dim=11, v_head_dim=6))
+    grads = {}
+    for form in ("chunkwise", "parallel"):
+        out = linear_attention(q, k, v, feature_map=feature_map, form=form, chunk_size=8)
+        grads[form] = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for got, want in zip(grads["chunkwise"], grads["parallel"], strict=True):
+        close(got, want, 1e-12)
 
 
 @pytest.mark.parametrize("n_q,n_k", [(1, 1), (7, 97), (97, 7)], ids=str)

@@ -44,7 +44,9 @@ class LinearState(NamedTuple):
 
 
 def _elu_plus_one(x: Tensor) -> Tensor:
-    return F.elu(x) + 1
+    y = F.elu(x)
+    # in place when no gradient flows (ELU's backward reads its output)
+    return y + 1 if y.requires_grad else y.add_(1)
 
 
 def _taylor(x: Tensor) -> Tensor:
@@ -69,6 +71,9 @@ FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
     "taylor": _taylor,  # 1 + d + d(d+1)/2 features, kernel 1 + s + s²/2
 }
 FORMS = ("parallel", "chunkwise", "recurrent")
+# The chunkwise form holds the state before each chunk of a group of chunks: at most about
+# this many elements (64 MiB of float32) per group.
+PREFIX_STATE_ELEMENTS = 2**24
 
 
 def _check_feature_map(feature_map: object) -> str:
@@ -173,7 +178,10 @@ def _chunkwise(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor, chunk: i
     Chunks are batched: every chunk's own K^T V comes from one matmul and an exclusive
     prefix sum over chunks gives the state before each one, so there is no per-chunk
     Python loop. Chunks go in groups that bound the prefix states' memory (the Taylor map
-    has ~d²/2 features), carrying the state from group to group.
+    has ~d²/2 features), carrying the state from group to group. The normaliser rides along
+    as one more value column: with [v | 1] the same matmuls give the state and its key sum
+    [S | z], and each row's numerator and denominator (one pass over the prefix states,
+    not two).
     """
     n = fk.shape[2]
     if n == 0:
@@ -181,28 +189,31 @@ def _chunkwise(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor, chunk: i
     b, kv_heads, group, _, feat = fq.shape
     dv = v.shape[-1]
     pad = -n % chunk  # zero features add nothing to any state; padded rows are cut below
-    fq, fk, v = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
+    if pad:
+        fq, fk, v = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
     n_chunks = (n + pad) // chunk
+    v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+    state = torch.cat([S, z.unsqueeze(-1)], -1)  # (b, kv_heads, feat, dv + 1)
     q_c = fq.view(b, kv_heads, group, n_chunks, chunk, feat)
     k_c = fk.view(b, kv_heads, n_chunks, chunk, feat)
-    v_c = v.view(b, kv_heads, n_chunks, chunk, dv)
-    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
-    per_group = max(1, 2**24 // max(b * kv_heads * feat * dv, 1))
-    nums, dens = [], []
+    v_c = v1.view(b, kv_heads, n_chunks, chunk, dv + 1)
+    per_group = max(1, PREFIX_STATE_ELEMENTS // max(b * kv_heads * feat * (dv + 1), 1))
+    outs = []
     for first in range(0, n_chunks, per_group):
         part = slice(first, first + per_group)
         q, k, vv = q_c[:, :, :, part], k_c[:, :, part], v_c[:, :, part]
-        kv = k.transpose(-1, -2) @ vv  # (b, kv_heads, m, feat, dv): each chunk's own sum
-        k_sum = k.sum(-2)  # (b, kv_heads, m, feat)
-        S_before = torch.cat([S.unsqueeze(2), S.unsqueeze(2) + kv[:, :, :-1].cumsum(2)], 2)
-        z_before = torch.cat([z.unsqueeze(2), z.unsqueeze(2) + k_sum[:, :, :-1].cumsum(2)], 2)
-        scores = (q @ k.unsqueeze(2).transpose(-1, -2)) * tril  # (b, kv_heads, g, m, c, c)
-        nums.append(q @ S_before.unsqueeze(2) + scores @ vv.unsqueeze(2))
-        dens.append(q @ z_before.unsqueeze(2).unsqueeze(-1) + scores.sum(-1, keepdim=True))
-        S, z = S_before[:, :, -1] + kv[:, :, -1], z_before[:, :, -1] + k_sum[:, :, -1]
-    num = torch.cat(nums, dim=3).flatten(3, 4)[:, :, :, :n]
-    den = torch.cat(dens, dim=3).flatten(3, 4)[:, :, :, :n]
-    return num, den, S, z
+        kv = k.transpose(-1, -2) @ vv  # (b, kv_heads, m, feat, dv + 1): each chunk's own sum
+        prefix = kv[:, :, :-1].cumsum(2)  # the state before each chunk but the first
+        if first > 0 or state.any():
+            prefix += state.unsqueeze(2)
+        before = torch.cat([state.unsqueeze(2), prefix], 2)
+        scores = (q @ k.unsqueeze(2).transpose(-1, -2)).tril_()  # (b, kv_heads, g, m, c, c)
+        out = q @ before.unsqueeze(2)
+        out += scores @ vv.unsqueeze(2)
+        outs.append(out)
+        state = before[:, :, -1] + kv[:, :, -1]
+    out = torch.cat(outs, dim=3).flatten(3, 4)[:, :, :, :n]
+    return out[..., :dv], out[..., dv:], state[..., :dv], state[..., dv]
 
 
 def _recurrent(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor):
