@@ -91,6 +91,7 @@ def test_chunkwise_in_groups_of_chunks_with_a_carried_state_is_exact(feature_map
     want = reference(q, k, v, feature_map, causal=True)
     head, tail = slice(0, 40), slice(40, None)
     opts = dict(feature_map=feature_map, return_state=True)
+    _, whole = linear_attention(q, k, v, form="recurrent", **opts)
     out_head, state = linear_attention(
         q[:, :, head], k[:, :, head], v[:, :, head], form="recurrent", **opts
     )
@@ -99,10 +100,12 @@ def test_chunkwise_in_groups_of_chunks_with_a_carried_state_is_exact(feature_map
     per_chunk = batch * kv_heads * feature_dim(feature_map, 59) * (13 + 1)  # states of [v | 1]
     for chunks_a_group in (1, 3):
         monkeypatch.setattr(linear_module, "PREFIX_STATE_ELEMENTS", chunks_a_group * per_chunk)
-        out_tail, _ = linear_attention(
+        out_tail, final = linear_attention(
             q[:, :, tail], k[:, :, tail], v[:, :, tail], chunk_size=16, state=state, **opts
         )
         close(out_tail, want[:, :, tail])
+        close(final.S, whole.S, 1e-12)
+        close(final.z, whole.z, 1e-12)
 
 
 @pytest.mark.parametrize("feature_map", MAPS)
@@ -113,6 +116,27 @@ def test_chunkwise_gradients_equal_the_parallel_forms(feature_map):
     for form in ("chunkwise", "parallel"):
         out = linear_attention(q, k, v, feature_map=feature_map, form=form, chunk_size=8)
         grads[form] = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for got, want in zip(grads["chunkwise"], grads["parallel"], strict=True):
+        close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("initial", ["zeros", "random"])
+def test_chunkwise_gradients_reach_a_given_initial_state(initial):
+    # a learnt initial state often starts at zero: it must still be in the graph
+    q, k, v = draw(6, 37, head_dim=11, v_head_dim=6)
+    gen = torch.Generator().manual_seed(7)
+    S0 = torch.randn(2, 3, 11, 6, generator=gen, dtype=torch.float64)  # (b, kv_heads, feat, dv)
+    z0 = torch.rand(2, 3, 11, generator=gen, dtype=torch.float64)
+    if initial == "zeros":
+        S0, z0 = S0.zero_(), z0.zero_()
+    grads = {}
+    for form in ("chunkwise", "parallel"):
+        S, z = S0.clone().requires_grad_(), z0.clone().requires_grad_()
+        out, final = linear_attention(
+            q, k, v, form=form, chunk_size=8, state=(S, z), return_state=True
+        )
+        loss = out.square().sum() + final.S.square().sum() + final.z.square().sum()
+        grads[form] = torch.autograd.grad(loss, (S, z))
     for got, want in zip(grads["chunkwise"], grads["parallel"], strict=True):
         close(got, want, 1e-12)
 

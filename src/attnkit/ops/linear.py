@@ -71,8 +71,9 @@ FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
     "taylor": _taylor,  # 1 + d + d(d+1)/2 features, kernel 1 + s + s²/2
 }
 FORMS = ("parallel", "chunkwise", "recurrent")
-# The chunkwise form holds the state before each chunk of a group of chunks: at most about
-# this many elements (64 MiB of float32) per group.
+# The chunkwise form holds the state before each chunk of a group of chunks: about this
+# many elements (64 MiB of float32) per group, in each of three tensors (each chunk's own
+# sum, their prefix sums, the states before each chunk).
 PREFIX_STATE_ELEMENTS = 2**24
 
 
@@ -154,7 +155,7 @@ def linear_attention(
         S, z = S + fk.transpose(-1, -2) @ v, z + fk.sum(2)
         num, den = fq @ S.unsqueeze(2), fq @ z.unsqueeze(2).unsqueeze(-1)
     elif form == "chunkwise":
-        num, den, S, z = _chunkwise(fq, fk, v, S, z, chunk_size)
+        num, den, S, z = _chunkwise(fq, fk, v, S, z, chunk_size, carried=state is not None)
     else:
         num, den, S, z = _recurrent(fq, fk, v, S, z)
     out = (num / (den + eps)).reshape(b, heads, n, dv).to(q.dtype)
@@ -172,7 +173,7 @@ def _parallel(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor, causal: b
     return num, den, S + fk.transpose(-1, -2) @ v, z + fk.sum(2)
 
 
-def _chunkwise(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor, chunk: int):
+def _chunkwise(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor, chunk: int, carried: bool):
     """Causal: a masked matrix inside each chunk, the state of all earlier chunks across.
 
     Chunks are batched: every chunk's own K^T V comes from one matmul and an exclusive
@@ -181,7 +182,8 @@ def _chunkwise(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor, chunk: i
     has ~d²/2 features), carrying the state from group to group. The normaliser rides along
     as one more value column: with [v | 1] the same matmuls give the state and its key sum
     [S | z], and each row's numerator and denominator (one pass over the prefix states,
-    not two).
+    not two). `carried`: S and z came from the caller (else they are zeros, added to
+    nothing; a zero state that wants gradients is still added, so they reach it).
     """
     n = fk.shape[2]
     if n == 0:
@@ -204,7 +206,7 @@ def _chunkwise(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor, chunk: i
         q, k, vv = q_c[:, :, :, part], k_c[:, :, part], v_c[:, :, part]
         kv = k.transpose(-1, -2) @ vv  # (b, kv_heads, m, feat, dv + 1): each chunk's own sum
         prefix = kv[:, :, :-1].cumsum(2)  # the state before each chunk but the first
-        if first > 0 or state.any():
+        if first > 0 or carried:
             prefix += state.unsqueeze(2)
         before = torch.cat([state.unsqueeze(2), prefix], 2)
         scores = (q @ k.unsqueeze(2).transpose(-1, -2)).tril_()  # (b, kv_heads, g, m, c, c)
@@ -213,7 +215,7 @@ def _chunkwise(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor, chunk: i
         outs.append(out)
         state = before[:, :, -1] + kv[:, :, -1]
     out = torch.cat(outs, dim=3).flatten(3, 4)[:, :, :, :n]
-    return out[..., :dv], out[..., dv:], state[..., :dv], state[..., dv]
+    return out[..., :dv], out[..., dv:], state[..., :dv].contiguous(), state[..., dv].contiguous()
 
 
 def _recurrent(fq: Tensor, fk: Tensor, v: Tensor, S: Tensor, z: Tensor):

@@ -316,7 +316,10 @@ def llama_cpp_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         )
         if isinstance(theirs, str):
             return [Row(6, case, ours, "llama.cpp (Q4_1 weights)", math.nan, None, theirs)]
-        note = "llama.cpp runs 4-bit weights (1/8 of the bytes per step): context, not a target"
+        note = (
+            "llama.cpp runs Q4_1 weights (5 bits a weight, ~1/6 of the bytes per step): "
+            "context, not a target"
+        )
         return [Row(6, case, ours, f"llama.cpp (Q4_1, {threads} threads)", theirs, None, note)]
 
     return [Case(6, "llama.cpp", run)]
