@@ -47,7 +47,7 @@ constexpr int KEYS_AT_ONCE = VECTOR_REGISTERS >= 32 ? 12 : 6;  // 24 of 32 / 12 
 constexpr int COLUMNS_AT_ONCE = VECTOR_REGISTERS >= 32 ? 13 : 6;
 using vfloat = Vec<float>;
 using vint [[gnu::vector_size(REGISTER_BYTES)]] = int32_t;
-constexpr int64_t WIDTH = REGISTER_BYTES / sizeof(float);
+constexpr int64_t WIDTH = LANES<float>;
 constexpr int64_t ROWS = 2 * WIDTH;  // query rows per block, one per lane of two vectors
 // Keys are taken KEY_CHUNK at a time (the chunk's scores, 32 KB with AVX-512, stay in L1
 // between the three passes over them) by a GROUP of consecutive blocks together (the
@@ -57,12 +57,8 @@ constexpr int64_t ROWS = 2 * WIDTH;  // query rows per block, one per lane of tw
 constexpr int64_t KEY_CHUNK = 256;
 constexpr int64_t GROUP = 16;
 
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+// vec.h's store, which cannot deduce its element type from a vector argument
+inline void store(float* p, vfloat v) { ::store<float>(p, v); }
 inline vfloat splat(float x) { return vfloat{} + x; }
 inline vint splat(int32_t x) { return vint{} + x; }
 

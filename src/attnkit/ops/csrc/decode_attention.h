@@ -81,13 +81,6 @@ struct WorkItem {
 
 using namespace decode_blocks;
 
-// Asks for a row's cache lines (n elements) to be brought into L2.
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t n) {
-  constexpr int64_t line = 64 / sizeof(scalar_t);
-  for (int64_t d = 0; d < n; d += line) prefetch_l2(row + d);
-}
-
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> scores, m, l, kbuf, vbuf;

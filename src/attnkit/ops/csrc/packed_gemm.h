@@ -53,9 +53,7 @@ inline void tile(const float* x, int64_t in, const float* panel, const float* ne
   for (int64_t i0 = 0; i0 < in || i0 == 0; i0 += BLOCK) {
     vfloat acc[R][2] = {};
     for (int64_t i = i0; i < std::min(in, i0 + BLOCK); ++i) {
-      if (next) {
-        for (int64_t c = 0; c < PANEL; c += 64 / sizeof(float)) prefetch_l2(next + i * PANEL + c);
-      }
+      if (next) prefetch_row(next + i * PANEL, PANEL);
       const vfloat w0 = load(panel + i * PANEL), w1 = load(panel + i * PANEL + WIDTH);
 #pragma GCC unroll 12
       for (int r = 0; r < R; ++r) {

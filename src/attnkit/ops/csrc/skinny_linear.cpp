@@ -50,7 +50,7 @@ inline void tile(const float* x, const float* w, const float* bias, float* y, in
   const float* w_end = w + out * in;
   vfloat acc[FEATS][R] = {};
   for (int64_t i = 0; i < vec_end; i += WIDTH) {
-    if (r0 == 0 && i % (64 / sizeof(float)) == 0) {  // once per cache line (AVX2: 2 steps)
+    if (r0 == 0 && i % (CACHE_LINE_BYTES / sizeof(float)) == 0) {  // once a line (AVX2: 2 steps)
       for (int f = 0; f < FEATS; ++f) {
         const float* ahead = w + (o + f) * in + i + PREFETCH_AHEAD;
         if (ahead < w_end) __builtin_prefetch(ahead, 0, 2);

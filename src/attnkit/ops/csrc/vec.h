@@ -81,3 +81,11 @@ inline void prefetch_l2(const void* p) {
   __builtin_prefetch(p, 0, 1);
 #endif
 }
+
+// Asks for a row's cache lines (n elements) to be brought into L2, one prefetch per line.
+constexpr int64_t CACHE_LINE_BYTES = 64;
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  constexpr int64_t line = CACHE_LINE_BYTES / sizeof(T);
+  for (int64_t d = 0; d < n; d += line) prefetch_l2(row + d);
+}
