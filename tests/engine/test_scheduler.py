@@ -1,5 +1,6 @@
 """Continuous batching: every request's greedy output equals its output alone, under
-preemption, prefix sharing, chunked prefill and batching; a request too large errors."""
+preemption, prefix sharing, chunked and batched prefill and batching; a request too large
+errors."""
 
 from __future__ import annotations
 
@@ -70,6 +71,65 @@ def test_requests_interleave_rather_than_run_one_after_another():
     scheduler.run()
     longest = max(r.max_new_tokens for r in scheduler.requests)
     assert scheduler.steps <= longest + 1  # batched: steps ~ the longest answer, not the sum
+
+
+def record_forwards(model) -> list[tuple[int, int]]:
+    """(batch, seq) of every forward of `model` that returned."""
+    shapes = []
+    model.register_forward_hook(lambda _m, args, _out: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+def test_short_prompts_prefill_together_as_right_padded_rows():
+    model = tiny_model(16)
+    gen = torch.Generator().manual_seed(16)
+    lengths = [7, 8, 9, 8, 2, 3, 3, 16]  # similar lengths batch; 2 and 16 go apart
+    requests = [(torch.randint(1, 27, (n,), generator=gen).tolist(), 5) for n in lengths]
+    scheduler = Scheduler(model, paged_for(model, 100))
+    shapes = record_forwards(model)
+    handles = [scheduler.add(prompt, n) for prompt, n in requests]
+    scheduler.run()
+    prefills = [shape for shape in shapes if shape[1] > 1]
+    assert sum(b for b, _ in prefills) == len(requests)  # each prompt prefilled once
+    assert (4, 9) in prefills and (3, 3) in prefills  # rows 7-9 and 2-3 long, padded
+    for (prompt, n), request in zip(requests, handles, strict=True):
+        assert request.token_ids == alone(model, prompt, n)
+    assert scheduler.cache.num_free_blocks == 100  # the padded slots came back too
+
+
+def test_padded_rows_that_do_not_fit_fall_back_to_one_prompt_at_a_time():
+    model = tiny_model(17)
+    gen = torch.Generator().manual_seed(17)
+    # padded to 9 tokens the three rows need 9 blocks of 4; the pool has 8
+    requests = [(torch.randint(1, 27, (n,), generator=gen).tolist(), 3) for n in (8, 8, 9)]
+    scheduler = Scheduler(model, paged_for(model, 8))
+    shapes = record_forwards(model)
+    handles = [scheduler.add(prompt, n) for prompt, n in requests]
+    scheduler.run()
+    # the three padded rows did not fit: the first prompt went alone, then the other two
+    # (6 padded blocks beside its 2) together
+    assert [shape for shape in shapes if shape[1] > 1] == [(1, 8), (2, 9)]
+    for (prompt, n), request in zip(requests, handles, strict=True):
+        assert request.finish_reason == "length"
+        assert request.token_ids == alone(model, prompt, n)
+    assert scheduler.cache.num_free_blocks == 8
+
+
+def test_an_error_in_a_batched_prefill_gives_its_blocks_back():
+    model = tiny_model(18)
+
+    def fail(_module, args):
+        if args[0].shape[0] > 1 and args[0].shape[1] > 1:
+            raise RuntimeError("out of memory")
+
+    model.register_forward_pre_hook(fail)
+    scheduler = Scheduler(model, paged_for(model, 20))
+    for prompt in ([1, 2, 3], [4, 5, 6, 7]):
+        scheduler.add(prompt, 2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        scheduler.step()
+    assert scheduler.cache.num_free_blocks == 20 and not scheduler.cache.sequences
+    assert len(scheduler.waiting) == 2 and not scheduler.running
 
 
 def test_a_request_larger_than_the_whole_cache_finishes_with_an_error():

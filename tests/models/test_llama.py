@@ -55,6 +55,46 @@ def test_future_tokens_do_not_change_earlier_logits():
     assert not torch.equal(model(ids)[:, 9:], model(changed)[:, 9:])
 
 
+@torch.no_grad()
+def test_last_only_and_logits_at_pick_rows_of_the_full_logits():
+    model = tiny()
+    ids = torch.randint(0, 101, (3, 9), generator=torch.Generator().manual_seed(5))
+    full = model(ids)
+    # float64; the LM head's matmul over fewer rows may round differently: 1e-12
+    assert (model(ids, last_only=True) - full[:, -1:]).abs().max() < 1e-12
+    at = torch.tensor([8, 0, 4])
+    picked = model(ids, logits_at=at)
+    assert picked.shape == (3, 1, full.shape[-1])
+    assert (picked[:, 0] - full[torch.arange(3), at]).abs().max() < 1e-12
+
+
+@torch.no_grad()
+def test_logits_at_through_a_ring_buffer_fed_in_pieces():
+    model = tiny(sliding_window=4)
+    ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(6))
+    full = model(ids, cache=model.new_cache(2, max_new_per_step=3))
+    cache = model.new_cache(2, max_new_per_step=3)  # 11 tokens go in pieces of 3
+    picked = model(ids, cache=cache, logits_at=torch.tensor([10, 3]))
+    assert (picked[:, 0] - full[torch.arange(2), torch.tensor([10, 3])]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("logits_at", "kwargs", "message"),
+    [
+        (torch.tensor([1, 2]), {}, r"logits_at must be \(batch,\) = \(3,\) integer positions"),
+        (torch.tensor([1.0, 2.0, 0.0]), {}, "integer positions, got .* torch.float32"),
+        (torch.tensor([True, False, True]), {}, "integer positions, got .* torch.bool"),
+        (torch.tensor([0, 1, 1], dtype=torch.uint8), {}, "integer positions, got .* torch.uint8"),
+        (torch.tensor([0, 5, 1]), {}, r"logits_at must lie in \[0, seq = 5\), got \[0, 5\]"),
+        (torch.tensor([0, -1, 1]), {}, r"logits_at must lie in \[0, seq = 5\), got \[-1, 1\]"),
+        (torch.tensor([0, 1, 1]), {"last_only": True}, "last_only=True or logits_at, not both"),
+    ],
+)
+def test_bad_logits_at(logits_at, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny()(torch.zeros(3, 5, dtype=torch.long), logits_at=logits_at, **kwargs)
+
+
 def test_tied_embeddings_share_one_tensor():
     model = tiny(tie_word_embeddings=True)
     assert model.lm_head.weight is model.embed.weight

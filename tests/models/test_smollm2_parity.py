@@ -34,7 +34,9 @@ def test_logits_match_transformers_on_real_text(smollm2, hf_smollm2):
     ids = real_text_ids(tokenizer, 300)
     ours, theirs = model(ids), hf_smollm2(ids).logits
     assert ours.shape == theirs.shape == (1, 300, 49152)
-    assert (ours - theirs).abs().max().item() <= 1e-4
+    # float32 through 30 layers, logits up to ~30: the kernels' sums associate differently
+    # from torch's (the x86-64-v3 build on a Zen 4 measured 1.3e-4; a real bug gives > 1e-2)
+    assert (ours - theirs).abs().max().item() <= 3e-4
 
 
 @torch.no_grad()

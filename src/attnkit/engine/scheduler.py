@@ -1,7 +1,8 @@
 """Continuous batching over a paged KV cache (Orca / vLLM style, small enough to read).
 
 Requests join and leave between steps. Each step first admits waiting requests (FIFO) and
-prefills them, reusing any block-aligned prefix the cache already holds, then decodes one
+prefills them, reusing any block-aligned prefix the cache already holds (prompts that fit
+one prefill chunk go together, in right-padded batches of similar length), then decodes one
 token for every running request in a single batched forward. When the cache runs out of
 blocks, the newest running request is preempted: its blocks are freed and it waits to be
 recomputed from its prompt plus what it has generated, so greedy outputs never change.
@@ -15,10 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheFull
 from attnkit.engine.sampling import SamplingParams, next_tokens
+
+# Padding allowed in a batched prefill, as a share of its real tokens.
+PREFILL_PADDING = 0.25
 
 
 @dataclass
@@ -111,6 +116,9 @@ class Scheduler:
     # -- internals ------------------------------------------------------------------------
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
+            group = self._short_prompts()
+            if len(group) > 1 and self._prefill_together(group):
+                continue
             request = self.waiting[0]
             context = request.prompt_ids + request.token_ids  # recompute after preemption
             seq = self.cache.add_sequence(token_ids=context)
@@ -131,6 +139,88 @@ class Scheduler:
             request._seq, request.reused_tokens = seq, request.reused_tokens + reused
             self.running.append(request)
             self._choose_next(request, logits[0, -1])
+
+    def _short_prompts(self) -> list[Request]:
+        """The waiting requests at the head of the queue that may join the running batch
+        and whose whole context fits one prefill chunk."""
+        block = getattr(self.cache, "block_size", None)
+        if block is None:  # not a paged cache: padding could not be given back
+            return []
+        group, first_blocks = [], set()
+        for request in self.waiting:
+            context = request.prompt_ids + request.token_ids
+            if (
+                len(self.running) + len(group) == self.max_batch
+                or len(context) > self.prefill_chunk
+            ):
+                break
+            # a prompt that starts like one in the group waits for its blocks to be indexed
+            first = tuple(context[:block]) if len(context) > block else None
+            if first in first_blocks:
+                break
+            if first is not None:
+                first_blocks.add(first)
+            group.append(request)
+        return group
+
+    def _prefill_together(self, group: list[Request]) -> bool:
+        """Prefill `group` (the head of the queue) in batched forwards of right-padded rows
+        of similar length, then admit them; False, with the cache as it was, when the pool
+        cannot hold the padded rows (the one-at-a-time path then waits or errors). Needs a
+        paged cache: `block_size`, `truncate` and `num_free_blocks`.
+
+        One forward of many short prompts runs its matmuls at a far better rate than one per
+        prompt (20-200 tokens each). Causal attention keeps the padding after a row's last
+        token out of its logits; the padded slots are truncated away afterwards.
+        """
+        seqs, rows = [], []
+        for request in group:
+            context = request.prompt_ids + request.token_ids  # recompute after preemption
+            seq = self.cache.add_sequence(token_ids=context)
+            seqs.append(seq)
+            rows.append(context[self.cache.length(seq) :])
+        batches = _similar_lengths(rows, self.prefill_chunk)
+        if self._blocks_for_padded(seqs, rows, batches) > self.cache.num_free_blocks:
+            for seq in seqs:
+                self.cache.free(seq)
+            return False
+        logits: list[Tensor | None] = [None] * len(group)
+        try:
+            for batch in batches:
+                width = max(len(rows[i]) for i in batch)
+                padded = [rows[i] + [rows[i][-1]] * (width - len(rows[i])) for i in batch]
+                ids = torch.tensor(padded, device=self._device)
+                last = torch.tensor([len(rows[i]) - 1 for i in batch], device=self._device)
+                out = self.model(
+                    ids, cache=self.cache, seq_ids=[seqs[i] for i in batch], logits_at=last
+                )
+                for i, row in zip(batch, out[:, 0], strict=True):
+                    self.cache.truncate(seqs[i], self.cache.length(seqs[i]) - width + len(rows[i]))
+                    logits[i] = row
+        except BaseException as error:  # nothing admitted: give every block back
+            for seq in seqs:
+                self.cache.free(seq)
+            if isinstance(error, CacheFull):
+                return False
+            raise
+        for request, seq, row, new in zip(group, seqs, logits, rows, strict=True):
+            self.waiting.popleft()
+            request._seq = seq
+            request.reused_tokens += self.cache.length(seq) - len(new)
+            self.running.append(request)
+            self._choose_next(request, row)
+        return True
+
+    def _blocks_for_padded(self, seqs, rows, batches) -> int:
+        """Blocks the padded rows take beyond what their sequences hold (prefixes reused
+        from the cache are whole blocks: no copy-on-write)."""
+        bs, needed = self.cache.block_size, 0
+        for batch in batches:
+            width = max(len(rows[i]) for i in batch)
+            for i in batch:
+                held = len(self.cache.block_table(seqs[i]))
+                needed += -(-(self.cache.length(seqs[i]) + width) // bs) - held
+        return needed
 
     def _forward(self, requests, token_rows, seq_ids=None, last_only=False):
         ids = torch.tensor(token_rows, device=self._device)
@@ -158,3 +248,22 @@ class Scheduler:
         request._seq, request._next = None, None
         request.preemptions += 1
         self.waiting.appendleft(request)
+
+
+def _similar_lengths(rows: list[list[int]], budget: int) -> list[list[int]]:
+    """Indices of `rows` in batches of similar length (shortest first): a batch grows while
+    its padded size stays within `budget` tokens and its padding within `PREFILL_PADDING`
+    of its real tokens; every batch holds at least one row."""
+    batches: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(rows)), key=lambda i: len(rows[i])):
+        n = len(rows[i])  # the longest so far: the batch's width if it joins
+        batch = batches[-1] if batches else []
+        padded = n * (len(batch) + 1)
+        if batch and padded <= budget and padded <= (1 + PREFILL_PADDING) * (real + n):
+            batch.append(i)
+            real += n
+        else:
+            batches.append([i])
+            real = n
+    return batches

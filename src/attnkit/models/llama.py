@@ -255,6 +255,25 @@ class Block(nn.Module):
         return decode_block.block_outputs(x, out, *w.wo, *w.mlp_norm, w.mlp)
 
 
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_logits_at(logits_at: Tensor, batch: int, seq: int, last_only: bool) -> None:
+    if last_only:
+        raise ValueError("pass last_only=True or logits_at, not both")
+    # (uint8 and bool index tensors are masks to torch)
+    if tuple(logits_at.shape) != (batch,) or logits_at.dtype not in INDEX_DTYPES:
+        raise ValueError(
+            f"logits_at must be (batch,) = ({batch},) integer positions, got "
+            f"{tuple(logits_at.shape)} {logits_at.dtype}"
+        )
+    if batch and not (int(logits_at.min()) >= 0 and int(logits_at.max()) < seq):
+        raise ValueError(
+            f"logits_at must lie in [0, seq = {seq}), got [{int(logits_at.min())}, "
+            f"{int(logits_at.max())}]"
+        )
+
+
 def _plain(module: nn.Module, kind: type) -> bool:
     """Whether `module` is exactly `kind` (no subclass or stand-in), with no forward hooks
     and no `forward` of its own set on the instance."""
@@ -349,11 +368,14 @@ class Transformer(nn.Module):
         seq_ids: list[int] | None = None,
         *,
         last_only: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """Logits `(batch, seq, vocab)` for `input_ids` `(batch, seq)`.
 
         `last_only=True` returns the last position's logits alone, `(batch, 1, vocab)`: all a
         generation step needs, without the LM head's matmul over every prompt token.
+        `logits_at` (`(batch,)` integer positions) returns each row's logits at its own
+        position, `(batch, 1, vocab)`: the last real token of right-padded prompts.
 
         Without a cache, the sequences start at position 0 under a causal mask. With one,
         the tokens extend the cached sequences `seq_ids` (default: all of the cache's
@@ -364,6 +386,8 @@ class Transformer(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
+        if logits_at is not None:
+            _check_logits_at(logits_at, b, t, last_only)
         limit = cache.max_step_tokens if cache is not None else None
         if limit is not None and t > limit:
             pieces = [
@@ -376,7 +400,13 @@ class Transformer(nn.Module):
                 )
                 for i in range(0, t, limit)
             ]
-            return pieces[-1] if last_only else torch.cat(pieces, dim=1)
+            if last_only:
+                return pieces[-1]
+            logits = torch.cat(pieces, dim=1)
+            if logits_at is None:
+                return logits
+            rows = torch.arange(b, device=logits.device)
+            return logits[rows, logits_at.to(logits.device)].unsqueeze(1)
         if cache is not None:
             seq_ids = cache.sequences if seq_ids is None else seq_ids
             if len(seq_ids) != b:
@@ -401,4 +431,6 @@ class Transformer(nn.Module):
                 x = block(x, ctx)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[torch.arange(b, device=x.device), logits_at.to(x.device)].unsqueeze(1)
         return self.lm_head(self.norm(x))
