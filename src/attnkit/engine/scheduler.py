@@ -48,6 +48,12 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def context(self) -> list[int]:
+        """What a prefill feeds: the prompt plus what was generated (recomputed after a
+        preemption)."""
+        return self.prompt_ids + self.token_ids
+
 
 class Scheduler:
     """Run many requests through one model and one PagedCache, batching their decode steps."""
@@ -120,7 +126,7 @@ class Scheduler:
             if len(group) > 1 and self._prefill_together(group):
                 continue
             request = self.waiting[0]
-            context = request.prompt_ids + request.token_ids  # recompute after preemption
+            context = request.context
             seq = self.cache.add_sequence(token_ids=context)
             reused = self.cache.length(seq)
             try:
@@ -148,7 +154,7 @@ class Scheduler:
             return []
         group, first_blocks = [], set()
         for request in self.waiting:
-            context = request.prompt_ids + request.token_ids
+            context = request.context
             if (
                 len(self.running) + len(group) == self.max_batch
                 or len(context) > self.prefill_chunk
@@ -175,17 +181,16 @@ class Scheduler:
         """
         seqs, rows = [], []
         for request in group:
-            context = request.prompt_ids + request.token_ids  # recompute after preemption
+            context = request.context
             seq = self.cache.add_sequence(token_ids=context)
             seqs.append(seq)
             rows.append(context[self.cache.length(seq) :])
         batches = _similar_lengths(rows, self.prefill_chunk)
-        if self._blocks_for_padded(seqs, rows, batches) > self.cache.num_free_blocks:
-            for seq in seqs:
-                self.cache.free(seq)
-            return False
         logits: list[Tensor | None] = [None] * len(group)
         try:
+            needed, free = self._blocks_for_padded(seqs, rows, batches), self.cache.num_free_blocks
+            if needed > free:  # checked up front: no forward is run to be thrown away
+                raise CacheFull("the padded rows do not fit", needed=needed, available=free)
             for batch in batches:
                 width = max(len(rows[i]) for i in batch)
                 padded = [rows[i] + [rows[i][-1]] * (width - len(rows[i])) for i in batch]

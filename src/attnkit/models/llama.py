@@ -274,6 +274,12 @@ def _check_logits_at(logits_at: Tensor, batch: int, seq: int, last_only: bool) -
         )
 
 
+def _rows_at(x: Tensor, positions: Tensor) -> Tensor:
+    """`x[b, positions[b]]` for each row b of `x` `(batch, seq, ...)`, as `(batch, 1, ...)`."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    return x[rows, positions.to(x.device)].unsqueeze(1)
+
+
 def _plain(module: nn.Module, kind: type) -> bool:
     """Whether `module` is exactly `kind` (no subclass or stand-in), with no forward hooks
     and no `forward` of its own set on the instance."""
@@ -403,10 +409,7 @@ class Transformer(nn.Module):
             if last_only:
                 return pieces[-1]
             logits = torch.cat(pieces, dim=1)
-            if logits_at is None:
-                return logits
-            rows = torch.arange(b, device=logits.device)
-            return logits[rows, logits_at.to(logits.device)].unsqueeze(1)
+            return logits if logits_at is None else _rows_at(logits, logits_at)
         if cache is not None:
             seq_ids = cache.sequences if seq_ids is None else seq_ids
             if len(seq_ids) != b:
@@ -432,5 +435,5 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:
-            x = x[torch.arange(b, device=x.device), logits_at.to(x.device)].unsqueeze(1)
+            x = _rows_at(x, logits_at)
         return self.lm_head(self.norm(x))
