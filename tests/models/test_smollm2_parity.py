@@ -6,6 +6,8 @@ import pydoc_data.topics
 
 import torch
 
+from attnkit.ops.cpp_build import target_arch
+
 
 def real_text_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     """The first `n_tokens` of Python's own documentation (embedded in the standard library)."""
@@ -35,8 +37,10 @@ def test_logits_match_transformers_on_real_text(smollm2, hf_smollm2):
     ours, theirs = model(ids), hf_smollm2(ids).logits
     assert ours.shape == theirs.shape == (1, 300, 49152)
     # float32 through 30 layers, logits up to ~30: the kernels' sums associate differently
-    # from torch's (the x86-64-v3 build on a Zen 4 measured 1.3e-4; a real bug gives > 1e-2)
-    assert (ours - theirs).abs().max().item() <= 3e-4
+    # from torch's. 1e-4 for the host's own build; kernels built for another target
+    # (ATTNKIT_CPU_ARCH=x86-64-v3 on a Zen 4) measured 1.3e-4. A real bug gives > 1e-2.
+    tolerance = 1e-4 if target_arch() == "native" else 3e-4
+    assert (ours - theirs).abs().max().item() <= tolerance
 
 
 @torch.no_grad()
