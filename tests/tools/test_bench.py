@@ -111,6 +111,20 @@ def test_causal_flops_count_the_kept_pairs():
     assert causal_flops(2, heads=3, d=4) == 3 * 3 * 2 * 2 * 4
 
 
+def test_the_prefill_floor_counts_every_token_through_the_blocks_and_one_through_the_head():
+    from attn_testing import tiny_transformer
+    from attnkit.tools.bench.endtoend import _prefill_floor
+
+    model = tiny_transformer(0)
+    c = model.config
+    attn = 2 * c.hidden_size**2 + 2 * c.hidden_size * c.num_key_value_heads * c.head_dim
+    per_layer = attn + 3 * c.hidden_size * c.intermediate_size
+    body, head = c.num_hidden_layers * per_layer, c.vocab_size * c.hidden_size
+    prompts = [[1] * 5, [2] * 7]
+    flops = 2 * (body * 12 + head * 2)
+    assert math.isclose(_prefill_floor(model, prompts, MACHINE), flops / 2e11, rel_tol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
