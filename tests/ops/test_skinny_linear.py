@@ -72,6 +72,20 @@ def test_kernels_match_float64_reference(rows, n_in, n_out, with_bias, seed, ker
     _check(kernel, rows, n_in, n_out, with_bias, seed)
 
 
+@pytest.mark.parametrize(
+    ("rows", "n_in"),
+    [
+        (33, 576),  # one row block: the tiles of 12, 8, 4, 2 and 1 rows (33 = 2*12 + 8 + 1)
+        (171, 1536),  # 2 row blocks of 86 (at most 168 rows of 1536 floats in 1 MiB)
+        (700, 1536),  # 5 blocks of 140: more blocks than threads, not a multiple of them
+    ],
+)
+def test_packed_kernel_on_prefill_rows(rows, n_in):
+    # Prefill-sized inputs take the packed kernel in blocks of rows (X_BLOCK_KIB of x each),
+    # every block against every panel; the feature count leaves the last panel padded.
+    _check("packed", rows, n_in, 70, with_bias=True, seed=rows)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(("n_in", "n_out"), [(576, 1536), (1536, 576), (576, 49152)])
 @pytest.mark.parametrize("rows", [3, 32])
@@ -159,11 +173,15 @@ def test_dispatch_uses_the_kernel_for_decode_rows(packed, monkeypatch):
         out = layer(x)
         assert calls == [(kind, torch.Size([6, 24]))] and out.shape == (2, 3, 10)
         _assert_like_f_linear(out, x, layer.weight, layer.bias)
-        layer(torch.randn(skinny_linear.MAX_ROWS + 1, 24))  # too many rows: F.linear
+        layer(torch.randn(skinny_linear.MAX_ROWS + 1, 24))  # a prefill's rows
         layer(torch.randn(2, 24, dtype=torch.float64).float().T.contiguous().T)  # strided x
-    assert len(calls) == 2  # a strided x is made contiguous for the kernel, 33 rows go to BLAS
+    # a strided x is made contiguous for the kernel; past MAX_ROWS rows only the packed
+    # kernel serves (the row-major one is for decode steps), else BLAS
+    many = [(kind, torch.Size([skinny_linear.MAX_ROWS + 1, 24]))] if packed else []
+    assert calls[1:] == [*many, (kind, torch.Size([2, 24]))]
+    n = len(calls)
     layer(torch.randn(1, 24))  # autograd on: F.linear, which has a backward
-    assert len(calls) == 2
+    assert len(calls) == n
 
 
 @pytest.mark.parametrize(
@@ -177,8 +195,9 @@ def test_fallbacks_equal_f_linear(case, monkeypatch):
         x, w = x.double(), w.double()
     if case == "strided weight":
         w = torch.randn(16, 8, generator=gen).T
-    if case == "too many rows":
+    if case == "too many rows":  # for the row-major kernel (the packed one is off)
         x = torch.randn(skinny_linear.MAX_ROWS + 1, 16, generator=gen)
+        monkeypatch.setenv("ATTNKIT_PACKED_WEIGHTS", "0")
     if case == "disabled":
         monkeypatch.setenv("ATTNKIT_NO_CPP", "1")
     if case == "grad":
@@ -189,6 +208,9 @@ def test_fallbacks_equal_f_linear(case, monkeypatch):
         for source in (skinny_linear.SOURCE, skinny_linear.PACKED_SOURCE):
             assert load_kernel(source) is None
             assert "ATTNKIT_NO_CPP" in unavailable_reason(source)
+        out = skinny_linear.linear(x, w, b)
+    elif case == "too many rows":
+        assert skinny_linear._kernel_outputs(x, [w], [b]) is None
         out = skinny_linear.linear(x, w, b)
     else:
         assert not skinny_linear._kernel_applies(x, w, b)

@@ -84,7 +84,7 @@ def test_the_compute_floor_falls_back_to_the_matmul_rate_without_the_kernel(monk
     assert machine.floor_flops_per_s == machine.matmul_flops_per_s > 0
     assert machine.peak_name == "matmul rate (FMA peak unmeasured)"
     assert "FMA peak unmeasured (no compiler)" in machine.description
-    assert machine.peak_floor(1e9) == machine.flops_floor(1e9)
+    assert machine.peak_floor(1e9) == 1e9 / machine.matmul_flops_per_s
 
 
 def test_the_peak_is_the_best_call_not_a_median(monkeypatch):
@@ -123,6 +123,29 @@ def test_the_prefill_floor_counts_every_token_through_the_blocks_and_one_through
     prompts = [[1] * 5, [2] * 7]
     flops = 2 * (body * 12 + head * 2)
     assert math.isclose(_prefill_floor(model, prompts, MACHINE), flops / 2e11, rel_tol=1e-12)
+
+
+def test_the_8k_prefill_rows_time_its_own_matmuls_and_count_every_flop(monkeypatch):
+    # the target's floor adds attention at the peak to the model's matmuls as it runs them;
+    # the all-at-peak row counts every block's linears at n rows and the head at one
+    from attn_testing import tiny_transformer
+    from attnkit.tools.bench import endtoend
+
+    model = tiny_transformer(0).float()
+    monkeypatch.setattr(endtoend, "smollm2", lambda: (model, None))
+    settings = BenchSettings(quick=True, repeats=1)
+    [case] = endtoend.prefill_cases(settings, MACHINE)
+    floor, at_peak, torch_row = case.run(Timer(1))
+    c, n = model.config, 1024
+    attn = 2 * c.hidden_size**2 + 2 * c.hidden_size * c.num_key_value_heads * c.head_dim
+    body = c.num_hidden_layers * (attn + 3 * c.hidden_size * c.intermediate_size)
+    attention = c.num_hidden_layers * causal_flops(n, c.num_attention_heads, c.head_dim)
+    flops = 2 * (body * n + c.vocab_size * c.hidden_size) + attention
+    assert math.isclose(at_peak.baseline_s, flops / 2e11, rel_tol=1e-12)
+    assert floor.goal == 1 / 1.3 and at_peak.goal is None and torch_row.goal is None
+    # its matmuls took some time: the floor is more than the attention FLOPs alone
+    assert floor.baseline_s > attention / 2e11
+    assert floor.attnkit_s == at_peak.attnkit_s == torch_row.attnkit_s > 0
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,14 @@ weight tensor (`_attnkit_packed`), remade when the weight changes (its data poin
 version counter); it costs one more copy of every weight that decodes.
 `ATTNKIT_PACKED_WEIGHTS=0` keeps memory as it was and uses the row-major kernel.
 
-The kernels serve float32 CPU inputs of 1 to `MAX_ROWS` rows with a contiguous weight and
-no autograd; everything else (and every machine where the kernels cannot be built, or
-`ATTNKIT_NO_CPP=1`) goes to F.linear. Results equal F.linear's up to float32 rounding.
+The packed kernel also serves prefills, any number of rows, in blocks of rows that stay in
+L2 while the panels stream past: at 128-4,128 rows it ran SmolLM2's matmuls at 183-205 GFLOP/s
+where F.linear ran at 137-186 (AMD EPYC, 2 cores, FMA peak ~230; measured in turn).
+
+The kernels serve float32 CPU inputs with a contiguous weight and no autograd (the row-major
+kernel 1 to `MAX_ROWS` rows, the packed one any number); everything else (and every
+machine where the kernels cannot be built, or `ATTNKIT_NO_CPP=1`) goes to F.linear.
+Results equal F.linear's up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def _kernel_outputs(x: Tensor, weights, biases) -> list[Tensor] | None:
     if packed_module is not None:
         packed = [packed_weight(w, packed_module) for w in weights]
         return packed_module.packed_linear_many(rows, packed, [w.shape[0] for w in weights], biases)
-    module = load_kernel(SOURCE)
+    module = load_kernel(SOURCE) if rows.shape[0] <= MAX_ROWS else None
     return None if module is None else module.skinny_linear_many(rows, weights, biases)
 
 
@@ -101,8 +106,7 @@ def _kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 def _input_applies(x: Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() == 0:
         return False
-    rows = x.numel() // max(x.shape[-1], 1)
-    return 1 <= rows <= MAX_ROWS and not (x.requires_grad and torch.is_grad_enabled())
+    return x.numel() >= max(x.shape[-1], 1) and not (x.requires_grad and torch.is_grad_enabled())
 
 
 def _weight_applies(weight: Tensor, bias: Tensor | None, in_features: int, grad: bool) -> bool:

@@ -1,4 +1,4 @@
-// y = x W^T (+ b) (+ residual) for a few rows of x, with W packed once into panels of two
+// y = x W^T (+ b) (+ residual) for any number of rows of x, with W packed once into panels of two
 // vectors' width of output features (32 with AVX-512, 16 with AVX2).
 //
 // A panel is (in, PANEL): for each input index, the PANEL features' weights side by side. A
@@ -42,6 +42,10 @@ constexpr int MAX_TILE_ROWS = VECTOR_REGISTERS >= 32 ? 12 : 6;
 // its error is that of a block plus that of in / BLOCK partial sums.
 constexpr int64_t BLOCK = 64;
 
+#ifndef X_BLOCK_KIB
+#define X_BLOCK_KIB 1024
+#endif
+
 // Rows [0, R) of x against one panel, for input indices [0, in): out[r][0..PANEL).
 // `next`, if set, is the panel to prefetch into L2 alongside. The row loops must unroll so
 // that acc lives in registers: without the pragmas GCC 12 kept some tiles' acc on the
@@ -84,18 +88,20 @@ struct Segment {
   int64_t out, first_panel, panels;
 };
 
-// All rows of x against panel p of segment s, in row tiles of 12, 8, 4, 2, 1 rows (AVX2: 6,
-// 4, 2, 1); only the first tile prefetches `next` (the others find this panel in L2).
-inline void panel_product(const float* x, int64_t rows, int64_t in, const Segment& s, int64_t p,
-                   const float* next) {
+// Rows [row0, row0 + rows) of x against panel p of segment s, in row tiles of 12, 8, 4, 2, 1
+// rows (AVX2: 6, 4, 2, 1); only the first tile prefetches `next` (the others find this panel in
+// L2).
+inline void panel_product(const float* x, int64_t row0, int64_t rows, int64_t in,
+                          const Segment& s, int64_t p, const float* next) {
   const float* panel = s.packed + p * in * PANEL;
   const int64_t col = p * PANEL, valid = std::min(PANEL, s.out - col);
   float out[MAX_TILE_ROWS][PANEL];
-  int64_t r0 = 0;
+  int64_t r0 = row0;
+  const int64_t end = row0 + rows;
   auto tiles_of = [&](auto size) {  // as many R-row tiles as fit, each stored (+ bias)
     constexpr int R = decltype(size)::value;
-    for (; r0 + R <= rows; r0 += R) {
-      tile<R>(x + r0 * in, in, panel, r0 == 0 ? next : nullptr, out);
+    for (; r0 + R <= end; r0 += R) {
+      tile<R>(x + r0 * in, in, panel, r0 == row0 ? next : nullptr, out);
       for (int r = 0; r < R; ++r) {  // valid columns only: the last panel is padded
         const int64_t at = (r0 + r) * s.out + col;
         float* yr = s.y + at;
@@ -112,24 +118,43 @@ inline void panel_product(const float* x, int64_t rows, int64_t in, const Segmen
   tiles_of(std::integral_constant<int, 1>{});
 }
 
-// x (rows, in) against every segment's panels, in one parallel region over all of them: a
-// layer's q/k/v (or gate/up) projections cost one call.
+// Rows of x one work item takes: all of them for a decode step; for a prefill, blocks whose
+// slice of x (at most X_BLOCK_BYTES) stays in L2 while every panel streams past it once,
+// all of a size (the threads split the items evenly: one short block left a thread idle).
+// Without blocks each panel swept all of x through the cache: 4,128 rows ran at 160 GFLOP/s
+// against 177 (AMD EPYC, 2 cores).
+constexpr int64_t X_BLOCK_BYTES = X_BLOCK_KIB * 1024;
+inline int64_t row_block(int64_t rows, int64_t in) {
+  const int64_t most = std::max<int64_t>(
+      MAX_TILE_ROWS, X_BLOCK_BYTES / (in * int64_t(sizeof(float))) / MAX_TILE_ROWS * MAX_TILE_ROWS);
+  const int64_t blocks = (rows + most - 1) / most;
+  return (rows + blocks - 1) / blocks;
+}
+
+// x (rows, in) against every segment's panels, in one parallel region over (row block, panel)
+// items: a layer's q/k/v (or gate/up) projections cost one call. A thread takes consecutive
+// items, so it keeps its block of x while walking the panels.
 inline void multiply(const float* xp, int64_t rows, int64_t in,
                      const std::vector<Segment>& segments) {
   int64_t total = 0;
   for (const Segment& s : segments) total = std::max(total, s.first_panel + s.panels);
-  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
-    size_t s = 0;
-    for (int64_t g = begin; g < end; ++g) {
+  const int64_t block = row_block(rows, in);
+  const int64_t items = total * ((rows + block - 1) / block);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item % total, row0 = item / total * block;
+      size_t s = 0;
       while (g >= segments[s].first_panel + segments[s].panels) ++s;
       const int64_t p = g - segments[s].first_panel;
-      // The next panel this thread will take, possibly the next weight's first.
+      // The next panel this thread will take: this weight's next, the next weight's first,
+      // or (at the end of a row block) the first weight's first.
       const float* next = nullptr;
-      if (g + 1 < end) {
-        next = p + 1 < segments[s].panels ? segments[s].packed + (p + 1) * in * PANEL
-                                          : segments[s + 1].packed;
+      if (item + 1 < end) {
+        if (p + 1 < segments[s].panels) next = segments[s].packed + (p + 1) * in * PANEL;
+        else if (s + 1 < segments.size()) next = segments[s + 1].packed;
+        else next = segments[0].packed;
       }
-      panel_product(xp, rows, in, segments[s], p, next);
+      panel_product(xp, row0, std::min(block, rows - row0), in, segments[s], p, next);
     }
   });
 }

@@ -218,10 +218,6 @@ class Machine:
             text += f"FMA peak {peak / 1e9:.0f} GFLOP/s (float32)"
         return cls(copy, flops, peak, text)
 
-    def flops_floor(self, flops: float) -> float:
-        """Seconds for `flops` at the measured matmul rate (BLAS's best on big matmuls)."""
-        return flops / self.matmul_flops_per_s
-
     @property
     def floor_flops_per_s(self) -> float:
         """What `peak_floor` divides by: the FMA peak, or the matmul rate where the peak
