@@ -102,12 +102,24 @@ inline void panel_product(const float* x, int64_t row0, int64_t rows, int64_t in
     constexpr int R = decltype(size)::value;
     for (; r0 + R <= end; r0 += R) {
       tile<R>(x + r0 * in, in, panel, r0 == row0 ? next : nullptr, out);
-      for (int r = 0; r < R; ++r) {  // valid columns only: the last panel is padded
-        const int64_t at = (r0 + r) * s.out + col;
-        float* yr = s.y + at;
-        for (int64_t c = 0; c < valid; ++c) yr[c] = out[r][c] + (s.bias ? s.bias[col + c] : 0.0f);
-        if (s.residual)
-          for (int64_t c = 0; c < valid; ++c) yr[c] += s.residual[at + c];
+      if (valid == PANEL) {  // whole vectors (the scalar loop cost 2-4% of a pass)
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = (r0 + r) * s.out + col;
+          vfloat y0 = load(out[r]), y1 = load(out[r] + WIDTH);
+          if (s.bias) y0 += load(s.bias + col), y1 += load(s.bias + col + WIDTH);
+          if (s.residual) y0 += load(s.residual + at), y1 += load(s.residual + at + WIDTH);
+          store<float>(s.y + at, y0);
+          store<float>(s.y + at + WIDTH, y1);
+        }
+      } else {  // the last panel is padded: its valid columns only
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = (r0 + r) * s.out + col;
+          float* yr = s.y + at;
+          for (int64_t c = 0; c < valid; ++c)
+            yr[c] = out[r][c] + (s.bias ? s.bias[col + c] : 0.0f);
+          if (s.residual)
+            for (int64_t c = 0; c < valid; ++c) yr[c] += s.residual[at + c];
+        }
       }
     }
   };
