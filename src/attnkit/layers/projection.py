@@ -1,9 +1,9 @@
-"""`Linear`: nn.Linear whose forward takes attnkit's decode-sized matmul kernel on CPU.
+"""`Linear`: nn.Linear whose forward takes attnkit's packed-weight matmul kernel on CPU.
 
 Every projection in attnkit's layers is this class. It is an `nn.Linear` (same parameters,
 state-dict keys, isinstance checks); only the forward differs, through
-`attnkit.ops.skinny_linear.linear`, which equals F.linear and is faster for the one to
-eight rows a decode step feeds it.
+`attnkit.ops.skinny_linear.linear`, which equals F.linear and is faster on float32 CPU
+inputs: the few rows of a decode step (memory-bound) and a prefill's many (compute-bound).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from attnkit.ops.skinny_linear import linear, linear_many
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the skinny-matmul fast path for decode steps (inference only)."""
+    """nn.Linear with the packed-matmul fast path on CPU (inference only)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
 
 
 def project(x: Tensor, layers: tuple[nn.Linear, ...]) -> list[Tensor]:
-    """`[layer(x) for layer in layers]`, in one kernel call at decode (shared input)."""
+    """`[layer(x) for layer in layers]`, in one kernel call (they share their input)."""
     return linear_many(x, [m.weight for m in layers], [m.bias for m in layers])

@@ -1,4 +1,4 @@
-"""`linear(x, weight, bias)`: F.linear, with a C++ kernel for decode-sized inputs on CPU.
+"""`linear(x, weight, bias)`: F.linear, with C++ kernels for float32 inputs on CPU.
 
 A decode step multiplies one to a few rows by every weight of the model, so its matmuls
 are matrix-vector products bounded by how fast the weights stream from memory. torch's BLAS
@@ -14,8 +14,9 @@ weight from a copy packed once into panels of 32 output features (16 with AVX2; 
 broadcast from L1): a pass over SmolLM2's weights at 32 rows 44 vs 68 ms, at 8 rows 18 vs
 25, at 1 row 17 vs 20 (2 cores). The packed copy is made on first use and kept on the
 weight tensor (`_attnkit_packed`), remade when the weight changes (its data pointer or
-version counter); it costs one more copy of every weight that decodes.
-`ATTNKIT_PACKED_WEIGHTS=0` keeps memory as it was and uses the row-major kernel.
+version counter); it costs one more copy of every weight the model runs.
+`ATTNKIT_PACKED_WEIGHTS=0` keeps memory as it was: the row-major kernel for up to
+`MAX_ROWS` rows, F.linear beyond.
 
 The packed kernel also serves prefills, any number of rows, in blocks of rows that stay in
 L2 while the panels stream past: at 128-4,128 rows it ran SmolLM2's matmuls at 183-205 GFLOP/s
