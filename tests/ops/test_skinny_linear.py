@@ -167,6 +167,7 @@ def test_dispatch_uses_the_kernel_for_decode_rows(packed, monkeypatch):
 
     kind = "packed" if packed else "row-major"
     monkeypatch.setattr(skinny_linear, "load_kernel", lambda source: Spy())
+    monkeypatch.setattr(skinny_linear, "_packed_wins", lambda *args: True)  # at prefill rows
     layer = Linear(24, 10)
     x = torch.randn(2, 3, 24)  # 6 rows: the kernel's
     with torch.no_grad():
@@ -182,6 +183,49 @@ def test_dispatch_uses_the_kernel_for_decode_rows(packed, monkeypatch):
     n = len(calls)
     layer(torch.randn(1, 24))  # autograd on: F.linear, which has a backward
     assert len(calls) == n
+
+
+def test_prefill_rows_go_to_whichever_of_kernel_and_blas_timed_faster(monkeypatch):
+    # a fake clock: the packed call takes `packed_s`, F.linear 2 s
+    clock = [0.0]
+
+    class Blas:
+        @staticmethod
+        def linear(x, w, b=None):
+            clock[0] += 2.0
+            return F.linear(x, w, b)
+
+    monkeypatch.setattr(skinny_linear, "F", Blas)
+    monkeypatch.setattr(skinny_linear.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(skinny_linear, "_PREFILL_WINNER", {})
+    w = torch.randn(8, 16)
+    for rows, packed_s, want in [(40, 1.0, True), (100, 3.0, False)]:
+        calls = []
+
+        def packed_call(packed_s=packed_s, calls=calls):
+            calls.append(1)
+            clock[0] += packed_s
+
+        x = torch.randn(rows, 16)
+        assert skinny_linear._packed_wins(x, [w], [None], packed_call) is want
+        assert len(calls) == 3  # a warm-up, then two timed runs
+        # remembered for every call of this kind: row count of the same power of two
+        again = torch.randn(rows + 3, 16)
+        assert skinny_linear._packed_wins(again, [w], [None], packed_call) is want
+        assert len(calls) == 3
+
+
+@pytest.mark.parametrize("packed_wins", [True, False])
+def test_prefill_rows_equal_f_linear_whichever_serves(packed_wins, monkeypatch):
+    monkeypatch.setattr(skinny_linear, "_packed_wins", lambda *args: packed_wins)
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(*shape, generator=gen) for shape in ((2, 50, 24), (40, 24), (40,)))
+    with torch.no_grad():
+        out = skinny_linear.linear(x, w, b)
+    if packed_wins:
+        _assert_like_f_linear(out.view(-1, 40), x.view(-1, 24), w, b)
+    else:
+        torch.testing.assert_close(out, F.linear(x, w, b), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

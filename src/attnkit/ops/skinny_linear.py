@@ -20,7 +20,9 @@ version counter); it costs one more copy of every weight the model runs.
 
 The packed kernel also serves prefills, any number of rows, in blocks of rows that stay in
 L2 while the panels stream past: at 128-4,128 rows it ran SmolLM2's matmuls at 183-205 GFLOP/s
-where F.linear ran at 137-186 (AMD EPYC, 2 cores, FMA peak ~230; measured in turn).
+where F.linear ran at 137-186 (AMD EPYC, 2 cores, FMA peak ~230; measured in turn). Where
+BLAS is faster (a Xeon's two FMA units a core) F.linear keeps prefills: past `MAX_ROWS` rows
+the first call of each kind times both and the faster serves it from then on.
 
 The kernels serve float32 CPU inputs with a contiguous weight and no autograd (the row-major
 kernel 1 to `MAX_ROWS` rows, the packed one any number); everything else (and every
@@ -30,7 +32,9 @@ Results equal F.linear's up to float32 rounding.
 
 from __future__ import annotations
 
+import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -68,10 +72,48 @@ def _kernel_outputs(x: Tensor, weights, biases) -> list[Tensor] | None:
     rows = x.reshape(-1, in_features).contiguous()
     packed_module = load_kernel(PACKED_SOURCE) if packed_weights_enabled() else None
     if packed_module is not None:
-        packed = [packed_weight(w, packed_module) for w in weights]
-        return packed_module.packed_linear_many(rows, packed, [w.shape[0] for w in weights], biases)
+
+        def packed_call():
+            packed = [packed_weight(w, packed_module) for w in weights]
+            outs = [w.shape[0] for w in weights]
+            return packed_module.packed_linear_many(rows, packed, outs, biases)
+
+        if rows.shape[0] > MAX_ROWS and not _packed_wins(rows, weights, biases, packed_call):
+            return None
+        return packed_call()
     module = load_kernel(SOURCE) if rows.shape[0] <= MAX_ROWS else None
     return None if module is None else module.skinny_linear_many(rows, weights, biases)
+
+
+# Which of the packed kernel and F.linear is faster at prefill sizes, per (row-count bucket,
+# weight shapes). Not the same everywhere: on a 2-core Zen 4 (one 512-bit FMA a cycle) the
+# kernel ran SmolLM2's prefill matmuls 1.1-1.3x faster than F.linear; on a 2-core Xeon with
+# two FMA units a core, BLAS's large-matmul rate (357 GFLOP/s) is above what the kernel
+# reached there (~240). So the first call of each kind times both and keeps the faster.
+_PREFILL_WINNER: dict[tuple, bool] = {}
+
+
+def _packed_wins(rows: Tensor, weights, biases, packed_call) -> bool:
+    """Whether the packed kernel beat F.linear on this kind of call: measured the first time
+    (each run once to warm up, packing included, then the best of two runs each, in turn),
+    remembered after."""
+    key = (rows.shape[0].bit_length(), rows.shape[1], tuple(w.shape[0] for w in weights))
+    if key not in _PREFILL_WINNER:
+
+        def blas_call():
+            return [F.linear(rows, w, b) for w, b in zip(weights, biases, strict=True)]
+
+        calls = (packed_call, blas_call)
+        for call in calls:
+            call()
+        seconds = [math.inf, math.inf]
+        for _ in range(2):
+            for i, call in enumerate(calls):
+                start = time.perf_counter()
+                call()
+                seconds[i] = min(seconds[i], time.perf_counter() - start)
+        _PREFILL_WINNER[key] = seconds[0] <= seconds[1]
+    return _PREFILL_WINNER[key]
 
 
 def packed_weights_enabled() -> bool:
