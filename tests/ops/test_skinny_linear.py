@@ -81,7 +81,7 @@ def test_kernels_match_float64_reference(rows, n_in, n_out, with_bias, seed, ker
     ],
 )
 def test_packed_kernel_on_prefill_rows(rows, n_in):
-    # Prefill-sized inputs take the packed kernel in blocks of rows (X_BLOCK_KIB of x each),
+    # Prefill-sized inputs take the packed kernel in blocks of rows (X_BLOCK_BYTES of x each),
     # every block against every panel; the feature count leaves the last panel padded.
     _check("packed", rows, n_in, 70, with_bias=True, seed=rows)
 

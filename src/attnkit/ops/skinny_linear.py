@@ -149,7 +149,8 @@ def _kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 def _input_applies(x: Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() == 0:
         return False
-    return x.numel() >= max(x.shape[-1], 1) and not (x.requires_grad and torch.is_grad_enabled())
+    rows = x.numel() // max(x.shape[-1], 1)
+    return rows >= 1 and not (x.requires_grad and torch.is_grad_enabled())
 
 
 def _weight_applies(weight: Tensor, bias: Tensor | None, in_features: int, grad: bool) -> bool:

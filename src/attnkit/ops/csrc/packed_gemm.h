@@ -1,5 +1,5 @@
-// y = x W^T (+ b) (+ residual) for any number of rows of x, with W packed once into panels of two
-// vectors' width of output features (32 with AVX-512, 16 with AVX2).
+// y = x W^T (+ b) (+ residual) for any number of rows of x, with W packed once into panels
+// of two vectors' width of output features (32 with AVX-512, 16 with AVX2).
 //
 // A panel is (in, PANEL): for each input index, the PANEL features' weights side by side. A
 // tile of R rows of x against one panel keeps R x 2 vector accumulators; each input index costs
@@ -41,10 +41,6 @@ constexpr int MAX_TILE_ROWS = VECTOR_REGISTERS >= 32 ? 12 : 6;
 // float32 sum over all of `in` in one accumulator errs ~4x BLAS's at in = 576; in blocks
 // its error is that of a block plus that of in / BLOCK partial sums.
 constexpr int64_t BLOCK = 64;
-
-#ifndef X_BLOCK_KIB
-#define X_BLOCK_KIB 1024
-#endif
 
 // Rows [0, R) of x against one panel, for input indices [0, in): out[r][0..PANEL).
 // `next`, if set, is the panel to prefetch into L2 alongside. The row loops must unroll so
@@ -133,9 +129,9 @@ inline void panel_product(const float* x, int64_t row0, int64_t rows, int64_t in
 // Rows of x one work item takes: all of them for a decode step; for a prefill, blocks whose
 // slice of x (at most X_BLOCK_BYTES) stays in L2 while every panel streams past it once,
 // all of a size (the threads split the items evenly: one short block left a thread idle).
-// Without blocks each panel swept all of x through the cache: 4,128 rows ran at 160 GFLOP/s
-// against 177 (AMD EPYC, 2 cores).
-constexpr int64_t X_BLOCK_BYTES = X_BLOCK_KIB * 1024;
+// Without blocks each panel swept all of x through the cache: 4,128 rows ran at 165 GFLOP/s
+// against 177 (AMD EPYC, 2 cores; 256 and 512 KiB blocks did no better than 1 MiB).
+constexpr int64_t X_BLOCK_BYTES = int64_t(1) << 20;
 inline int64_t row_block(int64_t rows, int64_t in) {
   const int64_t most = std::max<int64_t>(
       MAX_TILE_ROWS, X_BLOCK_BYTES / (in * int64_t(sizeof(float))) / MAX_TILE_ROWS * MAX_TILE_ROWS);

@@ -226,13 +226,17 @@ def batching_cases(s: BenchSettings, machine: Machine) -> list[Case]:
 
 
 def _prefill_floor(model, prompts: list[list[int]], machine: Machine) -> float:
-    """Seconds of the prompts' prefill matmuls at the FMA peak: every token through the
-    blocks' linears, one row per prompt through the LM head (the scheduler batches prompts,
-    so no per-prompt time measured one at a time bounds it)."""
-    head = model.lm_head.weight.numel()
-    body = _matmul_params(model) - head
+    """Seconds of the prompts' prefill matmuls at the FMA peak (the scheduler batches
+    prompts, so no per-prompt time measured one at a time bounds it)."""
     tokens = sum(len(prompt) for prompt in prompts)
-    return machine.peak_floor(2 * (body * tokens + head * len(prompts)))
+    return machine.peak_floor(_prefill_matmul_flops(model, tokens, len(prompts)))
+
+
+def _prefill_matmul_flops(model, tokens: int, rows: int) -> int:
+    """FLOPs of a prefill's matmuls: every token through the blocks' linears, `rows` rows
+    (one per sequence's last token) through the LM head."""
+    head = model.lm_head.weight.numel()
+    return 2 * ((_matmul_params(model) - head) * tokens + head * rows)
 
 
 def _matmul_params(model) -> int:
@@ -273,8 +277,7 @@ def prefill_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         f_linear = _prefill_matmuls(model, n, timer, repeats, F.linear)
         sdpa = _sdpa_causal(model, n, timer, repeats)
         attention_flops = c.num_hidden_layers * causal_flops(n, c.num_attention_heads, c.head_dim)
-        matmul_flops = 2 * (n * (_matmul_params(model) - model.lm_head.weight.numel()))
-        matmul_flops += 2 * model.lm_head.weight.numel()  # the last token's logits
+        matmul_flops = _prefill_matmul_flops(model, tokens=n, rows=1)  # last token's logits
         at_peak = matmuls + machine.peak_floor(attention_flops)
         case = f"prefill {n} tokens (one sequence, into a cache)"
         peak = machine.peak_name
