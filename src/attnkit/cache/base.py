@@ -114,6 +114,11 @@ class KVCache:
     # The most tokens one `prepare` may add per sequence (ring buffers); None: no limit.
     # `Transformer.forward` splits longer inputs into steps of this size.
     max_step_tokens: int | None = None
+    # True where attention reads back exactly the K/V written and none are dropped: a
+    # prompt fed in pieces then computes what it would whole (`Transformer.forward` splits
+    # long prefills on CPU). Lossy or evicting caches keep False: pieces would change what
+    # later tokens see.
+    exact_in_pieces: bool = False
 
     def __init__(self) -> None:
         self._lengths: dict[int, int] = {}

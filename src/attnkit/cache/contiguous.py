@@ -43,6 +43,8 @@ class ContiguousCache(KVCache):
     with a fixed `max_len`, going past it raises `CacheFull`.
     """
 
+    exact_in_pieces = True
+
     def __init__(
         self,
         n_layers: int,

@@ -44,6 +44,7 @@ class LayeredCache(KVCache):
             raise ValueError(f"groups must cover layers 0..{n - 1}, got {sorted(self._route)}")
         self.caches = [cache for _, cache in groups]
         self.wants_queries = any(cache.wants_queries for cache in self.caches)
+        self.exact_in_pieces = all(cache.exact_in_pieces for cache in self.caches)
         limits = [c.max_step_tokens for c in self.caches if c.max_step_tokens is not None]
         self.max_step_tokens = min(limits) if limits else None
 

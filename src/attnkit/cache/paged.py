@@ -51,6 +51,8 @@ class PagedCache(KVCache):
     `CacheFull` and changes nothing. `seed` shuffles the free list (tests).
     """
 
+    exact_in_pieces = True
+
     def __init__(
         self,
         n_layers: int,

@@ -31,6 +31,12 @@ from attnkit.ops.skinny_linear import MAX_ROWS
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
+# A long prefill into a lossless cache on CPU runs through the blocks this many tokens at a
+# time: each piece's activations (SmolLM2's MLP products: 12.6 MB each at 2,048 rows) are
+# reused from the allocator and stay in the last-level cache, where a whole 8k prompt
+# faulted in fresh 50 MB buffers every layer (8k prefill 6-11% faster on a Zen 5 host).
+PREFILL_PIECE = 2048
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -387,29 +393,54 @@ class Transformer(nn.Module):
         the tokens extend the cached sequences `seq_ids` (default: all of the cache's
         sequences, in order) and attention covers everything cached. `positions` overrides
         the RoPE positions (default: where each token lands in its sequence). A cache that
-        takes at most `max_step_tokens` per step (a ring buffer) is fed in steps that size.
+        takes at most `max_step_tokens` per step (a ring buffer) is fed in steps that size;
+        a long prefill into a lossless cache on CPU goes in pieces of `PREFILL_PIECE` tokens.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
         if logits_at is not None:
             _check_logits_at(logits_at, b, t, last_only)
-        limit = cache.max_step_tokens if cache is not None else None
-        if limit is not None and t > limit:
-            pieces = [
-                self(
-                    input_ids[:, i : i + limit],
-                    cache,
-                    None if positions is None else positions[..., i : i + limit],
-                    seq_ids,
-                    last_only=last_only,
-                )
-                for i in range(0, t, limit)
-            ]
-            if last_only:
-                return pieces[-1]
-            logits = torch.cat(pieces, dim=1)
-            return logits if logits_at is None else _rows_at(logits, logits_at)
+        piece = self._piece_tokens(cache)
+        if piece is None or t <= piece:
+            x = self._hidden(input_ids, cache, positions, seq_ids)
+        else:
+            kept = []  # hidden states, not logits: the LM head runs once, on the rows asked for
+            for i in range(0, t, piece):
+                part = slice(i, i + piece)
+                at = None if positions is None else positions[..., part]
+                h = self._hidden(input_ids[:, part], cache, at, seq_ids)
+                kept = [h] if last_only else [*kept, h]
+            x = torch.cat(kept, dim=1)
+        if last_only:
+            x = x[:, -1:]
+        elif logits_at is not None:
+            x = _rows_at(x, logits_at)
+        return self.lm_head(self.norm(x))
+
+    def _piece_tokens(self, cache: KVCache | None) -> int | None:
+        """The most tokens one pass through the blocks takes, or None for no limit: the
+        cache's own (rings), else `PREFILL_PIECE` where pieces compute exactly what the whole
+        input would (a lossless cache) and the banded kernel serves attention against the
+        cache (plain `Attention` layers, `auto` backend, float32 on CPU)."""
+        if cache is None:
+            return None
+        if cache.max_step_tokens is not None:
+            return cache.max_step_tokens
+        weights = self.embed.weight
+        if not (cache.exact_in_pieces and weights.device.type == "cpu"):
+            return None
+        if weights.dtype != torch.float32:
+            return None
+        plain = all(
+            type(block.attn) is Attention and not block.attn.cross and block.attn.backend == "auto"
+            for block in self.blocks
+        )
+        return PREFILL_PIECE if plain else None
+
+    def _hidden(self, input_ids, cache, positions, seq_ids) -> Tensor:
+        """The last block's output `(batch, seq, hidden)` for one pass (see `forward`)."""
+        b, t = input_ids.shape
         if cache is not None:
             seq_ids = cache.sequences if seq_ids is None else seq_ids
             if len(seq_ids) != b:
@@ -428,12 +459,7 @@ class Transformer(nn.Module):
         ctx = AttentionContext(cos, sin, mask, cache, self.config.rope_interleaved)
         stacked = self._stacked_decode(self.blocks, x, ctx, _global_hooks())
         if stacked is not None:  # a decode step, every block in one call
-            x = stacked
-        else:
-            for block in self.blocks:
-                x = block(x, ctx)
-        if last_only:
-            x = x[:, -1:]
-        elif logits_at is not None:
-            x = _rows_at(x, logits_at)
-        return self.lm_head(self.norm(x))
+            return stacked
+        for block in self.blocks:
+            x = block(x, ctx)
+        return x
