@@ -41,10 +41,12 @@
 
 namespace decode_attention {
 
-// Tokens whose scores are computed before their values are read. 16 and 32 measured alike
-// on a Xeon; on a Zen 5 EPYC 32 (or 8) read K/V 10-14% faster than 16 from a contiguous
-// cache and as fast from a paged pool (GQA 32/8 d128, batch 1-32, builds timed in turn);
-// 64 is slower (a paged tile of every KV head outgrows the share of L2 it should use).
+// Tokens whose scores are computed before their values are read: TILE for an item of one
+// KV head, TILE / 2 for one of several (a paged pool's tokens, every KV head: 128 KiB of
+// K/V a tile at 8 heads of d 128). 16 and 32 measured alike on a Xeon; on a Zen 5 EPYC 32
+// read one head's K/V 10-14% faster than 16 (GQA 32/8 d128, batch 1-32, builds timed in
+// turn), while a paged tile of 32 tokens gained nothing and 64 lost (its K/V outgrow the
+// share of L2 they should use).
 constexpr int64_t TILE = 32;
 // Software prefetch of the rows AHEAD tiles on into L2 (prefetcht2, vec.h), spread over the
 // current tile's score loop. On a 2-core AVX-512 machine this took one thread from ~6
@@ -96,6 +98,7 @@ template <typename scalar_t, typename acc_t>
 void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* q,
             const WorkItem& w, acc_t* out, acc_t* lse2, Scratch<acc_t>& S) {
   const int64_t G = L.group, D = L.dim, DV = L.v_dim, NH = w.n_heads, NQ = NH * G;
+  const int64_t tile_tokens = NH == 1 ? TILE : TILE / 2;
   S.scores.resize(NQ * TILE);
   S.m.assign(NQ, -std::numeric_limits<acc_t>::infinity());
   S.l.assign(NQ, acc_t(0));
@@ -128,7 +131,7 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
   int64_t offset = w.start - block_index * L.block_size;
   int64_t located = w.start;  // tokens before this one have pointers
   auto locate_next = [&](int slot) {
-    const int64_t n = std::min(TILE, w.end - located);
+    const int64_t n = std::min(tile_tokens, w.end - located);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t block = L.table ? L.table[w.b * L.table_stride + block_index] : w.b;
       k_tok[slot][i] = K + block * L.k_block + offset * L.k_token + w.head * L.k_head;
@@ -147,11 +150,11 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
   };
   for (int j = 0; j < AHEAD; ++j) locate_next(j);
   int64_t tile = 0;
-  for (int64_t t0 = w.start; t0 < w.end; t0 += TILE, ++tile) {
+  for (int64_t t0 = w.start; t0 < w.end; t0 += tile_tokens, ++tile) {
     const int slot = static_cast<int>(tile % RING);
     const int ahead = static_cast<int>((tile + AHEAD) % RING);
     locate_next(ahead);  // prefetched during this tile's scores
-    const int64_t n = std::min(TILE, w.end - t0);
+    const int64_t n = std::min(tile_tokens, w.end - t0);
     const int64_t n_next = count[ahead];
     // Rows of this tile, token-major: (i, h) at [i * NH + h]; half precision widened once.
     for (int64_t i = 0; i < n; ++i) {
