@@ -114,11 +114,15 @@ class KVCache:
     # The most tokens one `prepare` may add per sequence (ring buffers); None: no limit.
     # `Transformer.forward` splits longer inputs into steps of this size.
     max_step_tokens: int | None = None
-    # True where attention reads back exactly the K/V written and none are dropped: a
-    # prompt fed in pieces then computes what it would whole (`Transformer.forward` splits
-    # long prefills on CPU). Lossy or evicting caches keep False: pieces would change what
-    # later tokens see.
+    # True where what attention reads for a token does not depend on how the prompt was
+    # split into steps, so a prompt fed in pieces computes what it would whole
+    # (`Transformer.forward` splits long prefills on CPU). Each class says so itself (see
+    # __init_subclass__): a subclass that evicts or rounds differently must not inherit it.
     exact_in_pieces: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.exact_in_pieces = cls.__dict__.get("exact_in_pieces", False)
 
     def __init__(self) -> None:
         self._lengths: dict[int, int] = {}

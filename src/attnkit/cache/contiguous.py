@@ -43,7 +43,7 @@ class ContiguousCache(KVCache):
     with a fixed `max_len`, going past it raises `CacheFull`.
     """
 
-    exact_in_pieces = True
+    exact_in_pieces = True  # every token's K/V kept as written
 
     def __init__(
         self,

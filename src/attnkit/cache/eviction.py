@@ -66,8 +66,6 @@ class H2OCache(ContiguousCache):
     are gone.
     """
 
-    exact_in_pieces = False  # evicts between pieces
-
     wants_queries = True
 
     def __init__(

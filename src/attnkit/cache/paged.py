@@ -51,7 +51,7 @@ class PagedCache(KVCache):
     `CacheFull` and changes nothing. `seed` shuffles the free list (tests).
     """
 
-    exact_in_pieces = True
+    exact_in_pieces = True  # every token's K/V kept as written
 
     def __init__(
         self,

@@ -56,8 +56,6 @@ class QuantizedCache(ContiguousCache):
     `quantization_error` reports what storing in int8 has cost so far.
     """
 
-    exact_in_pieces = False  # later pieces read earlier ones rounded to int8
-
     def __init__(
         self,
         n_layers: int,

@@ -36,8 +36,6 @@ class SlidingWindowCache(ContiguousCache):
     int64 table of positions; `nbytes` counts all three and does not depend on length.
     """
 
-    exact_in_pieces = False  # a ring: fed in its own steps (max_step_tokens)
-
     def __init__(
         self,
         n_layers: int,

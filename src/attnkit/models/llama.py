@@ -23,7 +23,8 @@ from attnkit.layers.projection import Linear, project
 from attnkit.layers.rope import RopeScaling, RotaryEmbedding
 from attnkit.models.stacked_decode import StackedDecode
 from attnkit.ops import decode_block
-from attnkit.ops.cpp_build import wants_grad
+from attnkit.ops.backends.banded import SOURCE as BANDED_SOURCE
+from attnkit.ops.cpp_build import load_kernel, wants_grad
 from attnkit.ops.decode_block import BlockWeights, LatentBlockWeights
 from attnkit.ops.masks import causal
 from attnkit.ops.rms_norm import rms_norm
@@ -394,49 +395,78 @@ class Transformer(nn.Module):
         sequences, in order) and attention covers everything cached. `positions` overrides
         the RoPE positions (default: where each token lands in its sequence). A cache that
         takes at most `max_step_tokens` per step (a ring buffer) is fed in steps that size;
-        a long prefill into a lossless cache on CPU goes in pieces of `PREFILL_PIECE` tokens.
+        a long prefill into a lossless cache on CPU goes in pieces of `PREFILL_PIECE` tokens
+        (`_piece_tokens` says when), with the same logits.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
         if logits_at is not None:
             _check_logits_at(logits_at, b, t, last_only)
-        piece = self._piece_tokens(cache)
-        if piece is None or t <= piece:
+        if positions is not None and positions.shape[-1] != t:
+            raise ValueError(
+                f"positions must hold one position per token: last dim {t}, got shape "
+                f"{tuple(positions.shape)}"
+            )
+        piece = self._piece_tokens(cache, t)
+        if piece is None:
             x = self._hidden(input_ids, cache, positions, seq_ids)
         else:
-            kept = []  # hidden states, not logits: the LM head runs once, on the rows asked for
-            for i in range(0, t, piece):
-                part = slice(i, i + piece)
-                at = None if positions is None else positions[..., part]
-                h = self._hidden(input_ids[:, part], cache, at, seq_ids)
-                kept = [h] if last_only else [*kept, h]
-            x = torch.cat(kept, dim=1)
+            x = self._hidden_in_pieces(input_ids, cache, positions, seq_ids, piece, last_only)
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:
             x = _rows_at(x, logits_at)
         return self.lm_head(self.norm(x))
 
-    def _piece_tokens(self, cache: KVCache | None) -> int | None:
-        """The most tokens one pass through the blocks takes, or None for no limit: the
-        cache's own (rings), else `PREFILL_PIECE` where pieces compute exactly what the whole
-        input would (a lossless cache) and the banded kernel serves attention against the
-        cache (plain `Attention` layers, `auto` backend, float32 on CPU)."""
+    def _piece_tokens(self, cache: KVCache | None, tokens: int) -> int | None:
+        """Tokens per pass through the blocks when `tokens` go into `cache` in several, or
+        None for one pass: the cache's own limit (rings), else `PREFILL_PIECE` where pieces
+        compute what the whole input would and were measured faster: a cache whose reads
+        do not depend on how the prompt was split (`exact_in_pieces`), RoPE without dynamic
+        NTK (its frequencies follow each call's longest position), float32 on CPU with the
+        banded kernel built, plain `Attention` layers on `auto`, and no forward hooks (they
+        would see pieces)."""
         if cache is None:
             return None
-        if cache.max_step_tokens is not None:
-            return cache.max_step_tokens
+        limit = cache.max_step_tokens
+        if limit is not None:
+            return limit if tokens > limit else None
+        if tokens <= PREFILL_PIECE or not cache.exact_in_pieces:
+            return None
         weights = self.embed.weight
-        if not (cache.exact_in_pieces and weights.device.type == "cpu"):
+        if weights.device.type != "cpu" or weights.dtype != torch.float32:
             return None
-        if weights.dtype != torch.float32:
+        if self.config.rope_scaling.kind == "dynamic" or load_kernel(BANDED_SOURCE) is None:
             return None
-        plain = all(
-            type(block.attn) is Attention and not block.attn.cross and block.attn.backend == "auto"
-            for block in self.blocks
-        )
-        return PREFILL_PIECE if plain else None
+        for block in self.blocks:
+            attn = block.attn
+            if type(attn) is not Attention or attn.cross or attn.backend != "auto":
+                return None
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.blocks.modules())
+        return None if hooked or _global_hooks() else PREFILL_PIECE
+
+    def _hidden_in_pieces(self, input_ids, cache, positions, seq_ids, piece, last_only) -> Tensor:
+        """`_hidden` over `input_ids` `piece` tokens at a time (the last piece's alone with
+        `last_only`). Where a piece fails (`CacheFull`), a lossless cache is left as it was
+        before the first, as one pass would leave it (a ring cannot take back what it
+        overwrote)."""
+        seqs = list(cache.sequences if seq_ids is None else seq_ids)
+        starts = []
+        if cache.exact_in_pieces and len(seqs) == input_ids.shape[0]:
+            starts = [cache.length(seq) for seq in seqs]
+        kept = []  # hidden states, not logits: the LM head runs once, on the rows asked for
+        try:
+            for i in range(0, input_ids.shape[1], piece):
+                part = slice(i, i + piece)
+                at = None if positions is None else positions[..., part]
+                h = self._hidden(input_ids[:, part], cache, at, seq_ids)
+                kept = [h] if last_only else [*kept, h]
+        except BaseException:
+            for seq, start in zip(seqs, starts, strict=False):
+                cache.truncate(seq, start)
+            raise
+        return torch.cat(kept, dim=1)
 
     def _hidden(self, input_ids, cache, positions, seq_ids) -> Tensor:
         """The last block's output `(batch, seq, hidden)` for one pass (see `forward`)."""
