@@ -4,17 +4,17 @@
 //
 // K/V are addressed as [block][token_in_block][kv_head][dim] through explicit strides (dim
 // contiguous), so one kernel serves a paged pool (a block table per sequence) and a
-// contiguous cache (one block per sequence, no table). For each (sequence, KV head) the
-// whole query group (heads / kv_heads query heads) is processed together, so every K and V
-// row is streamed from memory once for all of them. Each work item walks a slice of the
-// context a tile of tokens at a time (TILE, or TILE / 2 with several KV heads): scores for
-// the tile, an online softmax (running max, running sum, rescaled accumulator) in float32
-// (float64 for float64 inputs), then the value rows. A work item takes one KV head, or
-// every KV head of its tokens when their rows lie side by side (a paged pool: the item then
-// streams whole blocks instead of touching one row per 4 KiB page). When there are too few items to keep every thread busy the context is
-// split (FlashDecoding) and the slices' partial outputs merge by log-sum-exp. Work items are
-// handed out dynamically, longest first, so ragged batches stay balanced. The next tile's
-// rows are prefetched while the current one computes.
+// contiguous cache (one block per sequence, no table). For each (sequence, KV head) the whole
+// query group (heads / kv_heads query heads) is processed together, so every K and V row is
+// streamed from memory once for all of them. Each work item walks a slice of the context a
+// tile of tokens at a time (TILE, or TILE / 2 with several KV heads): scores for the tile, an
+// online softmax (running max, running sum, rescaled accumulator) in float32 (float64 for
+// float64 inputs), then the value rows. A work item takes one KV head, or every KV head of
+// its tokens when their rows lie side by side (a paged pool: the item then streams whole
+// blocks instead of touching one row per 4 KiB page). When there are too few items to keep
+// every thread busy the context is split (FlashDecoding) and the slices' partial outputs
+// merge by log-sum-exp. Work items are handed out dynamically, longest first, so ragged
+// batches stay balanced. The next tile's rows are prefetched while the current one computes.
 //
 // The tile's arithmetic (scores 4 keys at a time, exp2, the value sums) is in decode_blocks.h.
 //
