@@ -83,9 +83,13 @@ inline void prefetch_l2(const void* p) {
 }
 
 // Asks for a row's cache lines (n elements) to be brought into L2, one prefetch per line.
+// Unrolled: rolled, the loop's counter and branch took more instructions than the decode
+// kernel's FMAs (a 32-token tile prefetches 512 lines); unrolled, its contiguous reads ran
+// 5-10% faster on a Zen 5 EPYC (builds timed in turn).
 constexpr int64_t CACHE_LINE_BYTES = 64;
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   constexpr int64_t line = CACHE_LINE_BYTES / sizeof(T);
+#pragma GCC unroll 8
   for (int64_t d = 0; d < n; d += line) prefetch_l2(row + d);
 }
