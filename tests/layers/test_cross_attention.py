@@ -116,7 +116,9 @@ def test_the_encoder_cache_path_equals_projecting_the_memory(src, tgt, lengths):
     cache.select(seqs)
     first = layer(x, ctx_for(memory, lengths_t, cache))  # stores K/V
     later = layer(x, ctx_for(None, None, cache))  # reads them, memory no longer needed
-    assert max_err(first, want) == 0 and max_err(later, want) == 0
+    # float64; the cached K/V are strided views, and the decode kernel tiles a layout whose
+    # heads lie side by side in 16 tokens, one head at a time in 32: only rounding: 1e-12
+    assert max_err(first, want) < 1e-12 and max_err(later, want) < 1e-12
     assert [cache.length(s) for s in seqs] == lengths
 
 
