@@ -292,7 +292,12 @@ def _plain(module: nn.Module, kind: type) -> bool:
     and no `forward` of its own set on the instance."""
     if type(module) is not kind or "forward" in module.__dict__:
         return False
-    return not (module._forward_hooks or module._forward_pre_hooks)
+    return not _hooked(module)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether `module` has forward hooks of its own (pre or post)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _global_hooks() -> bool:
@@ -443,7 +448,7 @@ class Transformer(nn.Module):
             attn = block.attn
             if type(attn) is not Attention or attn.cross or attn.backend != "auto":
                 return None
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.blocks.modules())
+        hooked = any(_hooked(m) for m in self.blocks.modules())
         return None if hooked or _global_hooks() else PREFILL_PIECE
 
     def _hidden_in_pieces(self, input_ids, cache, positions, seq_ids, piece, last_only) -> Tensor:
