@@ -296,6 +296,27 @@ def test_contiguous_split_counts_and_strided_last_dim():
         assert max_err(decode_attention(q, k, v, backend="cpp", num_splits=splits), want) < 1e-12
 
 
+def test_contiguous_float32_slices_merge_to_the_reference():
+    # Split slices start mid-tile and end on a partial one (1027 tokens, 32-token tiles), in
+    # the strided path that reads one KV head of a contiguous cache in place.
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 12, 40, generator=g)
+    k = torch.randn(2, 4, 1027, 40, generator=g)
+    v = torch.randn(2, 4, 1027, 24, generator=g)
+    lengths = torch.tensor([1027, 515])
+    want, want_lse = reference_decode(q, k, v, lengths)
+    plain, plain_lse = decode_attention(q, k, v, lengths, backend="torch", return_lse=True)
+    answers = []
+    for splits in (1, 3, 7, None):
+        out, lse = decode_attention(
+            q, k, v, lengths, backend="cpp", num_splits=splits, return_lse=True
+        )
+        assert_close_to(out, want, plain, torch.float32, f"output, {splits} splits")
+        assert_close_to(lse, want_lse, plain_lse, torch.float32, f"lse, {splits} splits")
+        answers.append(out)
+    assert all(max_err(a, answers[0]) < 1e-6 for a in answers)
+
+
 def test_token_major_k_v_take_the_whole_token_path():
     # (batch, n, kv_heads, d) storage seen as (batch, kv_heads, n, d): a head's rows are not
     # back to back, so the kernel reads every KV head of a token together instead.

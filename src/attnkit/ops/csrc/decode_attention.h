@@ -15,6 +15,8 @@
 // every thread busy the context is split (FlashDecoding) and the slices' partial outputs
 // merge by log-sum-exp. Work items are handed out dynamically, longest first, so ragged
 // batches stay balanced. The next tile's rows are prefetched while the current one computes.
+// An item of one KV head in a contiguous cache reads its rows in place at their stride
+// (attend_strided); the others gather a tile's row addresses first (attend).
 //
 // The tile's arithmetic (scores 4 keys at a time, exp2, the value sums) is in decode_blocks.h.
 //
@@ -90,6 +92,108 @@ struct Scratch {
   std::vector<acc_t> scores, m, l, kbuf, vbuf;
   std::vector<const acc_t*> k_rows, v_rows;
 };
+
+// The online softmax's step for a tile: each of the nq queries' scores (`TILE` apart, n of
+// them) become exp2(s - m) against the new running max m; what `out` (nq rows of dv) and the
+// running sum l accumulated under the old max is rescaled.
+template <typename acc_t>
+void softmax_tile(acc_t* scores, int64_t n, int64_t nq, acc_t* m, acc_t* l, acc_t* out,
+                  int64_t dv) {
+  for (int64_t r = 0; r < nq; ++r) {
+    acc_t* sr = scores + r * TILE;
+    acc_t tile_max = sr[0];
+#pragma omp simd reduction(max : tile_max)
+    for (int64_t i = 1; i < n; ++i) tile_max = std::max(tile_max, sr[i]);
+    const acc_t m_new = std::max(m[r], tile_max);
+    if (m_new > m[r]) {
+      const acc_t alpha = std::exp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
+      l[r] *= alpha;
+      acc_t* o = out + r * dv;
+#pragma omp simd
+      for (int64_t d = 0; d < dv; ++d) o[d] *= alpha;
+      m[r] = m_new;
+    }
+    l[r] += exp2_tile(sr, n, m_new);
+  }
+}
+
+// The end of an item: outputs divided by their sums, base-2 lse (zeros and -inf for a query
+// that saw no key).
+template <typename acc_t>
+void finish(int64_t nq, const acc_t* m, const acc_t* l, acc_t* out, int64_t dv, acc_t* lse2) {
+  for (int64_t r = 0; r < nq; ++r) {
+    acc_t* o = out + r * dv;
+    if (l[r] > 0) {
+      const acc_t inv = acc_t(1) / l[r];
+#pragma omp simd
+      for (int64_t d = 0; d < dv; ++d) o[d] *= inv;
+      lse2[r] = m[r] + std::log2(l[r]);
+    } else {
+      lse2[r] = -std::numeric_limits<acc_t>::infinity();
+    }
+  }
+}
+
+// Whether an item's rows can be read in place at a fixed stride: one KV head of a sequence
+// that is one block (a contiguous cache). Its rows must also be in acc_t already (float32 or
+// float64, not widened on load): the caller checks that at compile time.
+inline bool strided_item(const Layout& L, const WorkItem& w) {
+  return L.table == nullptr && w.n_heads == 1;
+}
+
+// attend() for a strided item: the same arithmetic in the same order, with row addresses
+// computed rather than gathered into tables a tile at a time. That bookkeeping (a pointer
+// per row, a block-table walk, the prefetch loop's checks) took as many instructions as the
+// FMAs on one head of a contiguous cache.
+template <typename acc_t>
+void attend_strided(const Layout& L, const acc_t* K, const acc_t* V, const acc_t* q,
+                    const WorkItem& w, acc_t* out, acc_t* lse2, Scratch<acc_t>& S) {
+  const int64_t G = L.group, D = L.dim, DV = L.v_dim, len = w.end - w.start;
+  const StridedRows<acc_t> keys{K + w.b * L.k_block + w.head * L.k_head + w.start * L.k_token,
+                                L.k_token};
+  const StridedRows<acc_t> values{
+      V + w.b * L.v_block + w.head * L.v_head + w.start * L.v_token, L.v_token};
+  S.scores.resize(G * TILE);
+  S.m.assign(G, -std::numeric_limits<acc_t>::infinity());
+  S.l.assign(G, acc_t(0));
+  acc_t* scores = S.scores.data();
+  std::fill(out, out + G * DV, acc_t(0));
+  auto prefetch = [&](int64_t row) {  // a row AHEAD tiles on, if the item has it
+    if (row < len) {
+      prefetch_row(keys[row], D);
+      prefetch_row(values[row], DV);
+    }
+  };
+  for (int64_t row = 0; row < std::min<int64_t>(AHEAD * TILE, len); ++row) prefetch(row);
+  for (int64_t t0 = 0; t0 < len; t0 += TILE) {
+    const int64_t n = std::min(TILE, len - t0);
+    const StridedRows<acc_t> k = keys.from(t0), v = values.from(t0);
+    int64_t i = 0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      for (; i + 4 <= n; i += 4) {
+        for (int j = 0; j < 4; ++j) prefetch(t0 + AHEAD * TILE + i + j);
+        const float* k4[4] = {k[i], k[i + 1], k[i + 2], k[i + 3]};
+        for_query_blocks(G, [&](auto qb, int64_t j) {
+          constexpr int QB = decltype(qb)::value;
+          score_four_keys<QB>(q + j * D, k4, D, scores + j * TILE + i, TILE);
+        });
+      }
+    }
+    for (; i < n; ++i) {
+      prefetch(t0 + AHEAD * TILE + i);
+      for_query_blocks(G, [&](auto qb, int64_t j) {
+        constexpr int QB = decltype(qb)::value;
+        score_one_key<QB, acc_t>(q + j * D, k[i], D, scores + j * TILE + i, TILE);
+      });
+    }
+    softmax_tile(scores, n, G, S.m.data(), S.l.data(), out, DV);
+    for_query_blocks(G, [&](auto qb, int64_t j) {
+      constexpr int QB = decltype(qb)::value;
+      value_block<QB, acc_t>(scores + j * TILE, TILE, v, n, DV, out + j * DV);
+    });
+  }
+  finish(G, S.m.data(), S.l.data(), out, DV, lse2);
+}
 
 // Online-softmax attention of the query groups of KV heads [w.head, w.head + w.n_heads) of
 // sequence w.b over its tokens [w.start, w.end). q: those heads' queries (n_heads * group,
@@ -215,44 +319,19 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
         });
       }
     }
-    // Online softmax: new running max, rescale what was accumulated, probabilities.
-    for (int64_t r = 0; r < NQ; ++r) {
-      acc_t* sr = scores + r * TILE;
-      acc_t tile_max = sr[0];
-#pragma omp simd reduction(max : tile_max)
-      for (int64_t i = 1; i < n; ++i) tile_max = std::max(tile_max, sr[i]);
-      const acc_t m_new = std::max(m[r], tile_max);
-      if (m_new > m[r]) {
-        const acc_t alpha = std::exp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
-        l[r] *= alpha;
-        acc_t* o = out + r * DV;
-#pragma omp simd
-        for (int64_t d = 0; d < DV; ++d) o[d] *= alpha;
-        m[r] = m_new;
-      }
-      l[r] += exp2_tile(sr, n, m_new);
-    }
+    softmax_tile(scores, n, NQ, m, l, out, DV);
     // Values: each V row read once for its whole query group.
     for (int64_t h = 0; h < NH; ++h) {
       for_query_blocks(G, [&](auto qb, int64_t j) {
         constexpr int QB = decltype(qb)::value;
         const int64_t row = h * G + j;
-        value_block<QB, acc_t>(scores + row * TILE, TILE, S.v_rows.data() + h, NH, n, DV,
+        value_block<QB, acc_t>(scores + row * TILE, TILE,
+                               GatheredRows<acc_t>{S.v_rows.data() + h, NH}, n, DV,
                                out + row * DV);
       });
     }
   }
-  for (int64_t r = 0; r < NQ; ++r) {
-    acc_t* o = out + r * DV;
-    if (l[r] > 0) {
-      const acc_t inv = acc_t(1) / l[r];
-#pragma omp simd
-      for (int64_t d = 0; d < DV; ++d) o[d] *= inv;
-      lse2[r] = m[r] + std::log2(l[r]);
-    } else {  // no keys: zeros and lse -inf
-      lse2[r] = -std::numeric_limits<acc_t>::infinity();
-    }
-  }
+  finish(NQ, m, l, out, DV, lse2);
 }
 
 // Lengths and the block ids in use within range; the same messages as the Python checks.
@@ -367,8 +446,14 @@ void run(const Layout& L, const at::Tensor& q, const scalar_t* K, const scalar_t
                                         : part_out.data() + (w.part * H + row) * DV;
                        acc_t* s = whole ? lse_acc.data() + w.b * H + row
                                         : part_lse.data() + w.part * H + row;
-                       attend<scalar_t, acc_t>(L, K, V, qs.data() + (w.b * H + row) * D, w, o, s,
-                                               scratch);
+                       const acc_t* q_item = qs.data() + (w.b * H + row) * D;
+                       if constexpr (std::is_same_v<scalar_t, acc_t>) {
+                         if (strided_item(L, w)) {
+                           attend_strided<acc_t>(L, K, V, q_item, w, o, s, scratch);
+                           continue;
+                         }
+                       }
+                       attend<scalar_t, acc_t>(L, K, V, q_item, w, o, s, scratch);
                      }
                    });
 

@@ -14,6 +14,23 @@
 
 namespace decode_blocks {
 
+// A tile's K or V rows, row i at rows[i]. Gathered: through a table of row pointers, `step`
+// apart (a paged pool's rows, or rows widened to acc_t). Strided: base + i * stride, no table
+// (one KV head of a contiguous cache), so reading a row costs no load of its address.
+template <typename T>
+struct GatheredRows {
+  const T* const* table;
+  int64_t step;
+  const T* operator[](int64_t i) const { return table[i * step]; }
+};
+template <typename T>
+struct StridedRows {
+  const T* base;
+  int64_t stride;
+  const T* operator[](int64_t i) const { return base + i * stride; }
+  StridedRows from(int64_t i) const { return {base + i * stride, stride}; }
+};
+
 // exp2(s[i] - m) in place for a tile's scores; returns their sum.
 inline float exp2_tile(float* s, int64_t n, float m) {
   float sum = 0;
@@ -119,19 +136,19 @@ inline void score_four_keys(const float* q, const float* const* k, int64_t dim, 
   }
 }
 
-// out[qb] += sum_i p[qb * stride + i] * rows[i * row_step] over dims [d0, d0 + W * L), for
-// QB queries: QB x W accumulators held in registers across the tile's n rows, so each row
-// loads W vectors and QB broadcasts for QB * W FMAs.
-template <int QB, int W, typename acc_t>
-inline void value_chunk(const acc_t* p, int64_t stride, const acc_t* const* rows,
-                        int64_t row_step, int64_t n, int64_t v_dim, int64_t d0, acc_t* out) {
+// out[qb] += sum_i p[qb * stride + i] * rows[i] over dims [d0, d0 + W * L), for QB queries:
+// QB x W accumulators held in registers across the tile's n rows, so each row loads W
+// vectors and QB broadcasts for QB * W FMAs.
+template <int QB, int W, typename acc_t, typename Rows>
+inline void value_chunk(const acc_t* p, int64_t stride, Rows rows, int64_t n, int64_t v_dim,
+                        int64_t d0, acc_t* out) {
   constexpr int64_t L = LANES<acc_t>;
   Vec<acc_t> a[QB][W];
   for (int qb = 0; qb < QB; ++qb) {
     for (int w = 0; w < W; ++w) a[qb][w] = load(out + qb * v_dim + d0 + w * L);
   }
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t* v = rows[i * row_step] + d0;
+    const acc_t* v = rows[i] + d0;
     Vec<acc_t> vv[W];
     for (int w = 0; w < W; ++w) vv[w] = load(v + w * L);
     for (int qb = 0; qb < QB; ++qb) {
@@ -144,26 +161,26 @@ inline void value_chunk(const acc_t* p, int64_t stride, const acc_t* const* rows
   }
 }
 
-// out[qb] += sum_i p[qb * stride + i] * rows[i * row_step] for QB queries over all v_dim
-// dims: chunks of 4 vectors (16 accumulators at QB = 4), then 2, then 1, then scalars.
-template <int QB, typename acc_t>
-inline void value_block(const acc_t* p, int64_t stride, const acc_t* const* rows,
-                        int64_t row_step, int64_t n, int64_t v_dim, acc_t* out) {
+// out[qb] += sum_i p[qb * stride + i] * rows[i] for QB queries over all v_dim dims: chunks
+// of 4 vectors (16 accumulators at QB = 4), then 2, then 1, then scalars.
+template <int QB, typename acc_t, typename Rows>
+inline void value_block(const acc_t* p, int64_t stride, Rows rows, int64_t n, int64_t v_dim,
+                        acc_t* out) {
   constexpr int64_t L = LANES<acc_t>;
   int64_t d0 = 0;
   for (; d0 + 4 * L <= v_dim; d0 += 4 * L)
-    value_chunk<QB, 4>(p, stride, rows, row_step, n, v_dim, d0, out);
+    value_chunk<QB, 4>(p, stride, rows, n, v_dim, d0, out);
   if (d0 + 2 * L <= v_dim) {
-    value_chunk<QB, 2>(p, stride, rows, row_step, n, v_dim, d0, out);
+    value_chunk<QB, 2>(p, stride, rows, n, v_dim, d0, out);
     d0 += 2 * L;
   }
   if (d0 + L <= v_dim) {
-    value_chunk<QB, 1>(p, stride, rows, row_step, n, v_dim, d0, out);
+    value_chunk<QB, 1>(p, stride, rows, n, v_dim, d0, out);
     d0 += L;
   }
   if (d0 == v_dim) return;
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t* v = rows[i * row_step];
+    const acc_t* v = rows[i];
     for (int qb = 0; qb < QB; ++qb) {
       const acc_t pi = p[qb * stride + i];
       for (int64_t d = d0; d < v_dim; ++d) out[qb * v_dim + d] += pi * v[d];
