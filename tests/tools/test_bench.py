@@ -203,7 +203,10 @@ def test_quick_run_of_the_kernel_targets_reports_measured_ratios(capsys):
         "softmax causal attention (attnkit auto)"
     }
     decode = [r for r in rows if r["target"] == 3]
-    assert len(decode) == 4 * 3  # 4 problems x (contiguous, paged vs floor, paged vs contiguous)
+    # 4 problems x (contiguous vs floor and vs a plain read, the read vs floor, paged vs floor
+    # and vs contiguous)
+    assert len(decode) == 4 * 5
+    assert sum(r["baseline"] == "torch sum of the K/V (a plain read)" for r in decode) == 4
     (mla,) = [r for r in rows if r["target"] == 4]
     assert "cache 2304 B/token/layer" in mla["note"]  # (512 + 64) x float32, as the formula
 
