@@ -71,25 +71,33 @@ inline Float8 fold_to_8_lanes(V v) {
   }
 }
 
-// Asks for the cache line holding p to be brought into L2 (prefetcht2). On x86-64 it is an
-// asm statement: GCC 12 at -O3 deleted __builtin_prefetch from a small loop over a row's
-// lines (the decode kernel lost its prefetching and a third of its speed, unnoticed).
-inline void prefetch_l2(const void* p) {
+// The cache a software prefetch fills: L1 (prefetcht0) or L2 (prefetcht2).
+enum class CacheLevel { L1, L2 };
+
+// Asks for the cache line holding p to be brought into `level`. On x86-64 it is an asm
+// statement: GCC 12 at -O3 deleted __builtin_prefetch from a small loop over a row's lines
+// (the decode kernel lost its prefetching and a third of its speed, unnoticed).
+template <CacheLevel level = CacheLevel::L2>
+inline void prefetch_line(const void* p) {
 #if defined(__x86_64__)
-  asm volatile("prefetcht2 %0" : : "m"(*static_cast<const char*>(p)));
+  if constexpr (level == CacheLevel::L1) {
+    asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  } else {
+    asm volatile("prefetcht2 %0" : : "m"(*static_cast<const char*>(p)));
+  }
 #else
-  __builtin_prefetch(p, 0, 1);
+  __builtin_prefetch(p, 0, level == CacheLevel::L1 ? 3 : 1);
 #endif
 }
 
-// Asks for a row's cache lines (n elements) to be brought into L2, one prefetch per line.
-// Unrolled: rolled, the loop's counter and branch took more instructions than the decode
-// kernel's FMAs (a 32-token tile prefetches 512 lines); unrolled, its contiguous reads ran
-// 5-10% faster on a Zen 5 EPYC (builds timed in turn).
+// Asks for a row's cache lines (n elements) to be brought into `level`, one prefetch per
+// line. Unrolled: rolled, the loop's counter and branch took more instructions than the
+// decode kernel's FMAs (a 32-token tile prefetches 512 lines); unrolled, its contiguous reads
+// ran 5-10% faster on a Zen 5 EPYC (builds timed in turn).
 constexpr int64_t CACHE_LINE_BYTES = 64;
-template <typename T>
+template <CacheLevel level = CacheLevel::L2, typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   constexpr int64_t line = CACHE_LINE_BYTES / sizeof(T);
 #pragma GCC unroll 8
-  for (int64_t d = 0; d < n; d += line) prefetch_l2(row + d);
+  for (int64_t d = 0; d < n; d += line) prefetch_line<level>(row + d);
 }
