@@ -8,7 +8,8 @@ sequence's query attends to its first `lengths[b]` keys. Backends:
   through their strides, each row streamed once for its whole GQA query group, the
   context split across threads when there are few sequences. float32/float64, and bfloat16/
   float16 widened to float32 on load.
-- `torch`: `attnkit.attention` with key padding (any device and dtype).
+- `torch`: `attnkit.attention` with key padding on torch ops (the `tiled` backend; `reference`
+  in float64), any device and dtype.
 - `auto`: `cpp` for CPU tensors when the kernel builds and no input requires grad (the
   kernel has no backward), else `torch`.
 """
@@ -23,7 +24,7 @@ from torch import Tensor
 from attnkit.ops import cpu_decode
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import padding
-from attnkit.ops.paged_decode import check_tensors_and_options
+from attnkit.ops.paged_decode import check_tensors_and_options, torch_path_backend
 
 BACKENDS = ("auto", "cpp", "torch")
 
@@ -77,7 +78,7 @@ def _torch_path(q, k, v, lengths, scale) -> tuple[Tensor, Tensor]:
         mask,
         scale=scale,
         return_lse=True,
-        backend="reference" if q.dtype == torch.float64 else "auto",
+        backend=torch_path_backend(q),
     )
     return out.squeeze(2), lse.squeeze(2)
 

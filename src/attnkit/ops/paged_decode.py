@@ -4,8 +4,9 @@
 at decode time that copy moves every cached byte twice. `paged_decode` reads the blocks in
 place through the block table instead. Backends:
 
-- `torch`: gather the blocks, then `attnkit.attention` with key padding. Any device and
-  dtype, float64 included; the reference the kernel is tested against.
+- `torch`: gather the blocks, then `attnkit.attention` with key padding on torch ops (the
+  `tiled` backend; `reference` in float64). Any device and dtype; the baseline the kernels
+  are tested against.
 - `triton` (CUDA, or the Triton interpreter with `TRITON_INTERPRET=1` on CPU): a split-K
   kernel (FlashDecoding). Each program takes one sequence, one KV head with its whole query
   group folded into the tile's rows (GQA: K/V read once per group, not once per query head)
@@ -117,9 +118,17 @@ def _gathered(q, k_pool, v_pool, block_table, lengths, scale, longest) -> tuple[
         padding(lengths.to(k.device)),
         scale=scale,
         return_lse=True,
-        backend="reference" if q.dtype == torch.float64 else "auto",
+        backend=torch_path_backend(q),
     )
     return out.squeeze(2), lse.squeeze(2)
+
+
+def torch_path_backend(q: Tensor) -> str:
+    """The `attnkit.attention` backend of the `torch` paths here and in decode_attention:
+    torch ops only, never the C++ decode kernel that `auto` would pick on CPU (a `torch`
+    answer is the baseline the kernel is tested and timed against): `reference` in float64,
+    else `tiled` (which returns the lse torch SDPA does not)."""
+    return "reference" if q.dtype == torch.float64 else "tiled"
 
 
 def _in_use(block_table: Tensor, lengths: Tensor, block_size: int) -> Tensor:
