@@ -297,8 +297,9 @@ def test_contiguous_split_counts_and_strided_last_dim():
 
 
 def test_contiguous_float32_slices_merge_to_the_reference():
-    # Split slices start mid-tile and end on a partial one (1027 tokens, 32-token tiles), in
-    # the strided path that reads one KV head of a contiguous cache in place.
+    # The strided path (one KV head of a contiguous cache, read in place) on slices that start
+    # off the 32-token grid and end on a partial tile, and with 64 splits on slices past the
+    # end (start == end == length > 0).
     g = torch.Generator().manual_seed(13)
     q = torch.randn(2, 12, 40, generator=g)
     k = torch.randn(2, 4, 1027, 40, generator=g)
@@ -307,7 +308,7 @@ def test_contiguous_float32_slices_merge_to_the_reference():
     want, want_lse = reference_decode(q, k, v, lengths)
     plain, plain_lse = decode_attention(q, k, v, lengths, backend="torch", return_lse=True)
     answers = []
-    for splits in (1, 3, 7, None):
+    for splits in (1, 3, 7, 64, None):
         out, lse = decode_attention(
             q, k, v, lengths, backend="cpp", num_splits=splits, return_lse=True
         )
@@ -315,6 +316,32 @@ def test_contiguous_float32_slices_merge_to_the_reference():
         assert_close_to(lse, want_lse, plain_lse, torch.float32, f"lse, {splits} splits")
         answers.append(out)
     assert all(max_err(a, answers[0]) < 1e-6 for a in answers)
+
+
+def test_the_torch_backends_never_call_the_kernel(monkeypatch):
+    # `backend="torch"` is the plain-torch baseline the kernel is tested against: on CPU it
+    # must not end in the kernel itself (attnkit.attention's `auto` would pick it).
+    def refuse(*args, **kwargs):
+        raise AssertionError("backend='torch' called the C++ decode kernel")
+
+    monkeypatch.setattr(cpu_decode, "cpp_decode", refuse)
+    monkeypatch.setattr(cpu_decode, "decode_contiguous", refuse)
+    q, k, v, table, lens = make_problem(8, 2, 32, 32, [9, 20], 8, dtype=torch.float32)
+    want, _ = oracle(q, k, v, table, lens, 32**-0.5)
+    paged = paged_decode(q, k, v, table, lens, backend="torch")
+    assert max_err(paged, want) < 1e-5
+    k_seq = torch.randn(2, 2, 20, 32)
+    v_seq = torch.randn(2, 2, 20, 32)
+    out = decode_attention(q, k_seq, v_seq, torch.tensor([20, 5]), backend="torch")
+    want, _ = reference_decode(q, k_seq, v_seq, torch.tensor([20, 5]))
+    assert max_err(out, want) < 1e-5
+
+
+def test_the_torch_backend_takes_an_empty_batch_with_lengths():
+    q, k, v = torch.randn(0, 4, 8), torch.randn(0, 2, 5, 8), torch.randn(0, 2, 5, 8)
+    for backend in ("torch", "cpp"):
+        out = decode_attention(q, k, v, torch.zeros(0, dtype=torch.long), backend=backend)
+        assert out.shape == (0, 4, 8)
 
 
 def test_token_major_k_v_take_the_whole_token_path():

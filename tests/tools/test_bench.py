@@ -229,7 +229,7 @@ def test_markdown_output_is_a_table_with_footnotes(capsys):
     assert "[1] cache 2304 B/token/layer" in out
 
 
-def test_pair_times_the_two_calls_in_turn_after_one_warm_up_each():
+def test_pair_and_in_turn_time_the_calls_in_turn_after_one_warm_up_each():
     from attnkit.tools.bench.core import Timer
 
     calls = []
@@ -237,6 +237,10 @@ def test_pair_times_the_two_calls_in_turn_after_one_warm_up_each():
     ours, theirs = Timer(3).pair(slow("a"), slow("b"))
     assert calls == ["a", "b"] * 4  # a warm-up each, then three alternating rounds
     assert 0.06 <= ours < 1 and 0.06 <= theirs < 1
+    calls.clear()
+    times = Timer(3).in_turn(slow("a"), slow("b"), slow("c"))
+    assert calls == ["a", "b", "c"] * 4 and len(times) == 3
+    assert all(0.06 <= t < 1 for t in times)
 
 
 def test_calls_too_quick_to_time_once_get_more_repeats_up_to_a_cap():

@@ -56,8 +56,9 @@ constexpr int64_t TILE = 32;
 // much less; 2 or 4 tiles ahead (with 8- to 32-token tiles) measured the same as 1.
 constexpr int AHEAD = 1;
 // An item of several KV heads scores 4 keys of one head at a time (QB x 4 accumulators: the
-// fewest loads per FMA), which reads 4 tokens' rows side by side. Where a token's K rows
-// span this many bytes or more, it scores one key at a time in memory order instead. On a
+// fewest loads per FMA), which reads 4 tokens' rows side by side. Where its rows are read in
+// place (not widened on load: measured in float32 only) and a token's K rows span this many
+// bytes or more, it scores one key at a time in memory order instead. On a
 // Zen 5 EPYC, paged pools of 16-token blocks, builds timed in turn: at 4 KiB a token (GQA
 // 32/8 d128) memory order read 1.2-1.5x faster, as fast as a contiguous cache (a loop of
 // the kernel's loads alone, no arithmetic, ran just as slowly in the 4-key order); at 2 KiB
@@ -65,10 +66,10 @@ constexpr int AHEAD = 1;
 // 5-9% slower.
 constexpr int64_t MEMORY_ORDER_TOKEN_BYTES = 1024;
 // The cache the prefetches fill. Into L2 on the Xeon: into L1 it read much slower. On AMD
-// Zen (GCC's -march=native names them znverN) into L1: on a Zen 5 EPYC it read contiguous
-// K/V 3-10% faster from a slow memory and 17-24% faster from a fast one, paged pools 0-13%
-// (GQA 32/8 d128, batch 1-32, builds timed in turn); a pattern of the kernel's loads with
-// no arithmetic ran no faster than the whole kernel with L2 prefetches, and faster without.
+// Zen into L1: on a Zen 5 EPYC that read contiguous K/V 3-10% faster from a slow memory and
+// 17-24% faster from a fast one, paged pools 0-13% (GQA 32/8 d128, batch 1-32, builds timed
+// in turn). Only -march=native (or znverN) on a Zen host names it; an x86-64-v3 or -v4 build
+// there prefetches into L2.
 #if defined(__znver1__) || defined(__znver2__) || defined(__znver3__) || defined(__znver4__) || \
     defined(__znver5__)
 constexpr CacheLevel KV_PREFETCH = CacheLevel::L1;
@@ -183,6 +184,7 @@ void attend_strided(const Layout& L, const acc_t* K, const acc_t* V, const acc_t
       prefetch_row<KV_PREFETCH>(values[row], DV);
     }
   };
+  // The first AHEAD tiles at once: no arithmetic runs before them to spread them over.
   for (int64_t row = 0; row < std::min<int64_t>(AHEAD * TILE, len); ++row) prefetch(row);
   for (int64_t t0 = 0; t0 < len; t0 += TILE) {
     const int64_t n = std::min(TILE, len - t0);
@@ -222,8 +224,6 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
             const WorkItem& w, acc_t* out, acc_t* lse2, Scratch<acc_t>& S) {
   const int64_t G = L.group, D = L.dim, DV = L.v_dim, NH = w.n_heads, NQ = NH * G;
   const int64_t tile_tokens = NH == 1 ? TILE : TILE / 2;
-  const bool in_memory_order =
-      NH > 1 && L.k_token * static_cast<int64_t>(sizeof(scalar_t)) >= MEMORY_ORDER_TOKEN_BYTES;
   S.scores.resize(NQ * TILE);
   S.m.assign(NQ, -std::numeric_limits<acc_t>::infinity());
   S.l.assign(NQ, acc_t(0));
@@ -231,6 +231,9 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
   S.v_rows.resize(TILE * NH);
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   constexpr bool quantized = std::is_same_v<scalar_t, int8_t>;
+  const bool in_memory_order = !convert && NH > 1 &&
+                               L.k_token * static_cast<int64_t>(sizeof(scalar_t)) >=
+                                   MEMORY_ORDER_TOKEN_BYTES;
   if (convert) {
     S.kbuf.resize(TILE * NH * D);
     S.vbuf.resize(TILE * NH * DV);
@@ -308,8 +311,8 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
     // Scores: each K row read once for its whole query group. float32 takes 4 keys of a head
     // at a time, unless the item's tokens are wide (see MEMORY_ORDER_TOKEN_BYTES): then the
     // rows go one at a time in memory order.
-    // The next tile's rows are prefetched a row per row scored, in memory order (token, then
-    // KV head), and the rest after the scores.
+    // The next tile's rows are prefetched a row per row scored (a tile is never shorter than
+    // the one after it), in memory order: token, then KV head.
     int64_t pf_token = 0, pf_head = 0;
     auto prefetch_next = [&] {
       if (pf_token < n_next) {
@@ -349,7 +352,6 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
         });
       }
     }
-    while (pf_token < n_next) prefetch_next();
     softmax_tile(scores, n, NQ, m, l, out, DV);
     // Values: each V row read once for its whole query group.
     for (int64_t h = 0; h < NH; ++h) {

@@ -97,7 +97,10 @@ inline void prefetch_line(const void* p) {
 constexpr int64_t CACHE_LINE_BYTES = 64;
 template <CacheLevel level = CacheLevel::L2, typename T>
 inline void prefetch_row(const T* row, int64_t n) {
-  constexpr int64_t line = CACHE_LINE_BYTES / sizeof(T);
+  // Every line the row touches: from the start of its first line (a row need not begin on
+  // one) to its last element.
+  const uintptr_t end = reinterpret_cast<uintptr_t>(row + n);
+  uintptr_t at = reinterpret_cast<uintptr_t>(row) & ~uintptr_t(CACHE_LINE_BYTES - 1);
 #pragma GCC unroll 8
-  for (int64_t d = 0; d < n; d += line) prefetch_line<level>(row + d);
+  for (; at < end; at += CACHE_LINE_BYTES) prefetch_line<level>(reinterpret_cast<const void*>(at));
 }

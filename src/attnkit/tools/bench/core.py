@@ -120,6 +120,10 @@ class Timer:
         warm-up call each: a drift in the machine's speed (a shared host) falls on both."""
         return self._medians((ours, theirs), repeats)
 
+    def in_turn(self, *fns: Callable[[], object]) -> tuple[float, ...]:
+        """`pair` for any number of calls: each one's median seconds, timed in turn."""
+        return self._medians(fns, None)
+
     def _medians(self, fns, repeats: int | None) -> tuple[float, ...]:
         """Each of `fns` called in turn, one warm-up round then the timed rounds; the
         rounds are counted from the fastest round so far, so a slow first call (a kernel
