@@ -243,6 +243,26 @@ def test_pair_and_in_turn_time_the_calls_in_turn_after_one_warm_up_each():
     assert all(0.06 <= t < 1 for t in times)
 
 
+def test_in_turn_runs_before_ahead_of_every_call_untimed():
+    from attnkit.tools.bench.core import Timer
+
+    calls = []
+    slow = lambda name, s: lambda: (calls.append(name), time.sleep(s))  # noqa: E731
+    times = Timer(3).in_turn(slow("a", 0.06), slow("b", 0.06), before=slow("x", 0.2))
+    assert calls == ["x", "a", "x", "b"] * 4
+    assert all(0.06 <= t < 0.2 for t in times)  # the 0.2 s before each call is not counted
+
+
+def test_the_cache_evictor_copies_twice_the_last_level_cache():
+    from attnkit.tools.bench.core import CacheEvictor, last_level_cache_bytes
+
+    evict = CacheEvictor()
+    assert evict.src.nbytes >= max(64 * 2**20, 2 * last_level_cache_bytes())
+    assert evict.dst.nbytes == evict.src.nbytes
+    evict()
+    assert bool((evict.dst == 1).all())
+
+
 def test_calls_too_quick_to_time_once_get_more_repeats_up_to_a_cap():
     from attnkit.tools.bench.core import Timer
 

@@ -120,20 +120,25 @@ class Timer:
         warm-up call each: a drift in the machine's speed (a shared host) falls on both."""
         return self._medians((ours, theirs), repeats)
 
-    def in_turn(self, *fns: Callable[[], object]) -> tuple[float, ...]:
-        """`pair` for any number of calls: each one's median seconds, timed in turn."""
-        return self._medians(fns, None)
+    def in_turn(
+        self, *fns: Callable[[], object], before: Callable[[], object] | None = None
+    ) -> tuple[float, ...]:
+        """`pair` for any number of calls: each one's median seconds, timed in turn.
+        `before`, if given, runs ahead of every call, untimed (`evict_caches`, say)."""
+        return self._medians(fns, None, before)
 
-    def _medians(self, fns, repeats: int | None) -> tuple[float, ...]:
+    def _medians(
+        self, fns, repeats: int | None, before: Callable[[], object] | None = None
+    ) -> tuple[float, ...]:
         """Each of `fns` called in turn, one warm-up round then the timed rounds; the
         rounds are counted from the fastest round so far, so a slow first call (a kernel
         built, weights packed) does not leave a quick one with the base repeats."""
         times: list[list[float]] = [[] for _ in fns]
         with torch.inference_mode():
-            fastest = sum(_seconds(fn) for fn in fns)
+            fastest = sum(_seconds(fn, before) for fn in fns)
             while len(times[0]) < self._repeats(repeats, fastest):
                 for fn, out in zip(fns, times, strict=True):
-                    out.append(_seconds(fn))
+                    out.append(_seconds(fn, before))
                 fastest = min(fastest, sum(out[-1] for out in times))
         return tuple(statistics.median(out) for out in times)
 
@@ -143,10 +148,26 @@ class Timer:
         return max(repeats, min(self.MAX_REPEATS, wanted))
 
 
-def _seconds(fn: Callable[[], object]) -> float:
+def _seconds(fn: Callable[[], object], before: Callable[[], object] | None = None) -> float:
+    if before is not None:
+        before()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+class CacheEvictor:
+    """A call that leaves the CPU caches holding none of what ran before it: a copy between
+    two buffers each twice the last-level cache (at least 64 MiB). Run before a timed call
+    (`Timer.in_turn(..., before=CacheEvictor())`), it makes that call read its data from
+    memory."""
+
+    def __init__(self) -> None:
+        self.src = torch.ones(max(64 * 2**20, 2 * last_level_cache_bytes()) // 4)
+        self.dst = torch.empty_like(self.src)
+
+    def __call__(self) -> None:
+        self.dst.copy_(self.src)
 
 
 def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
