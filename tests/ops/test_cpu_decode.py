@@ -116,6 +116,24 @@ def test_split_counts_give_the_same_answer(dtype):
         assert max_err(lse, first_lse) < tol * lse_scale
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("num_splits", [None, 3, 7])
+@pytest.mark.parametrize("block_size", [24, 48])
+@pytest.mark.parametrize("shape", [(9, 3, 64, 64), (8, 1, 256, 200), (32, 8, 128, 128)], ids=str)
+def test_blocks_of_other_sizes_and_slices_that_start_inside_a_block(
+    shape, block_size, num_splits, dtype
+):
+    """Blocks longer than a tile (48 tokens) or not a multiple of 16 (24), with context slices
+    that start inside a block: read in place, a tile stops at its block's end, and the tile
+    after a short one must still be read whole. One KV head of 1 KiB tokens (8/1 d256) is read
+    in place too; 32/8 d128 goes one key at a time in memory order."""
+    h, kvh, d, dv = shape
+    q, k, v, table, lens = make_problem(
+        h, kvh, d, dv, [500, 37, 1, 130], block_size, dtype=dtype, seed=13
+    )
+    check_paged(q, k, v, table, lens, num_splits=num_splits)
+
+
 def test_more_splits_than_tokens():
     q, k, v, table, lens = make_problem(4, 2, 16, 16, [3, 1, 0], 4, dtype=torch.float64)
     check_paged(q, k, v, table, lens, num_splits=8)
@@ -397,7 +415,7 @@ def paged_problems(draw):
     group = draw(st.integers(1, 9))
     d = draw(st.integers(1, 70))
     dv = draw(st.sampled_from([d, draw(st.integers(1, 70))]))
-    block_size = draw(st.sampled_from([1, 3, 16, 64]))
+    block_size = draw(st.sampled_from([1, 3, 16, 24, 48, 64]))
     lengths = draw(st.lists(st.integers(0, 700), min_size=1, max_size=4))
     splits = draw(st.sampled_from([None, 1, 2, 5]))
     seed = draw(st.integers(0, 2**16))

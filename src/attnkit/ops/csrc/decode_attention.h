@@ -7,7 +7,7 @@
 // contiguous cache (one block per sequence, no table). For each (sequence, KV head) the whole
 // query group (heads / kv_heads query heads) is processed together, so every K and V row is
 // streamed from memory once for all of them. Each work item walks a slice of the context a
-// tile of tokens at a time (TILE, or TILE / 2 with several KV heads): scores for the tile, an
+// tile of tokens at a time (see TILE): scores for the tile, an
 // online softmax (running max, running sum, rescaled accumulator) in float32 (float64 for
 // float64 inputs), then the value rows. A work item takes one KV head, or every KV head of
 // its tokens when their rows lie side by side (a paged pool: the item then streams whole
@@ -15,8 +15,11 @@
 // every thread busy the context is split (FlashDecoding) and the slices' partial outputs
 // merge by log-sum-exp. Work items are handed out dynamically, longest first, so ragged
 // batches stay balanced. The next tile's rows are prefetched while the current one computes.
-// An item of one KV head in a contiguous cache reads its rows in place at their stride
-// (attend_strided); the others gather a tile's row addresses first (attend).
+// Rows in float32 or float64 are read in place at their stride (attend_in_place): one KV head
+// of a contiguous cache, or every KV head of a paged pool's tokens a block at a time. The
+// others gather a tile's row addresses first (attend): rows widened on load (bfloat16,
+// float16, int8), blocks of under 16 tokens, and wide tokens scored one key at a time in
+// memory order.
 //
 // The tile's arithmetic (scores 4 keys at a time, exp2, the value sums) is in decode_blocks.h.
 //
@@ -43,9 +46,10 @@
 
 namespace decode_attention {
 
-// Tokens whose scores are computed before their values are read: TILE for an item of one
-// KV head, TILE / 2 for one of several (a paged pool's tokens, every KV head: 128 KiB of
-// K/V a tile at 8 heads of d 128). 16 and 32 measured alike on a Xeon; on a Zen 5 EPYC 32
+// Tokens whose scores are computed before their values are read: at most TILE, and within
+// one block, read in place (attend_in_place: a paged pool's 16-token blocks make 16-token
+// tiles); gathered (attend), TILE for an item of one KV head, TILE / 2 for one of several
+// (wide tokens, every KV head: 128 KiB of K/V a tile at 8 heads of d 128). 16 and 32 measured alike on a Xeon; on a Zen 5 EPYC 32
 // read one head's K/V 10-14% faster than 16 (GQA 32/8 d128, batch 1-32, builds timed in
 // turn), while a paged tile of 32 tokens gained nothing and 64 lost (its K/V outgrow the
 // share of L2 they should use).
@@ -154,66 +158,120 @@ void finish(int64_t nq, const acc_t* m, const acc_t* l, acc_t* out, int64_t dv, 
   }
 }
 
-// Whether an item's rows can be read in place at a fixed stride: one KV head of a sequence
-// that is one block (a contiguous cache). Its rows must also be in acc_t already (float32 or
-// float64, not widened on load): the caller checks that at compile time.
-inline bool strided_item(const Layout& L, const WorkItem& w) {
-  return L.table == nullptr && w.n_heads == 1;
+// Whether an item is read in place (attend_in_place) rather than through gathered row
+// pointers (attend). Its rows must be in acc_t already (float32 or float64, not widened on
+// load): the caller checks that at compile time. Then: one KV head of a contiguous cache; or
+// a paged pool's item (every KV head) with blocks of at least 16 tokens, unless its tokens
+// span MEMORY_ORDER_TOKEN_BYTES or more over several heads (those go one key at a time in
+// memory order, in attend). Smaller blocks would cut the tiles short.
+inline bool in_place_item(const Layout& L, const WorkItem& w, int64_t element_bytes) {
+  if (L.table == nullptr) return w.n_heads == 1;
+  return L.block_size >= 16 &&
+         (w.n_heads == 1 || L.k_token * element_bytes < MEMORY_ORDER_TOKEN_BYTES);
 }
 
-// attend() for a strided item: the same arithmetic in the same order, with row addresses
-// computed rather than gathered into tables a tile at a time. That bookkeeping (a pointer
-// per row, a block-table walk, the prefetch loop's checks) took as many instructions as the
-// FMAs on one head of a contiguous cache.
+// attend() for an in_place_item, the same arithmetic in the same order. A tile is a run of
+// at most TILE tokens within one block (a contiguous cache: one block per sequence), and in
+// it each KV head's rows lie at the token stride, so they are read in place (StridedRows)
+// rather than through tables of row pointers filled a tile at a time. On one head of a
+// contiguous cache that bookkeeping (a pointer per row, a block-table walk, the prefetch
+// loop's checks) took as many instructions as the FMAs. On SmolLM2-shaped paged pools (9/3
+// d64, 16-token blocks) reading in place ran 0-9% faster from memory and 8-13% faster from
+// L2 than gathering (Zen 5 EPYC, builds timed in turn); contiguous caches as before.
 template <typename acc_t>
-void attend_strided(const Layout& L, const acc_t* K, const acc_t* V, const acc_t* q,
-                    const WorkItem& w, acc_t* out, acc_t* lse2, Scratch<acc_t>& S) {
-  const int64_t G = L.group, D = L.dim, DV = L.v_dim, len = w.end - w.start;
-  const StridedRows<acc_t> keys{K + w.b * L.k_block + w.head * L.k_head + w.start * L.k_token,
-                                L.k_token};
-  const StridedRows<acc_t> values{
-      V + w.b * L.v_block + w.head * L.v_head + w.start * L.v_token, L.v_token};
-  S.scores.resize(G * TILE);
-  S.m.assign(G, -std::numeric_limits<acc_t>::infinity());
-  S.l.assign(G, acc_t(0));
+void attend_in_place(const Layout& L, const acc_t* K, const acc_t* V, const acc_t* q,
+                     const WorkItem& w, acc_t* out, acc_t* lse2, Scratch<acc_t>& S) {
+  const int64_t G = L.group, D = L.dim, DV = L.v_dim, NH = w.n_heads, NQ = NH * G;
+  S.scores.resize(NQ * TILE);
+  S.m.assign(NQ, -std::numeric_limits<acc_t>::infinity());
+  S.l.assign(NQ, acc_t(0));
   acc_t* scores = S.scores.data();
-  std::fill(out, out + G * DV, acc_t(0));
-  auto prefetch = [&](int64_t row) {  // a row AHEAD tiles on, if the item has it
-    if (row < len) {
-      prefetch_row<KV_PREFETCH>(keys[row], D);
-      prefetch_row<KV_PREFETCH>(values[row], DV);
-    }
+  std::fill(out, out + NQ * DV, acc_t(0));
+  auto tile_end = [&](int64_t t0) {  // TILE tokens on, or the end of t0's block or the item
+    return std::min({t0 + TILE, (t0 / L.block_size + 1) * L.block_size, w.end});
   };
-  // The first AHEAD tiles at once: no arithmetic runs before them to spread them over.
-  for (int64_t row = 0; row < std::min<int64_t>(AHEAD * TILE, len); ++row) prefetch(row);
-  for (int64_t t0 = 0; t0 < len; t0 += TILE) {
-    const int64_t n = std::min(TILE, len - t0);
-    const StridedRows<acc_t> k = keys.from(t0), v = values.from(t0);
+  auto block = [&](int64_t t) {  // the block holding token t
+    return L.table ? L.table[w.b * L.table_stride + t / L.block_size] : w.b;
+  };
+  auto k_token = [&](int64_t t) {  // token t's first K row (KV head w.head)
+    return K + block(t) * L.k_block + (t % L.block_size) * L.k_token +
+           w.head * L.k_head;
+  };
+  auto v_token = [&](int64_t t) {
+    return V + block(t) * L.v_block + (t % L.block_size) * L.v_token +
+           w.head * L.v_head;
+  };
+  // The first tile at once (no arithmetic runs before it to spread it over): each token's
+  // rows of every head as one span (the heads lie side by side).
+  const int64_t k_span = (NH - 1) * L.k_head + D, v_span = (NH - 1) * L.v_head + DV;
+  for (int64_t t = w.start; t < (w.start < w.end ? tile_end(w.start) : w.start); ++t) {
+    prefetch_row<KV_PREFETCH>(k_token(t), k_span);
+    prefetch_row<KV_PREFETCH>(v_token(t), v_span);
+  }
+  int64_t t1 = 0;
+  for (int64_t t0 = w.start; t0 < w.end; t0 = t1) {
+    t1 = tile_end(t0);
+    const int64_t n = t1 - t0;
+    const int64_t n_next = t1 < w.end ? tile_end(t1) - t1 : 0;
+    const acc_t* kb = k_token(t0);
+    const acc_t* vb = v_token(t0);
+    // Scores: float32 takes 4 keys of one head at a time, token group by token group (the
+    // order of attend). The next tile's rows are prefetched a (token, head) row of K and of
+    // V per row scored, in memory order; what is left (a tile after a short one: a block's
+    // or an item's ragged start) goes after the scores. All of a token's rows at once, 24
+    // lines at SmolLM2's 9/3 d64, stalled on the fill buffers: 0.7x as fast from memory.
+    int64_t pf_token = 0, pf_head = 0;
+    const acc_t* pf_k = n_next > 0 ? k_token(t1) : nullptr;
+    const acc_t* pf_v = n_next > 0 ? v_token(t1) : nullptr;
+    auto prefetch_next = [&] {
+      if (pf_token < n_next) {
+        prefetch_row<KV_PREFETCH>(pf_k + pf_token * L.k_token + pf_head * L.k_head, D);
+        prefetch_row<KV_PREFETCH>(pf_v + pf_token * L.v_token + pf_head * L.v_head, DV);
+        if (++pf_head == NH) {
+          pf_head = 0;
+          ++pf_token;
+        }
+      }
+    };
     int64_t i = 0;
     if constexpr (std::is_same_v<acc_t, float>) {
       for (; i + 4 <= n; i += 4) {
-        for (int j = 0; j < 4; ++j) prefetch(t0 + AHEAD * TILE + i + j);
-        const float* k4[4] = {k[i], k[i + 1], k[i + 2], k[i + 3]};
-        for_query_blocks(G, [&](auto qb, int64_t j) {
-          constexpr int QB = decltype(qb)::value;
-          score_four_keys<QB>(q + j * D, k4, D, scores + j * TILE + i, TILE);
-        });
+        for (int64_t h = 0; h < NH; ++h) {
+          for (int j = 0; j < 4; ++j) prefetch_next();
+          const StridedRows<acc_t> k{kb + h * L.k_head, L.k_token};
+          const float* k4[4] = {k[i], k[i + 1], k[i + 2], k[i + 3]};
+          for_query_blocks(G, [&](auto qb, int64_t j) {
+            constexpr int QB = decltype(qb)::value;
+            const int64_t row = h * G + j;
+            score_four_keys<QB>(q + row * D, k4, D, scores + row * TILE + i, TILE);
+          });
+        }
       }
     }
     for (; i < n; ++i) {
-      prefetch(t0 + AHEAD * TILE + i);
+      for (int64_t h = 0; h < NH; ++h) {
+        prefetch_next();
+        const acc_t* k = kb + h * L.k_head + i * L.k_token;
+        for_query_blocks(G, [&](auto qb, int64_t j) {
+          constexpr int QB = decltype(qb)::value;
+          const int64_t row = h * G + j;
+          score_one_key<QB, acc_t>(q + row * D, k, D, scores + row * TILE + i, TILE);
+        });
+      }
+    }
+    while (pf_token < n_next) prefetch_next();
+    softmax_tile(scores, n, NQ, S.m.data(), S.l.data(), out, DV);
+    // Values: each V row read once for its whole query group.
+    for (int64_t h = 0; h < NH; ++h) {
+      const StridedRows<acc_t> v{vb + h * L.v_head, L.v_token};
       for_query_blocks(G, [&](auto qb, int64_t j) {
         constexpr int QB = decltype(qb)::value;
-        score_one_key<QB, acc_t>(q + j * D, k[i], D, scores + j * TILE + i, TILE);
+        const int64_t row = h * G + j;
+        value_block<QB, acc_t>(scores + row * TILE, TILE, v, n, DV, out + row * DV);
       });
     }
-    softmax_tile(scores, n, G, S.m.data(), S.l.data(), out, DV);
-    for_query_blocks(G, [&](auto qb, int64_t j) {
-      constexpr int QB = decltype(qb)::value;
-      value_block<QB, acc_t>(scores + j * TILE, TILE, v, n, DV, out + j * DV);
-    });
   }
-  finish(G, S.m.data(), S.l.data(), out, DV, lse2);
+  finish(NQ, S.m.data(), S.l.data(), out, DV, lse2);
 }
 
 // Online-softmax attention of the query groups of KV heads [w.head, w.head + w.n_heads) of
@@ -481,8 +539,8 @@ void run(const Layout& L, const at::Tensor& q, const scalar_t* K, const scalar_t
                                         : part_lse.data() + w.part * H + row;
                        const acc_t* q_item = qs.data() + (w.b * H + row) * D;
                        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-                         if (strided_item(L, w)) {
-                           attend_strided<acc_t>(L, K, V, q_item, w, o, s, scratch);
+                         if (in_place_item(L, w, sizeof(scalar_t))) {
+                           attend_in_place<acc_t>(L, K, V, q_item, w, o, s, scratch);
                            continue;
                          }
                        }

@@ -15,8 +15,9 @@
 namespace decode_blocks {
 
 // A tile's K or V rows, row i at rows[i]. Gathered: through a table of row pointers, `step`
-// apart (a paged pool's rows, or rows widened to acc_t). Strided: base + i * stride, no table
-// (one KV head of a contiguous cache), so reading a row costs no load of its address.
+// apart (rows widened to acc_t, or gathered from small blocks). Strided: base + i * stride, no
+// table (one KV head's rows in a block or a contiguous cache), so reading a row costs no load
+// of its address.
 template <typename T>
 struct GatheredRows {
   const T* const* table;
@@ -28,7 +29,6 @@ struct StridedRows {
   const T* base;
   int64_t stride;
   const T* operator[](int64_t i) const { return base + i * stride; }
-  StridedRows from(int64_t i) const { return {base + i * stride, stride}; }
 };
 
 // exp2(s[i] - m) in place for a tile's scores; returns their sum.
