@@ -119,14 +119,19 @@ def test_split_counts_give_the_same_answer(dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("num_splits", [None, 3, 7])
 @pytest.mark.parametrize("block_size", [24, 48])
-@pytest.mark.parametrize("shape", [(9, 3, 64, 64), (8, 1, 256, 200), (32, 8, 128, 128)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(9, 3, 64, 64), (8, 4, 16, 16), (6, 2, 33, 17), (8, 1, 256, 200), (32, 8, 128, 128)],
+    ids=str,
+)
 def test_blocks_of_other_sizes_and_slices_that_start_inside_a_block(
     shape, block_size, num_splits, dtype
 ):
     """Blocks longer than a tile (48 tokens) or not a multiple of 16 (24), with context slices
     that start inside a block: read in place, a tile stops at its block's end, and the tile
-    after a short one must still be read whole. One KV head of 1 KiB tokens (8/1 d256) is read
-    in place too; 32/8 d128 goes one key at a time in memory order."""
+    after a short one must still be read whole. Tokens under 1 KiB over several heads are read
+    in place in float64 too (8/4 d16, 6/2 d33; 9/3 d64 only in float32), as is one KV head in
+    48-token blocks (8/1 d256); 32/8 d128 goes one key at a time in memory order."""
     h, kvh, d, dv = shape
     q, k, v, table, lens = make_problem(
         h, kvh, d, dv, [500, 37, 1, 130], block_size, dtype=dtype, seed=13
@@ -147,14 +152,17 @@ def test_shared_blocks_and_a_custom_scale():
     check_paged(q, k, v, table, lens, scale=0.3)
 
 
+@pytest.mark.parametrize("block_size", [8, 24])  # gathered, read in place
 @pytest.mark.parametrize("num_splits", [1, 3, None])
-def test_nan_past_each_length_does_not_leak(num_splits):
-    q, k, v, table, lens = make_problem(6, 2, 24, 24, [13, 0, 32, 1], 8, dtype=torch.float64)
+def test_nan_past_each_length_does_not_leak(num_splits, block_size):
+    q, k, v, table, lens = make_problem(
+        6, 2, 24, 24, [13, 0, 50, 1], block_size, dtype=torch.float64
+    )
     want, want_lse = oracle(q, k, v, table, lens, 1 / math.sqrt(24))
     used = torch.zeros(k.shape[:2], dtype=torch.bool)  # (num_blocks, block_size)
     for b, n in enumerate(lens.tolist()):
         for t in range(n):
-            used[table[b, t // 8], t % 8] = True
+            used[table[b, t // block_size], t % block_size] = True
     k[~used], v[~used] = math.nan, math.nan  # every slot no sequence owns, in every head
     table[1] = -1  # the empty sequence's entries are junk too
     out, lse = paged_decode(
@@ -162,6 +170,37 @@ def test_nan_past_each_length_does_not_leak(num_splits):
     )
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert max_err(out, want) < 1e-12 and max_err(lse, want_lse) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("block_size", [16, 48])
+def test_head_major_pools_take_one_kv_head_per_item(block_size, dtype):
+    """A pool stored (num_blocks, kv_heads, block_size, d) and viewed token-major: a token's
+    heads do not lie side by side, so each work item takes one KV head."""
+    q, k, v, table, lens = make_problem(9, 3, 40, 24, [100, 7, 0, 61], block_size, dtype=dtype)
+    head_major = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    k, v = head_major(k), head_major(v)
+    assert k.stride(2) > k.stride(1)  # heads apart, tokens side by side
+    check_paged(q, k, v, table, lens, num_splits=3)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_pool_of_empty_blocks(check):
+    """block_size 0: every length must be 0, and every query sees no key."""
+    q = torch.randn(2, 4, 8)
+    k = torch.zeros(3, 0, 2, 8)
+    table = torch.zeros(2, 1, dtype=torch.int32)
+    out, lse = paged_decode(
+        q,
+        k,
+        k,
+        table,
+        torch.zeros(2, dtype=torch.int64),
+        backend="cpp",
+        return_lse=True,
+        check=check,
+    )
+    assert (out == 0).all() and torch.isinf(lse).all() and (lse < 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -315,8 +354,8 @@ def test_contiguous_split_counts_and_strided_last_dim():
 
 
 def test_contiguous_float32_slices_merge_to_the_reference():
-    # The strided path (one KV head of a contiguous cache, read in place) on slices that start
-    # off the 32-token grid and end on a partial tile, and with 64 splits on slices past the
+    # The in-place path (`attend_in_place`: one KV head of a contiguous cache) on slices that
+    # start off the 32-token grid and end on a partial tile, and with 64 splits on slices past the
     # end (start == end == length > 0).
     g = torch.Generator().manual_seed(13)
     q = torch.randn(2, 12, 40, generator=g)

@@ -46,24 +46,25 @@
 
 namespace decode_attention {
 
-// Tokens whose scores are computed before their values are read: at most TILE, and within
-// one block, read in place (attend_in_place: a paged pool's 16-token blocks make 16-token
-// tiles); gathered (attend), TILE for an item of one KV head, TILE / 2 for one of several
-// (wide tokens, every KV head: 128 KiB of K/V a tile at 8 heads of d 128). 16 and 32 measured alike on a Xeon; on a Zen 5 EPYC 32
-// read one head's K/V 10-14% faster than 16 (GQA 32/8 d128, batch 1-32, builds timed in
-// turn), while a paged tile of 32 tokens gained nothing and 64 lost (its K/V outgrow the
-// share of L2 they should use).
+// Tokens whose scores are computed before their values are read. Read in place
+// (attend_in_place): at most TILE, within one block (a paged pool's 16-token blocks make
+// 16-token tiles). Gathered (attend): TILE for an item of one KV head, TILE / 2 for one of
+// several (every KV head of a paged pool's tokens: 128 KiB of K/V a tile at 8 heads of d
+// 128). 16 and 32 measured alike on a Xeon; on a Zen 5 EPYC 32 read one head's K/V 10-14%
+// faster than 16 (GQA 32/8 d128, batch 1-32, builds timed in turn), while a paged tile of
+// 32 tokens of 8 heads gained nothing and 64 lost (its K/V outgrow the share of L2 they
+// should use).
 constexpr int64_t TILE = 32;
-// Software prefetch of the rows AHEAD tiles on, spread over the current tile's score loop.
+// Software prefetch of the rows AHEAD tiles on, spread over the current tile's score loop
+// (attend; attend_in_place prefetches one tile ahead).
 // On a 2-core AVX-512 Xeon this took one thread from ~6 to ~11 GB/s of K/V read from
 // memory; prefetching all of a tile at once (a burst that stalls on the fill buffers) gave
 // much less; 2 or 4 tiles ahead (with 8- to 32-token tiles) measured the same as 1.
 constexpr int AHEAD = 1;
 // An item of several KV heads scores 4 keys of one head at a time (QB x 4 accumulators: the
-// fewest loads per FMA), which reads 4 tokens' rows side by side. Where its rows are read in
-// place (not widened on load: measured in float32 only) and a token's K rows span this many
-// bytes or more, it scores one key at a time in memory order instead. On a
-// Zen 5 EPYC, paged pools of 16-token blocks, builds timed in turn: at 4 KiB a token (GQA
+// fewest loads per FMA), which reads 4 tokens' rows side by side. Where its rows are not
+// widened on load (measured in float32 only) and a token's K rows span this many bytes or
+// more, it scores one key at a time in memory order instead (in attend). On a Zen 5 EPYC, paged pools of 16-token blocks, builds timed in turn: at 4 KiB a token (GQA
 // 32/8 d128) memory order read 1.2-1.5x faster, as fast as a contiguous cache (a loop of
 // the kernel's loads alone, no arithmetic, ran just as slowly in the 4-key order); at 2 KiB
 // (MHA 8/8 d64) 1.1x; at 1 KiB (GQA 16/2 d128) 1.0-1.15x; at 768 bytes (SmolLM2's 9/3 d64)
@@ -161,13 +162,15 @@ void finish(int64_t nq, const acc_t* m, const acc_t* l, acc_t* out, int64_t dv, 
 // Whether an item is read in place (attend_in_place) rather than through gathered row
 // pointers (attend). Its rows must be in acc_t already (float32 or float64, not widened on
 // load): the caller checks that at compile time. Then: one KV head of a contiguous cache; or
-// a paged pool's item (every KV head) with blocks of at least 16 tokens, unless its tokens
-// span MEMORY_ORDER_TOKEN_BYTES or more over several heads (those go one key at a time in
-// memory order, in attend). Smaller blocks would cut the tiles short.
+// a paged pool's item of several KV heads with blocks of at least 16 tokens (tiles as long
+// as attend's for several heads) and tokens under MEMORY_ORDER_TOKEN_BYTES (wider ones go
+// one key at a time in memory order, in attend); or a paged item of one KV head with blocks
+// of at least TILE tokens (MQA 8/1 d128 in 16-token blocks ran 0.90-0.95x as fast in place
+// as gathered into 32-token tiles).
 inline bool in_place_item(const Layout& L, const WorkItem& w, int64_t element_bytes) {
   if (L.table == nullptr) return w.n_heads == 1;
-  return L.block_size >= 16 &&
-         (w.n_heads == 1 || L.k_token * element_bytes < MEMORY_ORDER_TOKEN_BYTES);
+  if (w.n_heads == 1) return L.block_size >= TILE;
+  return L.block_size >= 16 && L.k_token * element_bytes < MEMORY_ORDER_TOKEN_BYTES;
 }
 
 // attend() for an in_place_item, the same arithmetic in the same order. A tile is a run of
@@ -201,8 +204,9 @@ void attend_in_place(const Layout& L, const acc_t* K, const acc_t* V, const acc_
     return V + block(t) * L.v_block + (t % L.block_size) * L.v_token +
            w.head * L.v_head;
   };
-  // The first tile at once (no arithmetic runs before it to spread it over): each token's
-  // rows of every head as one span (the heads lie side by side).
+  // The first tile at once, each token's rows of every head as one span (the heads lie side
+  // by side): no arithmetic runs before it to spread the prefetches over, as the later tiles'
+  // are (below).
   const int64_t k_span = (NH - 1) * L.k_head + D, v_span = (NH - 1) * L.v_head + DV;
   for (int64_t t = w.start; t < (w.start < w.end ? tile_end(w.start) : w.start); ++t) {
     prefetch_row<KV_PREFETCH>(k_token(t), k_span);
@@ -442,7 +446,7 @@ inline void check_values(const Layout& L, const int64_t* lengths) {
     TORCH_CHECK_VALUE(false, "lengths must lie in [0, n = ", capacity, "], got [", low, ", ",
                       high, "]");
   }
-  if (!L.table) return;
+  if (!L.table || L.block_size == 0) return;  // blocks of 0 tokens: every length is 0
   int64_t first = std::numeric_limits<int64_t>::max(), last = -1;
   for (int64_t b = 0; b < L.batch; ++b) {
     const int64_t used = (lengths[b] + L.block_size - 1) / L.block_size;

@@ -124,7 +124,7 @@ class Timer:
         self, *fns: Callable[[], object], before: Callable[[], object] | None = None
     ) -> tuple[float, ...]:
         """`pair` for any number of calls: each one's median seconds, timed in turn.
-        `before`, if given, runs ahead of every call, untimed (`evict_caches`, say)."""
+        `before`, if given, runs ahead of every call, untimed (a `CacheEvictor`, say)."""
         return self._medians(fns, None, before)
 
     def _medians(
@@ -157,17 +157,18 @@ def _seconds(fn: Callable[[], object], before: Callable[[], object] | None = Non
 
 
 class CacheEvictor:
-    """A call that leaves the CPU caches holding none of what ran before it: a copy between
-    two buffers each twice the last-level cache (at least 64 MiB). Run before a timed call
-    (`Timer.in_turn(..., before=CacheEvictor())`), it makes that call read its data from
-    memory."""
+    """A call that leaves the CPU caches holding none of what ran before it: a read of a
+    buffer four times the last-level cache (at least 128 MiB; where the cores' share of it
+    is split over several L3s, each still sees more than its size). A read leaves only clean
+    lines behind, so the call timed after it pays no write-backs of the evictor's data. Run
+    before a timed call (`Timer.in_turn(..., before=CacheEvictor())`), it makes that call read
+    its data from memory."""
 
     def __init__(self) -> None:
-        self.src = torch.ones(max(64 * 2**20, 2 * last_level_cache_bytes()) // 4)
-        self.dst = torch.empty_like(self.src)
+        self.buffer = torch.ones(max(128 * 2**20, 4 * last_level_cache_bytes()) // 4)
 
-    def __call__(self) -> None:
-        self.dst.copy_(self.src)
+    def __call__(self) -> float:
+        return float(self.buffer.sum())
 
 
 def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
