@@ -25,6 +25,7 @@ from attnkit.ops import cpu_decode
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import padding
 from attnkit.ops.paged_decode import check_tensors_and_options, torch_path_backend
+from attnkit.ops.problem import lse_dtype
 
 BACKENDS = ("auto", "cpp", "torch")
 
@@ -67,8 +68,8 @@ def decode_attention(
 def _torch_path(q, k, v, lengths, scale) -> tuple[Tensor, Tensor]:
     n = k.shape[2]
     if q.shape[0] == 0:  # no sequences (a padding mask needs one): empty answers
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return q.new_empty(0, q.shape[1], v.shape[-1]), q.new_empty(0, q.shape[1], dtype=lse_dtype)
+        lse = q.new_empty(0, q.shape[1], dtype=lse_dtype(q.dtype))
+        return q.new_empty(0, q.shape[1], v.shape[-1]), lse
     if lengths is not None:
         low, high = (int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist())
         if low < 0 or high > n:

@@ -64,11 +64,11 @@ constexpr int AHEAD = 1;
 // An item of several KV heads scores 4 keys of one head at a time (QB x 4 accumulators: the
 // fewest loads per FMA), which reads 4 tokens' rows side by side. Where its rows are not
 // widened on load (measured in float32 only) and a token's K rows span this many bytes or
-// more, it scores one key at a time in memory order instead (in attend). On a Zen 5 EPYC, paged pools of 16-token blocks, builds timed in turn: at 4 KiB a token (GQA
-// 32/8 d128) memory order read 1.2-1.5x faster, as fast as a contiguous cache (a loop of
-// the kernel's loads alone, no arithmetic, ran just as slowly in the 4-key order); at 2 KiB
-// (MHA 8/8 d64) 1.1x; at 1 KiB (GQA 16/2 d128) 1.0-1.15x; at 768 bytes (SmolLM2's 9/3 d64)
-// 5-9% slower.
+// more, it scores one key at a time in memory order instead (in attend). On a Zen 5 EPYC,
+// paged pools of 16-token blocks, builds timed in turn: at 4 KiB a token (GQA 32/8 d128)
+// memory order read 1.2-1.5x faster, as fast as a contiguous cache (a loop of the kernel's
+// loads alone, no arithmetic, ran just as slowly in the 4-key order); at 2 KiB (MHA 8/8 d64)
+// 1.1x; at 1 KiB (GQA 16/2 d128) 1.0-1.15x; at 768 bytes (SmolLM2's 9/3 d64) 5-9% slower.
 constexpr int64_t MEMORY_ORDER_TOKEN_BYTES = 1024;
 // The cache the prefetches fill. Into L2 on the Xeon: into L1 it read much slower. On AMD
 // Zen into L1: on a Zen 5 EPYC that read contiguous K/V 3-10% faster from a slow memory and
@@ -197,18 +197,17 @@ void attend_in_place(const Layout& L, const acc_t* K, const acc_t* V, const acc_
     return L.table ? L.table[w.b * L.table_stride + t / L.block_size] : w.b;
   };
   auto k_token = [&](int64_t t) {  // token t's first K row (KV head w.head)
-    return K + block(t) * L.k_block + (t % L.block_size) * L.k_token +
-           w.head * L.k_head;
+    return K + block(t) * L.k_block + (t % L.block_size) * L.k_token + w.head * L.k_head;
   };
   auto v_token = [&](int64_t t) {
-    return V + block(t) * L.v_block + (t % L.block_size) * L.v_token +
-           w.head * L.v_head;
+    return V + block(t) * L.v_block + (t % L.block_size) * L.v_token + w.head * L.v_head;
   };
   // The first tile at once, each token's rows of every head as one span (the heads lie side
   // by side): no arithmetic runs before it to spread the prefetches over, as the later tiles'
   // are (below).
   const int64_t k_span = (NH - 1) * L.k_head + D, v_span = (NH - 1) * L.v_head + DV;
-  for (int64_t t = w.start; t < (w.start < w.end ? tile_end(w.start) : w.start); ++t) {
+  const int64_t first_end = w.start < w.end ? tile_end(w.start) : w.start;
+  for (int64_t t = w.start; t < first_end; ++t) {
     prefetch_row<KV_PREFETCH>(k_token(t), k_span);
     prefetch_row<KV_PREFETCH>(v_token(t), v_span);
   }

@@ -16,9 +16,8 @@ namespace decode_blocks {
 
 // A tile's K or V rows, row i at rows[i]. Gathered: through a table of row pointers, `step`
 // apart (rows widened to acc_t, gathered from blocks of under 16 tokens, or wide tokens read
-// one key at a time in memory order). Strided: base + i * stride, no
-// table (one KV head's rows in a block or a contiguous cache), so reading a row costs no load
-// of its address.
+// one key at a time in memory order). Strided: base + i * stride, no table (one KV head's
+// rows in a block or a contiguous cache), so reading a row costs no load of its address.
 template <typename T>
 struct GatheredRows {
   const T* const* table;
