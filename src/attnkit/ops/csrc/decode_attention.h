@@ -124,21 +124,19 @@ struct Scratch {
 template <typename acc_t>
 void softmax_tile(acc_t* scores, int64_t n, int64_t nq, acc_t* m, acc_t* l, acc_t* out,
                   int64_t dv) {
+  static_assert(TILE % LANES<float> == 0, "exp2_row reads a tile row as whole vectors");
   for (int64_t r = 0; r < nq; ++r) {
     acc_t* sr = scores + r * TILE;
-    acc_t tile_max = sr[0];
-#pragma omp simd reduction(max : tile_max)
-    for (int64_t i = 1; i < n; ++i) tile_max = std::max(tile_max, sr[i]);
-    const acc_t m_new = std::max(m[r], tile_max);
+    const acc_t m_new = std::max(m[r], row_max(sr, n));
     if (m_new > m[r]) {
-      const acc_t alpha = std::exp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
+      const acc_t alpha = exp2_of_nonpositive(m[r] - m_new);
       l[r] *= alpha;
       acc_t* o = out + r * dv;
 #pragma omp simd
       for (int64_t d = 0; d < dv; ++d) o[d] *= alpha;
       m[r] = m_new;
     }
-    l[r] += exp2_tile(sr, n, m_new);
+    l[r] += exp2_row(sr, n, m_new);
   }
 }
 

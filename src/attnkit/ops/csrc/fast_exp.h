@@ -9,14 +9,16 @@
 // series to degree 7 (relative error < 1e-8, below float32's resolution), 2^i through the
 // exponent bits. Rounding uses the 1.5 * 2^23 trick, so no float-to-int conversion is
 // needed; x below -126 gives 2^-126 (as good as 0 next to the tile's maximum, which is 1),
-// and NaN stays NaN.
-inline float exp2_nonpositive(float x) {
-  x = x < -126.0f ? -126.0f : x;
+// and NaN stays NaN. F is float, with I = int32_t, or a vector of floats (GCC/Clang vector
+// extension), with I the vector of int32_t of its lanes: the same steps lane by lane.
+template <typename F, typename I>
+inline F exp2_nonpositive_of(F x) {
+  x = x < -126.0f ? F{} - 126.0f : x;
   constexpr float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float shifted = x + magic;
-  const float i = shifted - magic;
-  const float f = x - i;
-  float p = 1.5252734e-05f;
+  const F shifted = x + magic;
+  const F i = shifted - magic;
+  const F f = x - i;
+  F p = F{} + 1.5252734e-05f;
   p = p * f + 1.5403530e-04f;
   p = p * f + 1.3333558e-03f;
   p = p * f + 9.6181291e-03f;
@@ -25,9 +27,10 @@ inline float exp2_nonpositive(float x) {
   p = p * f + 6.9314718e-01f;
   p = p * f + 1.0f;
   // The low bits of `shifted` hold i + 2^22; the exponent field of 2^i is (i + 127) << 23.
-  const int32_t bits = (std::bit_cast<int32_t>(shifted) - 0x4B400000 + 127) << 23;
-  return p * std::bit_cast<float>(bits);
+  const I bits = (std::bit_cast<I>(shifted) - 0x4B400000 + 127) << 23;
+  return p * std::bit_cast<F>(bits);
 }
+inline float exp2_nonpositive(float x) { return exp2_nonpositive_of<float, int32_t>(x); }
 
 // x * sigmoid(x) = x / (1 + e^-x), through e^-|x| <= 1 (no overflow for either sign).
 // Below x = -87 (where exp2_nonpositive stops at 2^-126) the result, |x| e^x < 1e-36, is

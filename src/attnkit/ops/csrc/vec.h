@@ -34,25 +34,47 @@ template <typename acc_t>
 inline void store(acc_t* p, Vec<acc_t> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
-// The sum of a vector's lanes as a tree of whole-vector shuffles and adds (a plain loop is
-// a serial chain of scalar adds: without -ffast-math the compiler may not reorder it).
-template <typename acc_t>
-inline acc_t sum_lanes(Vec<acc_t> v) {
+// A vector's lanes folded into one by `op` (a + b, max) as a tree of whole-vector shuffles
+// (a plain loop is a serial chain of scalar operations: without -ffast-math the compiler
+// may not reorder it).
+template <typename acc_t, typename Op>
+inline acc_t fold_lanes(Vec<acc_t> v, Op op) {
   if constexpr (LANES<acc_t> == 16) {
-    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
   } else if constexpr (LANES<acc_t> == 8) {
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
   } else {
     static_assert(LANES<acc_t> == 4);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2);
+    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
+    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
   }
   return v[0];
+}
+template <typename acc_t>
+inline acc_t sum_lanes(Vec<acc_t> v) {
+  return fold_lanes<acc_t>(v, [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; });
+}
+// The largest lane, as std::max takes it lane by lane.
+template <typename acc_t>
+inline acc_t max_lanes(Vec<acc_t> v) {
+  return fold_lanes<acc_t>(v, [](Vec<acc_t> a, Vec<acc_t> b) { return a < b ? b : a; });
+}
+
+// A vector loaded into a register that the compiler must use as such. GCC otherwise folds
+// the load into every FMA that reads the vector (a memory operand): the decode kernel's
+// 4-key scores then loaded each query vector 4 times, and its loads outnumbered its FMAs.
+template <typename acc_t>
+inline Vec<acc_t> load_to_register(const acc_t* p) {
+  Vec<acc_t> v = load(p);
+#if defined(__x86_64__)
+  asm("" : "+v"(v));
+#endif
+  return v;
 }
 
 // Eight float lanes: the first step of the kernels' narrowing lane sums.
