@@ -375,6 +375,35 @@ def test_contiguous_float32_slices_merge_to_the_reference():
     assert all(max_err(a, answers[0]) < 1e-6 for a in answers)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [(5, 1, 128, 128), (3, 3, 128, 64), (6, 2, 64, 128), (8, 8, 128, 128), (32, 8, 128, 128)],
+    ids=str,
+)
+def test_rows_of_eight_vectors_read_in_order_match_the_reference(shape):
+    # d or dv of 128 in float32 (8 AVX-512 vectors): one KV head read in place scores 4 keys
+    # row by row for pairs of queries and a lone last one (odd groups), and sums whole value
+    # rows; lengths off the 4-key and 32-token grids leave tails. Contiguous views, and a
+    # paged pool of one KV head per item in 32-token blocks (read in place too).
+    h, kvh, d, dv = shape
+    g = torch.Generator().manual_seed(14)
+    q = torch.randn(3, h, d, generator=g)
+    k = torch.randn(3, kvh, 301, d, generator=g)
+    v = torch.randn(3, kvh, 301, dv, generator=g)
+    lengths = torch.tensor([301, 2, 131])
+    want, want_lse = reference_decode(q, k, v, lengths)
+    plain, plain_lse = decode_attention(q, k, v, lengths, backend="torch", return_lse=True)
+    for splits in (1, 3, None):
+        out, lse = decode_attention(
+            q, k, v, lengths, backend="cpp", num_splits=splits, return_lse=True
+        )
+        assert_close_to(out, want, plain, torch.float32, f"output, {splits} splits")
+        assert_close_to(lse, want_lse, plain_lse, torch.float32, f"lse, {splits} splits")
+    if kvh == 1:  # (blocks, 32 tokens, 1 KV head, d): one head per item, read in place
+        q3, k_p, v_p, table, lens = make_problem(h, kvh, d, dv, [301, 2, 131], 32, seed=15)
+        check_paged(q3, k_p, v_p, table, lens)
+
+
 def test_the_torch_backends_never_call_the_kernel(monkeypatch):
     # `backend="torch"` is the plain-torch baseline the kernel is tested against: on CPU it
     # must not end in the kernel itself (attnkit.attention's `auto` would pick it).

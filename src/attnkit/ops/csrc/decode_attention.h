@@ -183,6 +183,11 @@ template <typename acc_t>
 void attend_in_place(const Layout& L, const acc_t* K, const acc_t* V, const acc_t* q,
                      const WorkItem& w, acc_t* out, acc_t* lse2, Scratch<acc_t>& S) {
   const int64_t G = L.group, D = L.dim, DV = L.v_dim, NH = w.n_heads, NQ = NH * G;
+  // Rows of ROW_VECTORS float32 vectors with 32 registers are read in order, each whole
+  // (score_four_keys_in_row_order, value_block's WHOLE_ROWS).
+  constexpr bool ROW_ORDER = std::is_same_v<acc_t, float> && VECTOR_REGISTERS >= 32;
+  const bool whole_rows = ROW_ORDER && D == ROW_VECTORS * LANES<float>;
+  const bool whole_values = ROW_ORDER && DV == ROW_VECTORS * LANES<float>;
   S.scores.resize(NQ * TILE);
   S.m.assign(NQ, -std::numeric_limits<acc_t>::infinity());
   S.l.assign(NQ, acc_t(0));
@@ -241,6 +246,16 @@ void attend_in_place(const Layout& L, const acc_t* K, const acc_t* V, const acc_
           for (int j = 0; j < 4; ++j) prefetch_next();
           const StridedRows<acc_t> k{kb + h * L.k_head, L.k_token};
           const float* k4[4] = {k[i], k[i + 1], k[i + 2], k[i + 3]};
+          if constexpr (ROW_ORDER) {
+            if (whole_rows) {
+              for_query_pairs(G, [&](auto qb, int64_t j) {
+                constexpr int QB = decltype(qb)::value;
+                const int64_t row = h * G + j;
+                score_four_keys_in_row_order<QB>(q + row * D, k4, scores + row * TILE + i, TILE);
+              });
+              continue;
+            }
+          }
           for_query_blocks(G, [&](auto qb, int64_t j) {
             constexpr int QB = decltype(qb)::value;
             const int64_t row = h * G + j;
@@ -262,14 +277,23 @@ void attend_in_place(const Layout& L, const acc_t* K, const acc_t* V, const acc_
     }
     while (pf_token < n_next) prefetch_next();
     softmax_tile(scores, n, NQ, S.m.data(), S.l.data(), out, DV);
-    // Values: each V row read once for its whole query group.
+    // Values: each V row read once for its whole query group (from memory by the first
+    // query block; rows of 8 vectors whole, by pairs of queries).
     for (int64_t h = 0; h < NH; ++h) {
       const StridedRows<acc_t> v{vb + h * L.v_head, L.v_token};
-      for_query_blocks(G, [&](auto qb, int64_t j) {
+      auto values = [&](auto qb, int64_t j, auto whole) {
         constexpr int QB = decltype(qb)::value;
         const int64_t row = h * G + j;
-        value_block<QB, acc_t>(scores + row * TILE, TILE, v, n, DV, out + row * DV);
-      });
+        value_block<QB, acc_t, StridedRows<acc_t>, decltype(whole)::value>(
+            scores + row * TILE, TILE, v, n, DV, out + row * DV);
+      };
+      if constexpr (ROW_ORDER) {
+        if (whole_values) {
+          for_query_pairs(G, [&](auto qb, int64_t j) { values(qb, j, std::true_type{}); });
+          continue;
+        }
+      }
+      for_query_blocks(G, [&](auto qb, int64_t j) { values(qb, j, std::false_type{}); });
     }
   }
   finish(NQ, S.m.data(), S.l.data(), out, DV, lse2);
