@@ -124,7 +124,7 @@ struct Scratch {
 template <typename acc_t>
 void softmax_tile(acc_t* scores, int64_t n, int64_t nq, acc_t* m, acc_t* l, acc_t* out,
                   int64_t dv) {
-  static_assert(TILE % LANES<float> == 0, "exp2_row reads a tile row as whole vectors");
+  static_assert(TILE % LANES<float> == 0, "row_max and exp2_row read rows as whole vectors");
   for (int64_t r = 0; r < nq; ++r) {
     acc_t* sr = scores + r * TILE;
     const acc_t m_new = std::max(m[r], row_max(sr, n));

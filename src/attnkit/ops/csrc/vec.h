@@ -59,7 +59,7 @@ template <typename acc_t>
 inline acc_t sum_lanes(Vec<acc_t> v) {
   return fold_lanes<acc_t>(v, [](Vec<acc_t> a, Vec<acc_t> b) { return a + b; });
 }
-// The largest lane, as std::max takes it lane by lane.
+// The largest lane (for lanes without NaN: the tree's order decides which NaN survives).
 template <typename acc_t>
 inline acc_t max_lanes(Vec<acc_t> v) {
   return fold_lanes<acc_t>(v, [](Vec<acc_t> a, Vec<acc_t> b) { return a < b ? b : a; });
@@ -68,10 +68,12 @@ inline acc_t max_lanes(Vec<acc_t> v) {
 // A vector loaded into a register that the compiler must use as such. GCC otherwise folds
 // the load into every FMA that reads the vector (a memory operand): the decode kernel's
 // 4-key scores then loaded each query vector 4 times, and its loads outnumbered its FMAs.
+// (Only where one register holds the vector: AVX or wider. SSE's 16-byte registers cannot
+// take the 32-byte vectors of other builds, and the constraint would not compile.)
 template <typename acc_t>
 inline Vec<acc_t> load_to_register(const acc_t* p) {
   Vec<acc_t> v = load(p);
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__AVX__)
   asm("" : "+v"(v));
 #endif
   return v;
