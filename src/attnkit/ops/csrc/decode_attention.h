@@ -246,20 +246,14 @@ void attend_in_place(const Layout& L, const acc_t* K, const acc_t* V, const acc_
           for (int j = 0; j < 4; ++j) prefetch_next();
           const StridedRows<acc_t> k{kb + h * L.k_head, L.k_token};
           const float* k4[4] = {k[i], k[i + 1], k[i + 2], k[i + 3]};
-          if constexpr (ROW_ORDER) {
-            if (whole_rows) {
-              for_query_pairs(G, [&](auto qb, int64_t j) {
-                constexpr int QB = decltype(qb)::value;
-                const int64_t row = h * G + j;
-                score_four_keys_in_row_order<QB>(q + row * D, k4, scores + row * TILE + i, TILE);
-              });
-              continue;
-            }
-          }
-          for_query_blocks(G, [&](auto qb, int64_t j) {
+          for_query_blocks_in_order<ROW_ORDER>(G, whole_rows, [&](auto qb, int64_t j, auto whole) {
             constexpr int QB = decltype(qb)::value;
             const int64_t row = h * G + j;
-            score_four_keys<QB>(q + row * D, k4, D, scores + row * TILE + i, TILE);
+            if constexpr (decltype(whole)::value) {
+              score_four_keys_in_row_order<QB>(q + row * D, k4, scores + row * TILE + i, TILE);
+            } else {
+              score_four_keys<QB>(q + row * D, k4, D, scores + row * TILE + i, TILE);
+            }
           });
         }
       }
@@ -281,19 +275,12 @@ void attend_in_place(const Layout& L, const acc_t* K, const acc_t* V, const acc_
     // query block; rows of 8 vectors whole, by pairs of queries).
     for (int64_t h = 0; h < NH; ++h) {
       const StridedRows<acc_t> v{vb + h * L.v_head, L.v_token};
-      auto values = [&](auto qb, int64_t j, auto whole) {
+      for_query_blocks_in_order<ROW_ORDER>(G, whole_values, [&](auto qb, int64_t j, auto whole) {
         constexpr int QB = decltype(qb)::value;
         const int64_t row = h * G + j;
         value_block<QB, acc_t, StridedRows<acc_t>, decltype(whole)::value>(
             scores + row * TILE, TILE, v, n, DV, out + row * DV);
-      };
-      if constexpr (ROW_ORDER) {
-        if (whole_values) {
-          for_query_pairs(G, [&](auto qb, int64_t j) { values(qb, j, std::true_type{}); });
-          continue;
-        }
-      }
-      for_query_blocks(G, [&](auto qb, int64_t j) { values(qb, j, std::false_type{}); });
+      });
     }
   }
   finish(NQ, S.m.data(), S.l.data(), out, DV, lse2);

@@ -49,7 +49,7 @@ inline void attend(const float* q_latent, const float* q_rope, int64_t batch, in
                    Rows rope_keys, const int64_t* table, int64_t table_cols, int64_t block_size,
                    const int64_t* starts, float scale, float* out) {
   constexpr float log2e = 1.4426950408889634f;
-  const float score_scale = scale * log2e;  // scores in base 2 for exp2_tile
+  const float score_scale = scale * log2e;  // scores in base 2 for exp2_row
   const int64_t group = heads / rope_heads;
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -59,7 +59,8 @@ inline void attend(const float* q_latent, const float* q_rope, int64_t batch, in
       const float* ql = q_latent + item * kv_rank;
       const float* qr = q_rope + item * rope_dim;
       const int64_t key_offset = (h / group) * rope_dim;
-      scores.resize(n);
+      // exp2_row reads whole vectors: the row rounded up to a multiple of the lanes
+      scores.resize((n + LANES<float> - 1) / LANES<float> * LANES<float>);
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t t = 0; t < n; ++t) {
         const float s = dot(ql, latents.at(row, block_size, t), kv_rank) +
@@ -67,7 +68,7 @@ inline void attend(const float* q_latent, const float* q_rope, int64_t batch, in
         scores[t] = s * score_scale;
         top = std::max(top, scores[t]);
       }
-      const float total = decode_blocks::exp2_tile(scores.data(), n, top);
+      const float total = decode_blocks::exp2_row(scores.data(), n, top);
       float* o = out + item * kv_rank;
       std::fill(o, o + kv_rank, 0.0f);
       for (int64_t t = 0; t < n; ++t) {
