@@ -331,9 +331,14 @@ def test_contiguous_cache_views_match_the_reference(shape, dtype):
     assert_close_to(lse, want_lse, plain_lse, dtype, "lse")
 
 
-def test_contiguous_without_lengths_and_with_a_4d_query():
+@pytest.mark.parametrize("strided_query", [False, True])
+def test_contiguous_without_lengths_and_with_a_4d_query(strided_query):
+    # The kernel takes the (batch, heads, 1, d) query and answers in that shape itself; a
+    # query sliced out of a longer one (not contiguous) is copied, not misread.
     g = torch.Generator().manual_seed(9)
-    q = torch.randn(2, 6, 1, 20, generator=g, dtype=torch.float64)
+    q = torch.randn(2, 6, 3 if strided_query else 1, 20, generator=g, dtype=torch.float64)
+    q = q[:, :, 1:2] if strided_query else q
+    assert q.is_contiguous() != strided_query
     k = torch.randn(2, 3, 33, 20, generator=g, dtype=torch.float64)
     v = torch.randn(2, 3, 33, 12, generator=g, dtype=torch.float64)
     out, lse = decode_attention(q, k, v, scale=0.5, backend="cpp", return_lse=True)

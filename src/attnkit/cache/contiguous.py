@@ -148,9 +148,8 @@ class ContiguousCache(KVCache):
         if not decodes:
             return None
         scale = 1.0 / math.sqrt(q.shape[-1])
-        query = q[:, :, 0].contiguous()
-        out, _ = cpu_decode.decode_contiguous(query, k, v, lengths, scale, scales=scales)
-        return out.unsqueeze(2)
+        out, _ = cpu_decode.decode_contiguous(q, k, v, lengths, scale, scales=scales)
+        return out
 
     def decode_storage(self) -> KVStorage | None:
         """The buffers as `(layers, slots, capacity, kv_heads, d)` views, one block per slot,

@@ -70,12 +70,17 @@ def decode_contiguous(
     scales: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The kernel on contiguous-cache K/V `(batch, kv_heads, n, d)` (any strides, d
-    contiguous or copied): read as a pool of `batch` blocks of n tokens, no copy. Int8 K/V
-    come with `scales` (k's, v's), `(batch, kv_heads, n)` float32: one per row."""
+    contiguous or copied), read in place as a pool of `batch` blocks of n tokens. q is
+    `(batch, heads, d)` or `(batch, heads, 1, d)`; out and lse come shaped as q (with v's
+    head dim). Int8 K/V come with `scales` (k's, v's), `(batch, kv_heads, n)` float32: one per
+    row. No torch op runs here: each would cost a few microseconds a call (tens from cold
+    caches), on a kernel call of ~10."""
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-    rows = (None, None) if scales is None else tuple(s.transpose(1, 2) for s in scales)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)
-    return cpp_decode(q, k, v, None, lengths, scale, num_splits, rows)
+    k_scale, v_scale = (None, None) if scales is None else scales
+    module = require_kernel()
+    splits = num_splits or 0
+    out, lse = module.decode(q, k, v, None, lengths, float(scale), splits, k_scale, v_scale, True)
+    return out, lse
 
 
 def require_kernel() -> ModuleType:

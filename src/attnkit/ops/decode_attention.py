@@ -51,17 +51,16 @@ def decode_attention(
     log-sum-exp (batch, heads[, 1]) (float64 for float64 inputs, else float32 from cpp).
     """
     squeeze = _check(q, k, v, lengths, backend, num_splits)
-    q3 = q.squeeze(2) if squeeze else q
-    scale = 1.0 / math.sqrt(q3.shape[-1]) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
-        backend = "cpp" if cpu_decode.can_take(q3, k, v) else "torch"
-    if backend == "cpp":
-        cpu_decode.check_request(q3, k, v)
-        out, lse = cpu_decode.decode_contiguous(q3, k, v, lengths, scale, num_splits)
+        backend = "cpp" if cpu_decode.can_take(q, k, v) else "torch"
+    if backend == "cpp":  # answers shaped as q is
+        cpu_decode.check_request(q, k, v)
+        out, lse = cpu_decode.decode_contiguous(q, k, v, lengths, scale, num_splits)
     else:
-        out, lse = _torch_path(q3, k, v, lengths, scale)
-    if squeeze:
-        out, lse = out.unsqueeze(2), lse.unsqueeze(2)
+        out, lse = _torch_path(q.squeeze(2) if squeeze else q, k, v, lengths, scale)
+        if squeeze:
+            out, lse = out.unsqueeze(2), lse.unsqueeze(2)
     return (out, lse) if return_lse else out
 
 

@@ -38,9 +38,8 @@ class CppDecodeBackend(Backend):
             lengths = key_prefix_lengths(p)
             if lengths is None:  # not a prefix per sequence: torch's kernel takes any mask
                 return get_backend("sdpa" if not p.return_lse else "tiled").run(p)
-        q = p.q[:, :, 0].contiguous()
-        out, lse = cpu_decode.decode_contiguous(q, p.k, p.v, lengths, p.scale)
-        return out.unsqueeze(2), (lse.unsqueeze(2) if p.return_lse else None)
+        out, lse = cpu_decode.decode_contiguous(p.q, p.k, p.v, lengths, p.scale)
+        return out, (lse if p.return_lse else None)
 
 
 def key_prefix_lengths(p: AttentionProblem) -> Tensor | None:

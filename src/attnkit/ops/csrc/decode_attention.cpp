@@ -11,5 +11,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "fused decode attention over a paged or contiguous K/V cache",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("block_table"), py::arg("lengths"),
         py::arg("scale"), py::arg("num_splits"), py::arg("k_scale") = py::none(),
-        py::arg("v_scale") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("v_scale") = py::none(), py::arg("heads_before_tokens") = false,
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -602,23 +602,29 @@ void run(const Layout& L, const at::Tensor& q, const scalar_t* K, const scalar_t
   }
 }
 
-// q: (batch, heads, dim). k/v: (num_blocks, block_size, kv_heads, dim / v_dim), any strides
-// with the last dim contiguous. block_table: (batch, max_blocks) integer, or None for one
-// block per sequence (num_blocks == batch). lengths: (batch,) integer, or None for block_size.
-// int8 k/v (q float32) come with k_scale, v_scale: (num_blocks, block_size, kv_heads) float32,
-// any strides; a row reads as its int8 values times its scale.
-// Returns out (batch, heads, v_dim) in q's dtype and lse (batch, heads), float64 for float64
-// inputs and float32 otherwise. Shapes are checked in Python; values are checked here always
-// (a bad block id would read outside the pool).
+// q: (batch, heads, dim), or (batch, heads, 1, dim) as attention layers hold it. k/v: a
+// paged pool's (num_blocks, block_size, kv_heads, dim / v_dim), or with `heads_before_tokens`
+// a contiguous cache's (batch, kv_heads, n, dim / v_dim); any strides with the last dim
+// contiguous, read in place (no transpose or copy: from Python each such tensor op costs a
+// few microseconds, tens from cold caches). block_table: (batch, max_blocks) integer, or None
+// for one block per sequence (num_blocks == batch). lengths: (batch,) integer, or None for
+// block_size. int8 k/v (q float32) come with k_scale, v_scale, one float32 per row, their
+// dims ordered as k's without the last; a row reads as its int8 values times its scale.
+// Returns out (batch, heads[, 1], v_dim) in q's dtype and lse (batch, heads[, 1]), float64 for
+// float64 inputs and float32 otherwise. Shapes are checked in Python; values are checked here
+// always (a bad block id would read outside the pool).
 inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& k,
                                       const at::Tensor& v,
                                       const c10::optional<at::Tensor>& block_table,
                                       const c10::optional<at::Tensor>& lengths_in, double scale,
                                       int64_t num_splits,
                                       const c10::optional<at::Tensor>& k_scale = c10::nullopt,
-                                      const c10::optional<at::Tensor>& v_scale = c10::nullopt) {
-  TORCH_CHECK_VALUE(q_in.dim() == 3 && k.dim() == 4 && v.dim() == 4,
-                    "decode_attention kernel: q must be 3-D and k, v 4-D");
+                                      const c10::optional<at::Tensor>& v_scale = c10::nullopt,
+                                      bool heads_before_tokens = false) {
+  const bool q_row_dim = q_in.dim() == 4;  // (batch, heads, 1, dim)
+  TORCH_CHECK_VALUE((q_in.dim() == 3 || (q_row_dim && q_in.size(2) == 1)) && k.dim() == 4 &&
+                        v.dim() == 4,
+                    "decode_attention kernel: q must be (batch, heads[, 1], dim) and k, v 4-D");
   TORCH_CHECK_VALUE(q_in.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
                     "the cpp backend takes CPU tensors");
   const bool quantized = k.scalar_type() == at::kChar;
@@ -636,42 +642,45 @@ inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& 
   }
   TORCH_CHECK_VALUE(k.stride(3) == 1 && v.stride(3) == 1,
                     "k and v must be contiguous in their last dim");
-  const at::Tensor q = q_in.contiguous();
+  const at::Tensor q = q_in.contiguous();  // (batch, heads, dim) in memory either way
+  const int64_t token_axis = heads_before_tokens ? 2 : 1, head_axis = 3 - token_axis;
   Layout L;
   L.batch = q.size(0);
   L.heads = q.size(1);
-  L.dim = q.size(2);
+  L.dim = q.size(-1);
   L.num_blocks = k.size(0);
-  L.block_size = k.size(1);
-  L.kv_heads = k.size(2);
+  L.block_size = k.size(token_axis);
+  L.kv_heads = k.size(head_axis);
   L.v_dim = v.size(3);
   TORCH_CHECK_VALUE(k.size(3) == L.dim && v.size(0) == L.num_blocks &&
-                        v.size(1) == L.block_size && v.size(2) == L.kv_heads,
+                        v.size(token_axis) == L.block_size && v.size(head_axis) == L.kv_heads,
                     "k and v must agree with q and with each other");
   TORCH_CHECK_VALUE(L.kv_heads > 0 && L.heads % L.kv_heads == 0,
                     "heads must be a multiple of kv_heads");
   L.group = L.heads / L.kv_heads;
   L.k_block = k.stride(0);
-  L.k_token = k.stride(1);
-  L.k_head = k.stride(2);
+  L.k_token = k.stride(token_axis);
+  L.k_head = k.stride(head_axis);
   L.v_block = v.stride(0);
-  L.v_token = v.stride(1);
-  L.v_head = v.stride(2);
+  L.v_token = v.stride(token_axis);
+  L.v_head = v.stride(head_axis);
   if (quantized) {
     for (const at::Tensor* t : {&*k_scale, &*v_scale}) {
       TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 3 &&
-                            t->size(0) == L.num_blocks && t->size(1) == L.block_size &&
-                            t->size(2) == L.kv_heads,
-                        "k_scale and v_scale must be float32 (num_blocks, block_size, kv_heads)");
+                            t->size(0) == L.num_blocks && t->size(token_axis) == L.block_size &&
+                            t->size(head_axis) == L.kv_heads,
+                        "k_scale and v_scale must be float32 ",
+                        heads_before_tokens ? "(batch, kv_heads, n)"
+                                            : "(num_blocks, block_size, kv_heads)");
     }
     L.k_scale = k_scale->data_ptr<float>();
     L.v_scale = v_scale->data_ptr<float>();
     L.ks_block = k_scale->stride(0);
-    L.ks_token = k_scale->stride(1);
-    L.ks_head = k_scale->stride(2);
+    L.ks_token = k_scale->stride(token_axis);
+    L.ks_head = k_scale->stride(head_axis);
     L.vs_block = v_scale->stride(0);
-    L.vs_token = v_scale->stride(1);
-    L.vs_head = v_scale->stride(2);
+    L.vs_token = v_scale->stride(token_axis);
+    L.vs_head = v_scale->stride(head_axis);
   }
 
   at::Tensor table;
@@ -688,20 +697,25 @@ inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& 
     L.table_stride = 1;
   }
   at::Tensor lengths;
+  std::vector<int64_t> every_token;  // no lengths: each sequence fills its block
+  const int64_t* lens;
   if (lengths_in.has_value()) {
     lengths = lengths_in->to(at::kCPU, at::kLong).contiguous();
     TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == L.batch,
                       "lengths must be (batch,)");
+    lens = lengths.data_ptr<int64_t>();
   } else {
-    lengths = at::full({L.batch}, L.block_size, at::kLong);
+    every_token.assign(L.batch, L.block_size);
+    lens = every_token.data();
   }
-  const int64_t* lens = lengths.data_ptr<int64_t>();
   check_values(L, lens);
 
-  at::Tensor out = at::empty({L.batch, L.heads, L.v_dim}, q.options());
-  at::Tensor lse = at::empty({L.batch, L.heads},
-                             q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble
-                                                                              : at::kFloat));
+  // Shaped as q is, with v's head dim: (batch, heads[, 1], v_dim) and (batch, heads[, 1]).
+  const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = q_row_dim ? at::empty({L.batch, L.heads, 1, L.v_dim}, q.options())
+                             : at::empty({L.batch, L.heads, L.v_dim}, q.options());
+  at::Tensor lse = q_row_dim ? at::empty({L.batch, L.heads, 1}, q.options().dtype(lse_dtype))
+                             : at::empty({L.batch, L.heads}, q.options().dtype(lse_dtype));
   if (L.batch == 0) return {out, lse};
   switch (k.scalar_type()) {  // int8 K/V beside a float32 q
     case at::kFloat:
