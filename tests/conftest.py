@@ -15,6 +15,17 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
 os.environ.setdefault("ATTNKIT_WIDE_VECTOR_KERNELS", "1")
 
 
+@pytest.fixture
+def cpp_switched_off(monkeypatch):
+    """ATTNKIT_NO_CPP=1 for one test: the process reads it once, so read again on both sides."""
+    from attnkit.ops.cpp_build import cpp_kernels_enabled
+
+    monkeypatch.setenv("ATTNKIT_NO_CPP", "1")
+    cpp_kernels_enabled.cache_clear()
+    yield
+    cpp_kernels_enabled.cache_clear()  # before monkeypatch restores the variable: read anew
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) from attnkit.models.load_model's default."""

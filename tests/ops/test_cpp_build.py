@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,3 +119,21 @@ def test_a_decode_step_without_the_decode_kernels_gives_the_same_logits(monkeypa
     assert stack is None and not calls  # torch's ops: no stack, no C++ decode attention
     # float32 sums in another order (fused kernels vs torch ops) over logits of size ~1
     torch.testing.assert_close(plain, fused, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("value", "enabled"), [("1", False), ("yes", False), ("0", True), ("", True)]
+)
+def test_attnkit_no_cpp_is_read_when_the_process_starts_asking(value, enabled):
+    # Read once per process (cached: each kernel call asks), so a fresh process sees it.
+    probe = (
+        "from attnkit.ops import cpp_build, cpu_decode; "
+        "print(cpp_build.cpp_kernels_enabled(), cpu_decode.cpu_decode_unavailable_reason())"
+    )
+    env = {**os.environ, "ATTNKIT_NO_CPP": value}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    said_enabled, reason = done.stdout.split(" ", 1)
+    assert said_enabled == str(enabled)
+    assert ("ATTNKIT_NO_CPP is set" in reason) != enabled

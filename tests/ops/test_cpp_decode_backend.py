@@ -15,6 +15,8 @@ from test_attention_backends import HEADS, MASK_NAMES, mask_cases, seed
 import attnkit
 from attn_testing import assert_matches_reference, random_qkv
 from attnkit import masks
+from attnkit.ops import attention as attention_module
+from attnkit.ops.backends.cpu_decode import plain_decode
 from attnkit.ops.problem import make_problem
 
 
@@ -84,3 +86,112 @@ def test_refuses_what_it_cannot_serve(n_q, softcap, reason):
     q.requires_grad_(reason == "no backward")
     with pytest.raises(ValueError, match=reason):
         attnkit.attention(q, k, v, backend="cpp_decode", softcap=softcap)
+
+
+def _without_the_full_path(monkeypatch):
+    """Make `attention()`'s full path fail loudly, so an answer can only come from the
+    short way `auto` takes for a plain decode call."""
+
+    def full_path(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(attention_module, "make_problem", full_path)
+
+
+@pytest.mark.parametrize("strided_cache", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=list(HEADS))
+def test_a_plain_decode_call_takes_the_short_way_and_matches_the_reference(
+    heads, dtype, strided_cache, monkeypatch
+):
+    # No mask, softcap or offset, one query row: `auto` calls the kernel without building a
+    # problem (5 us a call hot, ~30 from cold caches). Same answer as the named backend (one
+    # kernel, bitwise) and within the 2x rule of the float64 reference, out and lse, for
+    # every head layout, v's head dim apart from q's, a custom scale and a cache view.
+    gen = torch.Generator().manual_seed(seed("plain", heads, str(dtype), strided_cache))
+    n_heads, kv_heads = HEADS[heads]
+    n_k = 33
+    q, k, v = random_qkv(gen, 3, n_heads, kv_heads, 1, n_k + 8, head_dim=24, v_head_dim=40)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    k, v = (
+        (k[:, :, :n_k], v[:, :, :n_k])
+        if strided_cache
+        else (k[:, :, 8:].clone(), v[:, :, 8:].clone())
+    )
+    for scale in (None, 0.3):
+        assert_matches_reference("cpp_decode", q, k, v, scale=scale)
+        named = attnkit.attention(q, k, v, scale=scale, backend="cpp_decode", return_lse=True)
+        with monkeypatch.context() as patch:
+            _without_the_full_path(patch)
+            short = attnkit.attention(q, k, v, scale=scale, return_lse=True)
+            alone = attnkit.attention(q, k, v, scale=scale)
+        assert torch.equal(short[0], named[0]) and torch.equal(short[1], named[1])
+        assert torch.equal(alone, named[0])
+        assert short[0].shape == (3, n_heads, 1, 40) and short[1].shape == (3, n_heads, 1)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda q, k, v: attnkit.attention(q, k, v, masks.padding([5, 3])), id="mask"),
+        pytest.param(lambda q, k, v: attnkit.attention(q, k, v, softcap=3.0), id="softcap"),
+        pytest.param(lambda q, k, v: attnkit.attention(q, k, v, q_offset=2), id="q_offset"),
+        pytest.param(lambda q, k, v: attnkit.attention(q, k, v, scale=1), id="int_scale"),
+        pytest.param(lambda q, k, v: attnkit.attention(q, k[:, :, :0], v[:, :, :0]), id="no_keys"),
+        pytest.param(lambda q, k, v: attnkit.attention(q, k, v, backend="tiled"), id="backend"),
+        pytest.param(
+            lambda q, k, v: attnkit.attention(q.requires_grad_(True), k, v), id="requires_grad"
+        ),
+        pytest.param(
+            lambda q, k, v: attnkit.attention(torch.nn.Parameter(q), k, v), id="tensor_subclass"
+        ),
+    ],
+)
+def test_other_decode_calls_take_the_full_path(call, monkeypatch):
+    # Each differs from the plain call in one way the short way does not take: a mask, a
+    # softcap, an offset, a scale that is not a float, no keys, a named backend, a gradient,
+    # a tensor subclass. With the full path made to fail, each must reach it.
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = random_qkv(gen, n_q=1, n_k=5)
+    _without_the_full_path(monkeypatch)
+    with pytest.raises(AssertionError, match="the full path ran"):
+        call(q, k, v)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (lambda q, k, v: (q[:, :8], k, v), ValueError, "not a multiple of the 3 KV heads"),
+        (lambda q, k, v: (q, k[:, :2], v), ValueError, "k has 2 heads but v has 3"),
+        (lambda q, k, v: (q[:1], k, v), ValueError, "batch sizes differ"),
+        (lambda q, k, v: (q[..., :8], k, v), ValueError, "q head_dim 8 differs"),
+        (lambda q, k, v: (q, k[:, :, :4], v), ValueError, "k has 4 keys but v has 5"),
+        (lambda q, k, v: (q.double(), k, v), TypeError, "must share a dtype"),
+        (lambda q, k, v: (q.int(), k.int(), v.int()), TypeError, "allowed: torch.float16"),
+        (lambda q, k, v: (q[:, :0], k, v), ValueError, "q must have at least one head"),
+        (lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
+        (lambda q, k, v: (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_bad_decode_calls_get_the_full_paths_errors(change, error, message):
+    # The short way takes only valid calls: a bad one, shaped as a decode call, still gets
+    # the error that names the argument, its value and what is allowed.
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = random_qkv(gen, n_q=1, n_k=5)
+    with pytest.raises(error, match=message):
+        attnkit.attention(*change(q, k, v))
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, math.inf, math.nan])
+def test_bad_scales_in_a_decode_call_are_named(scale):
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = random_qkv(gen, n_q=1, n_k=5)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        attnkit.attention(q, k, v, scale=scale)
+
+
+def test_without_the_kernel_a_plain_decode_call_is_answered_by_torch(cpp_switched_off):
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = random_qkv(gen, n_q=1, n_k=20)
+    assert plain_decode(q, k, v, None, False) is None
+    assert_matches_reference("auto", q, k, v)

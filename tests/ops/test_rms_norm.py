@@ -67,8 +67,7 @@ def test_gradients_flow_through_the_fallback():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_switched_off_kernels_use_torch(monkeypatch):
-    monkeypatch.setenv("ATTNKIT_NO_CPP", "1")
+def test_switched_off_kernels_use_torch(cpp_switched_off):
     x, weight = torch.randn(4, 32), torch.randn(32)
     want = reference(x, weight, 1e-5)
     assert (rms_norm(x, weight, 1e-5).double() - want).abs().max() <= 1e-5 * want.abs().max()

@@ -232,7 +232,7 @@ def test_prefill_rows_equal_f_linear_whichever_serves(packed_wins, monkeypatch):
     "case",
     ["grad", "float64", "strided weight", "too many rows", "disabled"],
 )
-def test_fallbacks_equal_f_linear(case, monkeypatch):
+def test_fallbacks_equal_f_linear(case, monkeypatch, request):
     gen = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(2, 16, generator=gen), torch.randn(8, 16, generator=gen), None
     if case == "float64":
@@ -243,7 +243,7 @@ def test_fallbacks_equal_f_linear(case, monkeypatch):
         x = torch.randn(skinny_linear.MAX_ROWS + 1, 16, generator=gen)
         monkeypatch.setenv("ATTNKIT_PACKED_WEIGHTS", "0")
     if case == "disabled":
-        monkeypatch.setenv("ATTNKIT_NO_CPP", "1")
+        request.getfixturevalue("cpp_switched_off")
     if case == "grad":
         w.requires_grad_(True)
         out = skinny_linear.linear(x, w, b)

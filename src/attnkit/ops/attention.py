@@ -7,6 +7,7 @@ from torch import Tensor
 from attnkit.ops import cpp_build
 from attnkit.ops.backends import Backend, TiledBackend, get_backend
 from attnkit.ops.backends.banded import SOURCE as BANDED_SOURCE
+from attnkit.ops.backends.cpu_decode import plain_decode
 from attnkit.ops.masks import Mask, causal
 from attnkit.ops.problem import AttentionProblem, make_problem
 
@@ -44,6 +45,11 @@ def attention(
     scores. A row that sees no key gives zeros and lse -inf. Keys that no query may see
     never reach the arithmetic, so NaN stored there cannot leak into the output.
     """
+    if backend == "auto" and mask is None and softcap is None and q_offset is None:
+        answer = plain_decode(q, k, v, scale, return_lse)  # what `auto` would run, checked
+        if answer is not None:  # in fewer steps (a decode loop's hot call)
+            out, lse = answer
+            return (out, lse) if return_lse else out
     problem = make_problem(q, k, v, mask, scale, softcap, q_offset, return_lse)
     chosen = _resolve(backend, problem)
     runnable = _drop_trivial_mask(problem)

@@ -25,7 +25,7 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def cpu_decode_available() -> bool:
     """True when the C++ decode kernel is built and loaded (building it on the first call)."""
-    return _load() is not None
+    return loaded_kernel() is not None
 
 
 def cpu_decode_unavailable_reason() -> str | None:
@@ -48,7 +48,7 @@ def check_request(q: Tensor, *kv: Tensor) -> None:
 
 def request_limits(q: Tensor, *kv: Tensor) -> str | None:
     """Why the kernel cannot serve these inputs (device, dtype, gradients), or None."""
-    if q.device.type != "cpu":
+    if not q.is_cpu:
         return f"the cpp backend takes CPU tensors, got {q.device}"
     if q.dtype not in DTYPES:
         return f"the cpp backend takes float32, float64, bfloat16 or float16, got {q.dtype}"
@@ -68,24 +68,32 @@ def decode_contiguous(
     scale: float,
     num_splits=None,
     scales: tuple[Tensor, Tensor] | None = None,
+    module: ModuleType | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The kernel on contiguous-cache K/V `(batch, kv_heads, n, d)` (any strides, d
     contiguous or copied), read in place as a pool of `batch` blocks of n tokens. q is
     `(batch, heads, d)` or `(batch, heads, 1, d)`; out and lse come shaped as q (with v's
     head dim). Int8 K/V come with `scales` (k's, v's), `(batch, kv_heads, n)` float32: one per
-    row. No torch op runs here: each would cost a few microseconds a call (tens from cold
-    caches), on a kernel call of ~10."""
-    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    row. `module`: the kernel, where the caller has it (else loaded here). No torch op runs
+    here: each would cost a few microseconds a call (tens from cold caches), on a kernel call
+    of ~10."""
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
     k_scale, v_scale = (None, None) if scales is None else scales
-    module = require_kernel()
+    module = module or require_kernel()
     splits = num_splits or 0
     out, lse = module.decode(q, k, v, None, lengths, float(scale), splits, k_scale, v_scale, True)
     return out, lse
 
 
+def loaded_kernel() -> ModuleType | None:
+    """The compiled kernel module (built on the first call), or None where it cannot be had."""
+    return load_kernel(SOURCE_NAME)
+
+
 def require_kernel() -> ModuleType:
     """The compiled kernel module, or a RuntimeError saying why it is not available."""
-    module = _load()
+    module = loaded_kernel()
     if module is None:
         raise RuntimeError(f"backend='cpp' is not available: {unavailable_reason(SOURCE_NAME)}")
     return module
@@ -112,7 +120,3 @@ def cpp_decode(
     module = require_kernel()
     splits = num_splits or 0
     return tuple(module.decode(q, k, v, block_table, lengths, float(scale), splits, *scales))
-
-
-def _load() -> ModuleType | None:
-    return load_kernel(SOURCE_NAME)
