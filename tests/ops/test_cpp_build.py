@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import attnkit
 from attnkit.models.llama import LlamaConfig, Transformer
 from attnkit.ops import cpp_build, cpu_decode
 
@@ -109,9 +110,15 @@ def test_a_decode_step_without_the_decode_kernels_gives_the_same_logits(monkeypa
             logits = model(token, cache)
         return logits, model._stacked_decode._stack
 
-    calls = []
-    real = cpu_decode.cpp_decode
-    monkeypatch.setattr(cpu_decode, "cpp_decode", lambda *a: calls.append(1) or real(*a))
+    calls = []  # the decode attention kernel's two entry points (paged, contiguous), watched
+    for entry in ("cpp_decode", "decode_contiguous"):
+        real = getattr(cpu_decode, entry)
+        spy = lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(cpu_decode, entry, spy)
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    attnkit.attention(q, k, k)  # a decode call on this host: the spies see the kernel run
+    assert calls
+    calls.clear()
     fused, stack = step()
     assert stack is not None  # the decode step ran as one C++ call
     _without_vector_units(monkeypatch)

@@ -16,7 +16,8 @@ import attnkit
 from attn_testing import assert_matches_reference, random_qkv
 from attnkit import masks
 from attnkit.ops import attention as attention_module
-from attnkit.ops.backends.cpu_decode import plain_decode
+from attnkit.ops.backends import get_backend, register
+from attnkit.ops.backends.cpu_decode import CppDecodeBackend, plain_decode
 from attnkit.ops.problem import make_problem
 
 
@@ -195,3 +196,41 @@ def test_without_the_kernel_a_plain_decode_call_is_answered_by_torch(cpp_switche
     q, k, v = random_qkv(gen, n_q=1, n_k=20)
     assert plain_decode(q, k, v, None, False) is None
     assert_matches_reference("auto", q, k, v)
+
+
+def test_a_replaced_cpp_decode_backend_serves_plain_decode_calls():
+    # `register(..., replace=True)` changes what `auto` gets: the short way must not bypass
+    # a replacement of the backend it stands in for.
+    original = get_backend("cpp_decode")
+    ran = []
+
+    class Watched(CppDecodeBackend):
+        def run(self, p):
+            ran.append(p.n_q)
+            return super().run(p)
+
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = random_qkv(gen, n_q=1, n_k=12)
+    register(Watched(), replace=True)
+    try:
+        got = attnkit.attention(q, k, v)
+    finally:
+        register(original, replace=True)
+    assert ran == [1]
+    assert_matches_reference("cpp_decode", q, k, v)
+    torch.testing.assert_close(got, attnkit.attention(q, k, v), rtol=0, atol=0)
+
+
+def test_the_short_way_takes_an_empty_batch_and_broadcast_kv(monkeypatch):
+    # K/V expanded over their heads (stride 0: one row read for every KV head) and a batch
+    # of none, both answered by the kernel as the full path would.
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = random_qkv(gen, batch=2, heads=6, kv_heads=1, n_q=1, n_k=9)
+    k, v = k.expand(2, 3, 9, 16), v.expand(2, 3, 9, 16)
+    assert k.stride(1) == 0
+    assert_matches_reference("cpp_decode", q, k, v)
+    want = attnkit.attention(q, k, v, backend="cpp_decode")
+    _without_the_full_path(monkeypatch)
+    torch.testing.assert_close(attnkit.attention(q, k, v), want, rtol=0, atol=0)
+    out, lse = attnkit.attention(q[:0], k[:0], v[:0], return_lse=True)
+    assert out.shape == (0, 6, 1, 16) and lse.shape == (0, 6, 1)

@@ -51,11 +51,14 @@ def plain_decode(
     sequence, K/V of at least one key, valid CPU tensors the kernel takes, no mask, softcap
     or offset, `scale` None or a positive float. Answers as the full path would (out, and
     lse if asked); None for any other call, valid or not, which then takes the full path
-    (its checks name what is wrong). The full path's Python (the problem's checks, the
+    (its checks name what is wrong), and None while a replacement of `cpp_decode` is
+    registered. The full path's Python (the problem's checks, the
     backend's choice) cost 5 us a call hot and ~30 us from cold caches, on a kernel call of
     5-30 us."""
     if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor):
         return None  # subclasses (parameters, fake tensors) take the full path
+    if type(get_backend(CppDecodeBackend.name)) is not CppDecodeBackend:
+        return None  # replaced in the registry (`register(..., replace=True)`): `auto` runs that
     if not (q.dim() == 4 and k.dim() == 4 and v.dim() == 4):
         return None
     batch, heads, rows, dim = q.shape
