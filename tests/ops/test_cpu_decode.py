@@ -152,6 +152,17 @@ def test_shared_blocks_and_a_custom_scale():
     check_paged(q, k, v, table, lens, scale=0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_pools_with_a_strided_last_dim_are_copied_not_misread(dtype):
+    # Pools whose rows are not contiguous (every other element of a wider pool): the kernel
+    # reads rows as contiguous, so they are copied first; the answer matches the oracle.
+    q, k, v, table, lens = make_problem(6, 2, 16, 16, [37, 5, 0], 8, dtype=dtype)
+    wide_k, wide_v = (t.repeat_interleave(2, dim=-1) for t in (k, v))
+    k, v = wide_k[..., ::2], wide_v[..., 1::2]
+    assert k.stride(-1) == 2 and v.stride(-1) == 2
+    check_paged(q, k, v, table, lens)
+
+
 @pytest.mark.parametrize("block_size", [8, 24])  # gathered, read in place
 @pytest.mark.parametrize("num_splits", [1, 3, None])
 def test_nan_past_each_length_does_not_leak(num_splits, block_size):

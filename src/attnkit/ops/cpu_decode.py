@@ -70,20 +70,15 @@ def decode_contiguous(
     scales: tuple[Tensor, Tensor] | None = None,
     module: ModuleType | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The kernel on contiguous-cache K/V `(batch, kv_heads, n, d)` (any strides, d
-    contiguous or copied), read in place as a pool of `batch` blocks of n tokens. q is
-    `(batch, heads, d)` or `(batch, heads, 1, d)`; out and lse come shaped as q (with v's
-    head dim). Int8 K/V come with `scales` (k's, v's), `(batch, kv_heads, n)` float32: one per
-    row. `module`: the kernel, where the caller has it (else loaded here). No torch op runs
-    here: each would cost a few microseconds a call (tens from cold caches), on a kernel call
-    of ~10."""
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
-    k_scale, v_scale = (None, None) if scales is None else scales
-    module = module or require_kernel()
-    splits = num_splits or 0
-    out, lse = module.decode(q, k, v, None, lengths, float(scale), splits, k_scale, v_scale, True)
-    return out, lse
+    """The kernel on contiguous-cache K/V `(batch, kv_heads, n, d)`, read in place as a pool
+    of `batch` blocks of n tokens. q is `(batch, heads, d)` or `(batch, heads, 1, d)`; out
+    and lse come shaped as q (with v's head dim). Int8 K/V come with `scales` (k's, v's),
+    `(batch, kv_heads, n)` float32: one per row. `module`: the kernel, where the caller has
+    it (else loaded here)."""
+    rows = (None, None) if scales is None else scales
+    return cpp_decode(
+        q, k, v, None, lengths, scale, num_splits, rows, heads_before_tokens=True, module=module
+    )
 
 
 def loaded_kernel() -> ModuleType | None:
@@ -108,15 +103,28 @@ def cpp_decode(
     scale: float,
     num_splits: int | None,
     scales: tuple[Tensor | None, Tensor | None] = (None, None),
+    *,
+    heads_before_tokens: bool = False,
+    module: ModuleType | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Run the kernel: q (batch, heads, d); k/v (num_blocks, block_size, kv_heads, d / dv).
+    """Run the kernel: q (batch, heads[, 1], d); k/v (num_blocks, block_size, kv_heads,
+    d / dv), or `(num_blocks, kv_heads, block_size, ...)` with `heads_before_tokens` (a
+    contiguous cache); any strides, a last dim that is not contiguous copied (slow).
 
     `block_table` None means sequence b is block b (a contiguous cache); `lengths` None means
     every sequence fills its block. Int8 k/v (with a float32 q) need `scales`, k's and v's
-    `(num_blocks, block_size, kv_heads)` float32. Shapes must already be checked; the kernel
-    checks lengths and block ids itself (it reads raw memory). Returns out (batch, heads, dv)
-    in q's dtype and lse (batch, heads), float64 for float64 inputs and float32 otherwise.
+    float32, one per row, their dims ordered as k's without the last. Shapes must already be
+    checked; the kernel checks lengths and block ids itself (it reads raw memory). Returns
+    out (batch, heads[, 1], dv) in q's dtype and lse (batch, heads[, 1]), float64 for
+    float64 inputs and float32 otherwise. No other torch op runs here: each would cost a
+    few microseconds a call (tens from cold caches), on a kernel call of ~10.
     """
-    module = require_kernel()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    module = module or require_kernel()
     splits = num_splits or 0
-    return tuple(module.decode(q, k, v, block_table, lengths, float(scale), splits, *scales))
+    return tuple(
+        module.decode(
+            q, k, v, block_table, lengths, float(scale), splits, *scales, heads_before_tokens
+        )
+    )

@@ -72,9 +72,6 @@ def paged_decode(
     elif backend == "auto":  # (its choice has checked the same)
         backend = choose_paged_backend(q, k_pool, v_pool)
     if backend == "cpp":  # values are checked inside, with the same messages
-        # The kernel needs each row's last dim contiguous; anything else is copied (slow).
-        k_pool = k_pool if k_pool.stride(-1) == 1 else k_pool.contiguous()
-        v_pool = v_pool if v_pool.stride(-1) == 1 else v_pool.contiguous()
         out, lse = cpu_decode.cpp_decode(q, k_pool, v_pool, block_table, lengths, scale, num_splits)
         return (out, lse) if return_lse else out
     longest = _check_values(k_pool, block_table, lengths) if check else None

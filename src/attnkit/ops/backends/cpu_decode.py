@@ -52,9 +52,8 @@ def plain_decode(
     or offset, `scale` None or a positive float. Answers as the full path would (out, and
     lse if asked); None for any other call, valid or not, which then takes the full path
     (its checks name what is wrong), and None while a replacement of `cpp_decode` is
-    registered. The full path's Python (the problem's checks, the
-    backend's choice) cost 5 us a call hot and ~30 us from cold caches, on a kernel call of
-    5-30 us."""
+    registered. The full path's Python (the problem's checks, the backend's choice) cost 5
+    us a call hot and ~30 us from cold caches, on a kernel call of 5-30 us."""
     if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor):
         return None  # subclasses (parameters, fake tensors) take the full path
     if type(get_backend(CppDecodeBackend.name)) is not CppDecodeBackend:
@@ -72,10 +71,9 @@ def plain_decode(
         and k.shape[3] == dim > 0
         and v.shape[3] > 0
         and q.dtype == k.dtype == v.dtype
-        and q.is_cpu
         and k.is_cpu
         and v.is_cpu
-        and cpu_decode.request_limits(q, k, v) is None
+        and cpu_decode.request_limits(q, k, v) is None  # q's device, the dtype, gradients
     ):
         return None
     if scale is None:
