@@ -93,3 +93,13 @@ def test_bad_int8_inputs_raise_naming_what_is_wrong(change, message):
         cpu_decode.cpp_decode(
             args["q"], args["k"], args["v"], None, None, 1.0, None, args["scales"]
         )
+
+
+def test_bad_scales_of_a_contiguous_cache_name_its_layout():
+    # decode_contiguous reads (batch, kv_heads, n) scales: a mismatch names that layout
+    k8 = torch.zeros(1, 4, 3, 8, dtype=torch.int8)
+    scales = (torch.ones(1, 3, 4), torch.ones(1, 3, 4))  # (batch, n, kv_heads): transposed
+    with pytest.raises(
+        ValueError, match=r"k_scale and v_scale must be float32 \(batch, kv_heads, n\)"
+    ):
+        cpu_decode.decode_contiguous(torch.zeros(1, 4, 8), k8, k8, None, 1.0, scales=scales)
