@@ -139,6 +139,57 @@ def test_blocks_of_other_sizes_and_slices_that_start_inside_a_block(
     check_paged(q, k, v, table, lens, num_splits=num_splits)
 
 
+def in_runs(table, lens, block_size, num_blocks, seed):
+    """`table` with its blocks in use renumbered into runs of consecutive ids (1-6 blocks, as
+    a pool hands out a prompt's blocks), the runs in random order, so that a sequence's
+    blocks often lie end to end in the pool and a tile may read across them."""
+    g = torch.Generator().manual_seed(seed)
+    runs, start = [], 0
+    while start < num_blocks:
+        end = min(num_blocks, start + int(torch.randint(1, 7, (1,), generator=g)))
+        runs.append(range(start, end))
+        start = end
+    ids = iter([i for j in torch.randperm(len(runs), generator=g).tolist() for i in runs[j]])
+    table = table.clone()
+    for b, n in enumerate(lens.tolist()):
+        for j in range(-(-n // block_size)):
+            table[b, j] = next(ids)
+    return table
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("num_splits", [None, 3, 7])
+@pytest.mark.parametrize("block_size", [16, 20, 24, 48])
+@pytest.mark.parametrize("shape", [(9, 3, 64, 64), (8, 4, 16, 16), (6, 2, 33, 17)], ids=str)
+def test_tiles_read_across_blocks_that_lie_end_to_end(shape, block_size, num_splits, dtype):
+    """Blocks with consecutive ids lie end to end in a pool, so a tile read in place runs on
+    from one into the next (up to 32 tokens, from any token of its first block); a run may
+    end anywhere, and slices may start inside a block."""
+    h, kvh, d, dv = shape
+    lengths = [500, 37, 130, 1, 0, 64]
+    q, k, v, table, lens = make_problem(h, kvh, d, dv, lengths, block_size, dtype=dtype, seed=5)
+    table = in_runs(table, lens, block_size, k.shape[0], seed=block_size)
+    check_paged(q, k, v, table, lens, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("block_size", [16, 24])
+def test_consecutive_ids_of_blocks_apart_in_memory_are_read_block_by_block(block_size):
+    """A pool whose blocks are not end to end (a view of the first block_size tokens of
+    longer blocks, the rest NaN): a tile must not run past a block's end even where the next
+    block's id follows, or it reads the NaN between them."""
+    q, k, v, table, lens = make_problem(
+        9, 3, 64, 64, [300, 77], block_size, dtype=torch.float32, seed=3
+    )
+    table = in_runs(table, lens, block_size, k.shape[0], seed=1)
+    padded = [torch.full((t.shape[0], block_size + 5, *t.shape[2:]), math.nan) for t in (k, v)]
+    for big, t in zip(padded, (k, v), strict=True):
+        big[:, :block_size] = t
+    k, v = (big[:, :block_size] for big in padded)
+    assert k.stride(0) == (block_size + 5) * k.stride(1)
+    out, lse = check_paged(q, k, v, table, lens)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+
+
 def test_more_splits_than_tokens():
     q, k, v, table, lens = make_problem(4, 2, 16, 16, [3, 1, 0], 4, dtype=torch.float64)
     check_paged(q, k, v, table, lens, num_splits=8)
@@ -504,16 +555,19 @@ def paged_problems(draw):
     lengths = draw(st.lists(st.integers(0, 700), min_size=1, max_size=4))
     splits = draw(st.sampled_from([None, 1, 2, 5]))
     seed = draw(st.integers(0, 2**16))
-    return kv_heads * group, kv_heads, d, dv, lengths, block_size, splits, seed
+    runs = draw(st.booleans())  # blocks in runs of consecutive ids, else shuffled
+    return kv_heads * group, kv_heads, d, dv, lengths, block_size, splits, seed, runs
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(paged_problems())
 def test_any_paged_problem_matches_the_oracle(problem):
-    h, kvh, d, dv, lengths, block_size, splits, seed = problem
+    h, kvh, d, dv, lengths, block_size, splits, seed, runs = problem
     q, k, v, table, lens = make_problem(
         h, kvh, d, dv, lengths, block_size, dtype=torch.float64, seed=seed
     )
+    if runs:
+        table = in_runs(table, lens, block_size, k.shape[0], seed)
     check_paged(q, k, v, table, lens, num_splits=splits)
 
 
