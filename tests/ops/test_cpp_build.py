@@ -110,11 +110,12 @@ def test_a_decode_step_without_the_decode_kernels_gives_the_same_logits(monkeypa
             logits = model(token, cache)
         return logits, model._stacked_decode._stack
 
-    calls = []  # the decode attention kernel's two entry points (paged, contiguous), watched
-    for entry in ("cpp_decode", "decode_contiguous"):
-        real = getattr(cpu_decode, entry)
+    calls = []  # the decode attention kernel module's entry points, watched
+    kernel = cpu_decode.loaded_kernel()
+    for entry in ("decode", "try_decode", "try_paged_decode"):
+        real = getattr(kernel, entry)
         spy = lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
-        monkeypatch.setattr(cpu_decode, entry, spy)
+        monkeypatch.setattr(kernel, entry, spy)
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
     attnkit.attention(q, k, k)  # a decode call on this host: the spies see the kernel run
     assert calls

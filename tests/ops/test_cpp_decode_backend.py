@@ -146,17 +146,35 @@ def test_a_plain_decode_call_takes_the_short_way_and_matches_the_reference(
         pytest.param(
             lambda q, k, v: attnkit.attention(torch.nn.Parameter(q), k, v), id="tensor_subclass"
         ),
+        pytest.param(
+            lambda q, k, v: attnkit.attention(q, k.repeat_interleave(2, -1)[..., ::2], v),
+            id="strided_last_dim",
+        ),
+        pytest.param(lambda q, k, v: attnkit.attention(q, k, v.to("meta")), id="meta"),
+        pytest.param(lambda q, k, v: attnkit.attention(q, k, v.to_sparse()), id="sparse"),
     ],
 )
 def test_other_decode_calls_take_the_full_path(call, monkeypatch):
     # Each differs from the plain call in one way the short way does not take: a mask, a
     # softcap, an offset, a scale that is not a float, no keys, a named backend, a gradient,
-    # a tensor subclass. With the full path made to fail, each must reach it.
+    # a tensor subclass, rows not contiguous (the full path copies them), a tensor off the
+    # CPU or not dense. With the full path made to fail, each must reach it.
     gen = torch.Generator().manual_seed(7)
     q, k, v = random_qkv(gen, n_q=1, n_k=5)
     _without_the_full_path(monkeypatch)
     with pytest.raises(AssertionError, match="the full path ran"):
         call(q, k, v)
+
+
+def test_inputs_that_require_grad_take_the_short_way_when_no_gradient_is_recorded(monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = random_qkv(gen, n_q=1, n_k=9)
+    want = attnkit.attention(q, k, v, backend="cpp_decode")
+    q.requires_grad_(True)
+    _without_the_full_path(monkeypatch)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert torch.equal(attnkit.attention(q, k, v), want)
 
 
 @pytest.mark.parametrize(

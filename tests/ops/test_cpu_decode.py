@@ -28,6 +28,7 @@ from attnkit import attention
 from attnkit.cache import ContiguousCache
 from attnkit.cache.paged import PagedCache
 from attnkit.ops import cpp_build, cpu_decode
+from attnkit.ops import paged_decode as paged_decode_module
 from attnkit.ops.decode_attention import decode_attention
 from attnkit.ops.masks import padding
 from attnkit.ops.paged_decode import paged_decode
@@ -478,8 +479,9 @@ def test_the_torch_backends_never_call_the_kernel(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("backend='torch' called the C++ decode kernel")
 
-    monkeypatch.setattr(cpu_decode, "cpp_decode", refuse)
-    monkeypatch.setattr(cpu_decode, "decode_contiguous", refuse)
+    kernel = cpu_decode.loaded_kernel()
+    for entry in ("decode", "try_decode", "try_paged_decode"):  # every way into the module
+        monkeypatch.setattr(kernel, entry, refuse)
     q, k, v, table, lens = make_problem(8, 2, 32, 32, [9, 20], 8, dtype=torch.float32)
     want, _ = oracle(q, k, v, table, lens, 32**-0.5)
     paged = paged_decode(q, k, v, table, lens, backend="torch")
@@ -569,6 +571,71 @@ def test_any_paged_problem_matches_the_oracle(problem):
     if runs:
         table = in_runs(table, lens, block_size, k.shape[0], seed)
     check_paged(q, k, v, table, lens, num_splits=splits)
+
+
+def _without_the_full_paged_path(monkeypatch):
+    """Make paged_decode's full path fail loudly: an answer can only come from its short way."""
+
+    def full_path(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(paged_decode_module, "_check_shapes", full_path)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_a_plain_paged_call_takes_the_short_way(dtype, backend, monkeypatch):
+    # The kernel's own checks let a plain call skip paged_decode's Python (~50 us from cold
+    # caches): the same kernel, so bitwise the answer of the kernel called directly, for an
+    # int32 or int64 table, a custom scale and split count, and a strided pool.
+    q, k, v, table, lens = make_problem(9, 3, 64, 40, [70, 1, 0, 33], 16, dtype=dtype, seed=4)
+    k = torch.cat([k, k], dim=-2)[:, :, :3]  # the same rows, each token twice as far apart
+    for table_, scale, splits in ((table, None, None), (table.long(), 0.25, 3)):
+        used = 1 / math.sqrt(64) if scale is None else scale
+        want = cpu_decode.cpp_decode(q, k, v, table_, lens, used, splits)
+        with monkeypatch.context() as patch:
+            _without_the_full_paged_path(patch)
+            out, lse = paged_decode(
+                q,
+                k,
+                v,
+                table_,
+                lens,
+                scale=scale,
+                num_splits=splits,
+                backend=backend,
+                return_lse=True,
+            )
+            alone = paged_decode(q, k, v, table_, lens, scale=scale, num_splits=splits)
+        assert torch.equal(out, want[0]) and torch.equal(lse, want[1]) and torch.equal(alone, out)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(dict(backend="torch"), id="torch_backend"),
+        pytest.param(dict(scale=1), id="int_scale"),
+        pytest.param(dict(num_splits=True), id="bool_splits"),
+        pytest.param(
+            dict(block_table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int16)), id="int16"
+        ),
+        pytest.param(dict(q=torch.zeros(2, 4, 16).requires_grad_(True)), id="requires_grad"),
+        pytest.param(dict(q=torch.nn.Parameter(torch.zeros(2, 4, 16))), id="subclass"),
+        pytest.param(dict(lengths=torch.tensor([3, 20]).to("meta")), id="meta_lengths"),
+        pytest.param(dict(k_pool=torch.zeros(6, 16, 2, 32)[..., ::2]), id="strided_rows"),
+        pytest.param(dict(q=torch.zeros(2, 4, 1, 16)), id="4d_query"),
+    ],
+)
+def test_other_paged_calls_take_the_full_path(change, monkeypatch):
+    # Each differs from a plain call in one way the short way leaves to the full path: a
+    # named torch backend, a scale or split count of another type, a table of another
+    # integer type, a gradient, a subclass, a tensor off the CPU, rows not contiguous, a
+    # query of another shape. With the full path made to fail, each must reach it.
+    backend = change.pop("backend", "auto")
+    extra = {key: change.pop(key) for key in ("scale", "num_splits") if key in change}
+    _without_the_full_paged_path(monkeypatch)
+    with pytest.raises(AssertionError, match="the full path ran"):
+        paged_decode(**paged_args(**change), backend=backend, **extra)
 
 
 # -- bad input --------------------------------------------------------------------------------

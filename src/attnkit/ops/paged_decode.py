@@ -65,6 +65,12 @@ def paged_decode(
     shapes are always checked, and `cpp` checks values regardless (on the host, no sync).
     Returns (batch, heads, v_head_dim), and lse (batch, heads) with `return_lse`.
     """
+    if backend in ("auto", "cpp"):  # the kernel's short way for a plain call on the CPU
+        answer = cpu_decode.plain_paged_decode(
+            q, k_pool, v_pool, block_table, lengths, scale, num_splits
+        )
+        if answer is not None:
+            return answer if return_lse else answer[0]
     _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "cpp":  # asked for by name: say why it cannot serve, if it cannot
