@@ -181,6 +181,11 @@ def test_inputs_that_require_grad_take_the_short_way_when_no_gradient_is_recorde
     ("change", "error", "message"),
     [
         (lambda q, k, v: (q[:, :8], k, v), ValueError, "not a multiple of the 3 KV heads"),
+        (
+            lambda q, k, v: (q, k, v[..., :0]),
+            ValueError,
+            r"head_dim must be >= 1, got q \d+ and v 0",
+        ),
         (lambda q, k, v: (q, k[:, :2], v), ValueError, "k has 2 heads but v has 3"),
         (lambda q, k, v: (q[:1], k, v), ValueError, "batch sizes differ"),
         (lambda q, k, v: (q[..., :8], k, v), ValueError, "q head_dim 8 differs"),

@@ -173,20 +173,24 @@ def test_tiles_read_across_blocks_that_lie_end_to_end(shape, block_size, num_spl
     check_paged(q, k, v, table, lens, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("apart", ["k", "v", "kv"])
 @pytest.mark.parametrize("block_size", [16, 24])
-def test_consecutive_ids_of_blocks_apart_in_memory_are_read_block_by_block(block_size):
+def test_consecutive_ids_of_blocks_apart_in_memory_are_read_block_by_block(block_size, apart):
     """A pool whose blocks are not end to end (a view of the first block_size tokens of
-    longer blocks, the rest NaN): a tile must not run past a block's end even where the next
-    block's id follows, or it reads the NaN between them."""
+    longer blocks, the rest NaN), in K, in V or in both: a tile must not run past a block's
+    end even where the next block's id follows, or it reads the NaN between them."""
     q, k, v, table, lens = make_problem(
         9, 3, 64, 64, [300, 77], block_size, dtype=torch.float32, seed=3
     )
     table = in_runs(table, lens, block_size, k.shape[0], seed=1)
-    padded = [torch.full((t.shape[0], block_size + 5, *t.shape[2:]), math.nan) for t in (k, v)]
-    for big, t in zip(padded, (k, v), strict=True):
+
+    def blocks_apart(t):
+        big = torch.full((t.shape[0], block_size + 5, *t.shape[2:]), math.nan)
         big[:, :block_size] = t
-    k, v = (big[:, :block_size] for big in padded)
-    assert k.stride(0) == (block_size + 5) * k.stride(1)
+        return big[:, :block_size]
+
+    k = blocks_apart(k) if "k" in apart else k
+    v = blocks_apart(v) if "v" in apart else v
     out, lse = check_paged(q, k, v, table, lens)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
 
@@ -608,6 +612,8 @@ def test_a_plain_paged_call_takes_the_short_way(dtype, backend, monkeypatch):
             )
             alone = paged_decode(q, k, v, table_, lens, scale=scale, num_splits=splits)
         assert torch.equal(out, want[0]) and torch.equal(lse, want[1]) and torch.equal(alone, out)
+        answer = paged_decode(q, k, v, table_, lens, backend=backend, return_lse=True)
+        assert type(answer) is tuple  # as the full path answers, not a list
 
 
 @pytest.mark.parametrize(
@@ -678,6 +684,24 @@ def test_bad_values_are_caught_even_unchecked(change, message, check):
         paged_decode(**paged_args(**change), backend="cpp", check=check)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "auto", "torch"])
+def test_a_table_of_no_columns_holds_no_token(backend):
+    # (batch, 0) block tables: capacity 0, so only empty sequences pass (zeros, lse -inf),
+    # and a length past 0 is named rather than read from outside the pool.
+    args = paged_args(block_table=torch.zeros(2, 0, dtype=torch.long))
+    out, lse = paged_decode(
+        **{**args, "lengths": torch.tensor([0, 0])}, backend=backend, return_lse=True
+    )
+    assert (out == 0).all() and torch.isinf(lse).all()
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, .* = 0\], got \[3, 20\]"):
+        paged_decode(**args, backend=backend)
+
+
+def test_a_split_count_past_64_bits_is_named():
+    with pytest.raises(ValueError, match=r"num_splits must be .* got 9223372036854775808"):
+        paged_decode(**paged_args(), num_splits=2**63)
+
+
 def test_a_limit_at_the_capacity_passes_and_one_past_it_raises():
     paged_decode(**paged_args(lengths=torch.tensor([32, 32])), backend="cpp")
     with pytest.raises(ValueError, match="lengths must lie in"):
@@ -703,7 +727,16 @@ def test_a_limit_at_the_capacity_passes_and_one_past_it_raises():
         ),
         (dict(v_pool=torch.zeros(6, 16, 3, 16)), ValueError, "k_pool and v_pool must agree"),
         (dict(k_pool=torch.zeros(6, 16, 2, 8)), ValueError, "k_pool head_dim 8 must equal"),
-        (dict(block_table=torch.zeros(3, 2, dtype=torch.long)), ValueError, "block_table must be"),
+        (
+            dict(block_table=torch.zeros(3, 2, dtype=torch.long)),
+            ValueError,
+            r"block_table must be integer \(batch=2, max_blocks\), got torch.int64 \(3, 2\)",
+        ),
+        (
+            dict(lengths=torch.tensor([3, 20, 5])),
+            ValueError,
+            r"lengths must be integer \(batch=2,\), got torch.int64 \(3,\)",
+        ),
     ],
 )
 def test_bad_paged_inputs_name_the_argument(change, error, message):

@@ -109,7 +109,7 @@ def plain_paged_decode(
         return None  # subclasses and non-tensors take the full path
     if scale is not None and not (type(scale) is float and 0.0 < scale < math.inf):
         return None
-    if num_splits is not None and not (type(num_splits) is int and num_splits >= 1):
+    if num_splits is not None and not (type(num_splits) is int and 1 <= num_splits < 2**63):
         return None
     module = loaded_kernel()
     if module is None:

@@ -195,20 +195,20 @@ def _check_values(k_pool: Tensor, block_table: Tensor, lengths: Tensor) -> int:
     if lengths.numel() == 0:
         return 0
     bs, num_blocks = k_pool.shape[1], k_pool.shape[0]
-    in_use = _in_use(block_table, lengths, bs)
+    capacity = block_table.shape[1] * bs
     big = torch.iinfo(torch.int64).max
-    low, longest, first, last = torch.stack(
-        [
-            lengths.min().long(),
-            lengths.max().long(),
+    stats = [lengths.min().long(), lengths.max().long()]
+    if block_table.shape[1]:  # a table of no columns has no entry to check (lengths must be 0)
+        in_use = _in_use(block_table, lengths, bs)
+        stats += [
             torch.where(in_use, block_table.long(), big).min(),
             torch.where(in_use, block_table.long(), -1).max(),
         ]
-    ).tolist()
-    if low < 0 or longest > block_table.shape[1] * bs:
+    low, longest, *ids = torch.stack(stats).tolist()
+    first, last = ids or (big, -1)
+    if low < 0 or longest > capacity:
         raise ValueError(
-            f"lengths must lie in [0, max_blocks * block_size = {block_table.shape[1] * bs}], "
-            f"got [{low}, {longest}]"
+            f"lengths must lie in [0, max_blocks * block_size = {capacity}], got [{low}, {longest}]"
         )
     if last >= 0 and (first < 0 or last >= num_blocks):
         raise ValueError(
@@ -225,6 +225,11 @@ def check_tensors_and_options(named, backend: str, backends: tuple, num_splits) 
     if backend not in backends:
         raise ValueError(f"backend must be one of {backends}, got {backend!r}")
     if num_splits is not None and (
-        isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
+        isinstance(num_splits, bool)
+        or not isinstance(num_splits, int)
+        or not 1 <= num_splits < 2**63  # the kernels take a 64-bit count
     ):
-        raise ValueError(f"num_splits must be a positive integer or None, got {num_splits!r}")
+        raise ValueError(
+            f"num_splits must be a positive integer or None, got {num_splits!r} (the kernels "
+            "count in 64 bits: at most 2**63 - 1)"
+        )

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 
 #include "decode_attention.h"
 
@@ -38,9 +39,13 @@ static bool integer_index(const at::Tensor& t) {
 // because there each tensor attribute is a trip through torch's Python bindings: the same
 // checks cost ~25 us a call from cold caches (~2 us hot), on a kernel call of ~35.
 
+// (out, lse): a tuple in Python, as the full path returns (a vector would come as a list).
+using Answer = std::tuple<at::Tensor, at::Tensor>;
+static Answer answer(const std::vector<at::Tensor>& out_lse) { return {out_lse[0], out_lse[1]}; }
+
 // q (batch, heads, 1, d) against a contiguous cache's k, v (batch, kv_heads, n, d / dv).
-std::optional<std::vector<at::Tensor>> try_decode(const at::Tensor& q, const at::Tensor& k,
-                                                  const at::Tensor& v, double scale) {
+std::optional<Answer> try_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 double scale) {
   if (!(plain(q, 4) && plain(k, 4) && plain(v, 4) && kernel_inputs(q, k, v)))
     return std::nullopt;
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3);
@@ -51,19 +56,18 @@ std::optional<std::vector<at::Tensor>> try_decode(const at::Tensor& q, const at:
                       v.size(3) > 0;
   if (!shapes) return std::nullopt;
   const double used_scale = scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(dim));
-  return decode(q, k, v, std::nullopt, std::nullopt, used_scale, 0, std::nullopt, std::nullopt,
-                /*heads_before_tokens=*/true);
+  return answer(decode(q, k, v, std::nullopt, std::nullopt, used_scale, 0, std::nullopt,
+                       std::nullopt, /*heads_before_tokens=*/true));
 }
 
 // q (batch, heads, d) against a paged pool's k, v (num_blocks, block_size, kv_heads, d / dv)
 // through block_table (batch, max_blocks) and lengths (batch,), integer. The kernel checks
 // the lengths and block ids itself, with paged_decode's messages, so a bad value raises here
 // as on the full path. num_splits 0: chosen by the kernel.
-std::optional<std::vector<at::Tensor>> try_paged_decode(const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& v,
-                                                        const at::Tensor& block_table,
-                                                        const at::Tensor& lengths, double scale,
-                                                        int64_t num_splits) {
+std::optional<Answer> try_paged_decode(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& block_table,
+                                       const at::Tensor& lengths, double scale,
+                                       int64_t num_splits) {
   if (!(plain(q, 3) && plain(k, 4) && plain(v, 4) && kernel_inputs(q, k, v) &&
         plain(block_table, 2, false) && plain(lengths, 1, false) && integer_index(block_table) &&
         integer_index(lengths) && num_splits >= 0))
@@ -76,7 +80,7 @@ std::optional<std::vector<at::Tensor>> try_paged_decode(const at::Tensor& q, con
                       block_table.size(0) == batch && lengths.size(0) == batch;
   if (!shapes) return std::nullopt;
   const double used_scale = scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(dim));
-  return decode(q, k, v, block_table, lengths, used_scale, num_splits);
+  return answer(decode(q, k, v, block_table, lengths, used_scale, num_splits));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -98,6 +98,7 @@ struct Layout {
   int64_t v_block, v_token, v_head;
   const int64_t* table;  // (batch, table_stride) block ids; null: sequence b is block b
   int64_t table_stride;
+  bool has_table = false;  // a block_table was given (table is null when it has no columns)
   // int8 K/V: one float scale per row (block, token, KV head), the row's value / int8.
   const float* k_scale = nullptr;
   const float* v_scale = nullptr;
@@ -198,7 +199,8 @@ void attend_in_place(const Layout& L, const acc_t* K, const acc_t* V, const acc_
   // sequence's blocks handed out together, as a prompt's are from a fresh pool) keep their
   // rows at one stride, so a tile reads across them as across one block. On SmolLM2-shaped
   // pools of 16-token blocks in order that took 16-token tiles to 32: 1.09x as fast from
-  // memory (Zen 5 EPYC, builds timed in turn).
+  // memory (Zen 5 EPYC, builds timed in turn). The online softmax then steps by other
+  // tiles, so a float32 answer may differ in its last bits with where the blocks lie.
   const bool blocks_end_to_end = L.table != nullptr && L.k_block == L.block_size * L.k_token &&
                                  L.v_block == L.block_size * L.v_token;
   const int64_t* table_row = L.table ? L.table + w.b * L.table_stride : nullptr;
@@ -454,14 +456,14 @@ void attend(const Layout& L, const scalar_t* K, const scalar_t* V, const acc_t* 
 // Lengths and the block ids in use within range; the same messages as the Python checks.
 inline void check_values(const Layout& L, const int64_t* lengths) {
   if (L.batch == 0) return;
-  const int64_t capacity = L.table ? L.table_stride * L.block_size : L.block_size;
+  const int64_t capacity = L.has_table ? L.table_stride * L.block_size : L.block_size;
   int64_t low = lengths[0], high = lengths[0];
   for (int64_t b = 1; b < L.batch; ++b) {
     low = std::min(low, lengths[b]);
     high = std::max(high, lengths[b]);
   }
   if (low < 0 || high > capacity) {
-    if (L.table) {
+    if (L.has_table) {
       TORCH_CHECK_VALUE(false, "lengths must lie in [0, max_blocks * block_size = ", capacity,
                         "], got [", low, ", ", high, "]");
     }
@@ -702,11 +704,15 @@ inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& 
     table = block_table->to(at::kCPU, at::kLong).contiguous();
     TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == L.batch,
                       "block_table must be (batch, max_blocks)");
+    L.has_table = true;
+    // A table of no columns: every length must be 0 (capacity 0, checked below), so no
+    // block is read and the null pointer is never followed.
     L.table = table.data_ptr<int64_t>();
     L.table_stride = table.size(1);
   } else {
     TORCH_CHECK_VALUE(L.num_blocks == L.batch, "without a block_table k needs one block per "
                                                "sequence");
+    L.has_table = false;
     L.table = nullptr;
     L.table_stride = 1;
   }
