@@ -195,6 +195,27 @@ def test_consecutive_ids_of_blocks_apart_in_memory_are_read_block_by_block(block
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
 
 
+@pytest.mark.parametrize(
+    "layout",
+    ["int32", "int64", "int16", "int32 strided", "int64 strided", "lengths strided"],
+)
+def test_tables_and_lengths_of_any_integer_layout(layout):
+    # int64 and int32 read in place or widened by the kernel; others converted by torch.
+    q, k, v, table, lens = make_problem(6, 2, 16, 16, [40, 3, 0, 17], 8, dtype=torch.float64)
+    dtype = {"int16": torch.int16, "int64": torch.int64, "int64 strided": torch.int64}.get(
+        layout, torch.int32
+    )
+    table, lens = table.to(dtype), lens.to(torch.int32)
+    if "strided" in layout:  # every other column (or entry) of a wider tensor
+        wide = torch.stack([table, torch.full_like(table, -7)], dim=-1).flatten(1)
+        table = wide[:, ::2]
+        assert not table.is_contiguous()
+    if layout == "lengths strided":
+        lens = torch.stack([lens, torch.full_like(lens, 10**6)], dim=-1).flatten()[::2]
+        assert not lens.is_contiguous()
+    check_paged(q, k, v, table, lens)
+
+
 def test_more_splits_than_tokens():
     q, k, v, table, lens = make_problem(4, 2, 16, 16, [3, 1, 0], 4, dtype=torch.float64)
     check_paged(q, k, v, table, lens, num_splits=8)
