@@ -16,6 +16,7 @@ import attnkit
 from attn_testing import assert_matches_reference, random_qkv
 from attnkit import masks
 from attnkit.ops import attention as attention_module
+from attnkit.ops import cpu_decode
 from attnkit.ops.backends import get_backend, register
 from attnkit.ops.backends.cpu_decode import CppDecodeBackend, plain_decode
 from attnkit.ops.problem import make_problem
@@ -212,6 +213,21 @@ def test_bad_scales_in_a_decode_call_are_named(scale):
     q, k, v = random_qkv(gen, n_q=1, n_k=5)
     with pytest.raises(ValueError, match="scale must be a positive finite number"):
         attnkit.attention(q, k, v, scale=scale)
+
+
+def test_the_short_ways_never_ask_for_the_kernel_for_a_query_off_the_cpu(monkeypatch):
+    # A GPU call must not build the CPU kernel (~40 s) on its way to the full path: the short
+    # ways ask q's device before the kernel module (meta stands in for a GPU here).
+    def refuse():
+        raise AssertionError("the CPU kernel was asked for")
+
+    monkeypatch.setattr(cpu_decode, "loaded_kernel", refuse)
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (t.to("meta") for t in random_qkv(gen, n_q=1, n_k=5))
+    assert plain_decode(q, k, v, None, False) is None
+    table, lengths = torch.zeros(2, 1, dtype=torch.int32), torch.tensor([5, 5])
+    pool = k.transpose(1, 2)  # (batch blocks, 5 tokens, kv_heads, d)
+    assert cpu_decode.plain_paged_decode(q[:, :, 0], pool, pool, table, lengths, None, None) is None
 
 
 def test_without_the_kernel_a_plain_decode_call_is_answered_by_torch(cpp_switched_off):

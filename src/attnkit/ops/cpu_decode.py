@@ -107,16 +107,27 @@ def plain_paged_decode(
         and type(lengths) is Tensor
     ):
         return None  # subclasses and non-tensors take the full path
-    if scale is not None and not (type(scale) is float and 0.0 < scale < math.inf):
-        return None
     if num_splits is not None and not (type(num_splits) is int and 1 <= num_splits < 2**63):
         return None
-    module = loaded_kernel()
-    if module is None:
+    module, scale = short_way_kernel(q), kernel_scale(scale)
+    if module is None or scale is None:
         return None
-    return module.try_paged_decode(
-        q, k_pool, v_pool, block_table, lengths, 0.0 if scale is None else scale, num_splits or 0
-    )  # scale 0: 1 / sqrt(d); num_splits 0: the kernel's choice
+    splits = num_splits or 0  # 0: the kernel's choice
+    return module.try_paged_decode(q, k_pool, v_pool, block_table, lengths, scale, splits)
+
+
+def short_way_kernel(q: Tensor) -> ModuleType | None:
+    """The kernel module for a short way's call, where q lies on the CPU and the kernel can
+    be had. q's device is asked first, so that a GPU call never builds the CPU kernel."""
+    return loaded_kernel() if q.is_cpu else None
+
+
+def kernel_scale(scale: object) -> float | None:
+    """`scale` as the module's `try_decode` / `try_paged_decode` take it (0.0: 1 / sqrt(d)),
+    or None where it is not None or a positive finite float (the full path checks it)."""
+    if scale is None:
+        return 0.0
+    return scale if type(scale) is float and 0.0 < scale < math.inf else None
 
 
 def loaded_kernel() -> ModuleType | None:

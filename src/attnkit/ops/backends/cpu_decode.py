@@ -10,8 +10,6 @@ torch SDPA instead.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -58,14 +56,12 @@ def plain_decode(
     from cold caches."""
     if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor):
         return None  # subclasses (parameters, fake tensors) take the full path
-    if scale is not None and not (type(scale) is float and 0.0 < scale < math.inf):
-        return None
     if type(get_backend(CppDecodeBackend.name)) is not CppDecodeBackend:
         return None  # replaced in the registry (`register(..., replace=True)`): `auto` runs that
-    module = cpu_decode.loaded_kernel()
-    if module is None:
+    module, scale = cpu_decode.short_way_kernel(q), cpu_decode.kernel_scale(scale)
+    if module is None or scale is None:
         return None
-    answer = module.try_decode(q, k, v, 0.0 if scale is None else scale)  # 0: 1 / sqrt(d)
+    answer = module.try_decode(q, k, v, scale)
     if answer is None:
         return None
     out, lse = answer

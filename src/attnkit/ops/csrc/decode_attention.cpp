@@ -39,6 +39,11 @@ static bool integer_index(const at::Tensor& t) {
 // because there each tensor attribute is a trip through torch's Python bindings: the same
 // checks cost ~25 us a call from cold caches (~2 us hot), on a kernel call of ~35.
 
+// The kernel's scale: `scale`, or 1 / sqrt(dim) where it is 0 (None in Python).
+static double scale_or_default(double scale, int64_t dim) {
+  return scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(dim));
+}
+
 // (out, lse): a tuple in Python, as the full path returns (a vector would come as a list).
 using Answer = std::tuple<at::Tensor, at::Tensor>;
 static Answer answer(const std::vector<at::Tensor>& out_lse) { return {out_lse[0], out_lse[1]}; }
@@ -55,9 +60,8 @@ std::optional<Answer> try_decode(const at::Tensor& q, const at::Tensor& k, const
                       heads % kv_heads == 0 && n > 0 && v.size(2) == n && k.size(3) == dim &&
                       v.size(3) > 0;
   if (!shapes) return std::nullopt;
-  const double used_scale = scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(dim));
-  return answer(decode(q, k, v, std::nullopt, std::nullopt, used_scale, 0, std::nullopt,
-                       std::nullopt, /*heads_before_tokens=*/true));
+  return answer(decode(q, k, v, std::nullopt, std::nullopt, scale_or_default(scale, dim), 0,
+                       std::nullopt, std::nullopt, /*heads_before_tokens=*/true));
 }
 
 // q (batch, heads, d) against a paged pool's k, v (num_blocks, block_size, kv_heads, d / dv)
@@ -79,8 +83,8 @@ std::optional<Answer> try_paged_decode(const at::Tensor& q, const at::Tensor& k,
                       v.size(1) == block_size && v.size(2) == kv_heads && v.size(3) > 0 &&
                       block_table.size(0) == batch && lengths.size(0) == batch;
   if (!shapes) return std::nullopt;
-  const double used_scale = scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(dim));
-  return answer(decode(q, k, v, block_table, lengths, used_scale, num_splits));
+  return answer(
+      decode(q, k, v, block_table, lengths, scale_or_default(scale, dim), num_splits));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

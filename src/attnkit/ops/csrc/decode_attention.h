@@ -46,14 +46,13 @@
 
 namespace decode_attention {
 
-// Tokens whose scores are computed before their values are read. Read in place
-// (attend_in_place): at most TILE, within one run of blocks that lie end to end (a paged
-// pool's shuffled 16-token blocks make 16-token tiles). Gathered (attend): TILE for an item of one KV head, TILE / 2 for one of
-// several (every KV head of a paged pool's tokens: 128 KiB of K/V a tile at 8 heads of d
-// 128). 16 and 32 measured alike on a Xeon; on a Zen 5 EPYC 32 read one head's K/V 10-14%
-// faster than 16 (GQA 32/8 d128, batch 1-32, builds timed in turn), while a paged tile of
-// 32 tokens of 8 heads gained nothing and 64 lost (its K/V outgrow the share of L2 they
-// should use).
+// Tokens whose scores are computed before their values are read. Read in place (attend_in_place):
+// at most TILE, within one run of blocks that lie end to end (a paged pool's shuffled 16-token
+// blocks make 16-token tiles). Gathered (attend): TILE for an item of one KV head, TILE / 2 for one
+// of several (every KV head of a paged pool's tokens: 128 KiB of K/V a tile at 8 heads of d 128).
+// 16 and 32 measured alike on a Xeon; on a Zen 5 EPYC 32 read one head's K/V 10-14% faster than 16
+// (GQA 32/8 d128, batch 1-32, builds timed in turn), while a paged tile of 32 tokens of 8 heads
+// gained nothing and 64 lost (its K/V outgrow the share of L2 they should use).
 constexpr int64_t TILE = 32;
 // Software prefetch of the rows AHEAD tiles on, spread over the current tile's score loop
 // (attend; attend_in_place prefetches one tile ahead).
@@ -172,14 +171,14 @@ inline bool in_place_item(const Layout& L, const WorkItem& w, int64_t element_by
   return L.block_size >= 16 && L.k_token * element_bytes < MEMORY_ORDER_TOKEN_BYTES;
 }
 
-// attend() for an in_place_item, the same arithmetic in the same order. A tile is a run of
-// at most TILE tokens within one block (a contiguous cache: one block per sequence) or
-// within blocks that lie end to end, and in it each KV head's rows lie at the token stride, so they are read in place (StridedRows)
-// rather than through tables of row pointers filled a tile at a time. On one head of a
-// contiguous cache that bookkeeping (a pointer per row, a block-table walk, the prefetch
-// loop's checks) took as many instructions as the FMAs. On SmolLM2-shaped paged pools (9/3
-// d64, 16-token blocks) reading in place ran 0-9% faster from memory and 8-13% faster from
-// L2 than gathering (Zen 5 EPYC, builds timed in turn); contiguous caches as before.
+// attend() for an in_place_item, the same arithmetic in the same order. A tile is a run of at most
+// TILE tokens within one block (a contiguous cache: one block per sequence) or within blocks that
+// lie end to end, and in it each KV head's rows lie at the token stride, so they are read in place
+// (StridedRows) rather than through tables of row pointers filled a tile at a time. On one head of
+// a contiguous cache that bookkeeping (a pointer per row, a block-table walk, the prefetch loop's
+// checks) took as many instructions as the FMAs. On SmolLM2-shaped paged pools (9/3 d64, 16-token
+// blocks) reading in place ran 0-9% faster from memory and 8-13% faster from L2 than gathering (Zen
+// 5 EPYC, builds timed in turn); contiguous caches as before.
 template <typename acc_t>
 void attend_in_place(const Layout& L, const acc_t* K, const acc_t* V, const acc_t* q,
                      const WorkItem& w, acc_t* out, acc_t* lse2, Scratch<acc_t>& S) {
