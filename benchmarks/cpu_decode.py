@@ -30,11 +30,11 @@ import time
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.table import Table
 
 from attnkit.ops.cpu_decode import cpu_decode_available, cpu_decode_unavailable_reason
 from attnkit.ops.decode_attention import decode_attention
 from attnkit.ops.paged_decode import paged_decode
+from tables import rows_table
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 COPY_ELEMENTS = 16 * 1024 * 1024  # 64 MiB of float32
@@ -135,20 +135,7 @@ def main() -> None:
         f"decode attention, {HEADS}/{KV_HEADS} heads, d {HEAD_DIM}, float32, "
         f"{torch.get_num_threads()} threads, medians of {args.repeats}"
     )
-    table = Table(title=title)
-    for column in rows[0]:
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*(_cell(value) for value in row.values()))
-    console.print(table)
-
-
-def _cell(value) -> str:
-    if isinstance(value, str):
-        return value
-    if value != 0 and abs(value) < 1e-2:
-        return f"{value:.1e}"
-    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    console.print(rows_table(title, rows))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ import time
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from attnkit.ops.cpu_decode import cpu_decode_available, cpu_decode_unavailable_reason
 from attnkit.ops.decode_attention import decode_attention
 from attnkit.ops.paged_decode import paged_decode
+from tables import rows_table
 
 SHAPES = {"smollm2": (9, 3, 64), "gqa": (32, 8, 128)}
 BATCH = 8
@@ -188,23 +188,8 @@ def main() -> None:
         print(json.dumps({title: table for title, table in tables}, indent=1))
         return
     for title, table_rows in tables:
-        table = Table(
-            title=f"{title}, batch {BATCH}, float32, {torch.get_num_threads()} threads, "
-            f"medians of {args.repeats}"
-        )
-        for column in table_rows[0]:
-            table.add_column(column, justify="right")
-        for row in table_rows:
-            table.add_row(*(_cell(value) for value in row.values()))
-        console.print(table)
-
-
-def _cell(value) -> str:
-    if isinstance(value, (str, int)):
-        return str(value)
-    if value != 0 and abs(value) < 1e-2:
-        return f"{value:.1e}"
-    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+        settings = f"batch {BATCH}, float32, {torch.get_num_threads()} threads"
+        console.print(rows_table(f"{title}, {settings}, medians of {args.repeats}", table_rows))
 
 
 if __name__ == "__main__":
