@@ -24,11 +24,12 @@ from attnkit.layers.rope import RopeScaling, RotaryEmbedding
 from attnkit.models.stacked_decode import StackedDecode
 from attnkit.ops import decode_block
 from attnkit.ops.backends.banded import SOURCE as BANDED_SOURCE
-from attnkit.ops.cpp_build import load_kernel, wants_grad
+from attnkit.ops.cpp_build import load_kernel
 from attnkit.ops.decode_block import BlockWeights, LatentBlockWeights
 from attnkit.ops.masks import causal
 from attnkit.ops.rms_norm import rms_norm
 from attnkit.ops.skinny_linear import MAX_ROWS
+from attnkit.ops.transforms import needs_torch_ops
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -137,7 +138,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = project(x, (self.gate, self.up))
-        if wants_grad(gate, up):
+        if needs_torch_ops(gate, up):
             return self.down(F.silu(gate) * up)
         # in place: no two fresh (rows, intermediate) tensors (8k prefill: 2% of its time)
         return self.down(F.silu(gate, inplace=True).mul_(up))

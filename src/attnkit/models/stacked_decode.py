@@ -35,6 +35,7 @@ from attnkit.layers.attention import Attention
 from attnkit.layers.latent import LatentAttention
 from attnkit.ops.decode_block import DecodeStack, LatentDecodeStack, LatentShape
 from attnkit.ops.skinny_linear import MAX_ROWS
+from attnkit.ops.transforms import transform_active
 
 Stack = DecodeStack | LatentDecodeStack
 
@@ -70,7 +71,7 @@ class StackedDecode:
         """The blocks' output for `x` (batch, 1, hidden), or None when the step does not
         qualify (then the caller runs the blocks one by one)."""
         cache = ctx.cache
-        if cache is None or global_hooks or torch.is_grad_enabled():
+        if cache is None or global_hooks or torch.is_grad_enabled() or transform_active():
             return None
         if x.dim() != 3 or x.shape[1] != 1 or not 1 <= x.shape[0] <= MAX_ROWS:
             return None

@@ -55,12 +55,6 @@ def unavailable_reason(source: str) -> str | None:
     return None if isinstance(result, ModuleType) else result
 
 
-def wants_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd would need a backward through these inputs: the C++ kernels have
-    none, so their callers take a torch path (or decline) when this is True."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 @functools.cache
 def cpp_kernels_enabled() -> bool:
     """False when ATTNKIT_NO_CPP is set to anything but 0 or an empty string: read once per

@@ -18,7 +18,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from attnkit.ops.cpp_build import load_kernel, unavailable_reason, wants_grad
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason
+from attnkit.ops.transforms import torch_ops_reason, transform_active
 
 SOURCE_NAME = "decode_attention.cpp"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -53,10 +54,11 @@ def request_limits(q: Tensor, *kv: Tensor) -> str | None:
         return f"the cpp backend takes CPU tensors, got {q.device}"
     if q.dtype not in DTYPES:
         return f"the cpp backend takes float32, float64, bfloat16 or float16, got {q.dtype}"
-    if wants_grad(q, *kv):
+    reason = torch_ops_reason(q, *kv)
+    if reason is not None:
         return (
-            "the cpp backend computes no gradients (it has no backward), but an input "
-            "requires grad: use backend='torch', or call it under torch.no_grad()"
+            f"the cpp backend computes no derivatives (it reads raw storage), but {reason}: "
+            "use backend='torch' (for a backward, or call it under torch.no_grad())"
         )
     return None
 
@@ -117,9 +119,10 @@ def plain_paged_decode(
 
 
 def short_way_kernel(q: Tensor) -> ModuleType | None:
-    """The kernel module for a short way's call, where q lies on the CPU and the kernel can
-    be had. q's device is asked first, so that a GPU call never builds the CPU kernel."""
-    return loaded_kernel() if q.is_cpu else None
+    """The kernel module for a short way's call, where q lies on the CPU, no transform runs
+    (`transform_active`) and the kernel can be had. q's device is asked first, so that a GPU
+    call never builds the CPU kernel."""
+    return loaded_kernel() if q.is_cpu and not transform_active() else None
 
 
 def kernel_scale(scale: object) -> float | None:

@@ -25,8 +25,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from attnkit.ops.cpp_build import load_kernel, unavailable_reason, wants_grad
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason
 from attnkit.ops.skinny_linear import MAX_ROWS, packed_weight, packed_weights_enabled
+from attnkit.ops.transforms import needs_torch_ops
 
 SOURCE = "decode_block.cpp"
 
@@ -225,7 +226,7 @@ def fusable(x: Tensor, tensors: list[Tensor | None]) -> bool:
     present = [t for t in tensors if t is not None]
     if any(t.dtype != torch.float32 for t in present):
         return False
-    if torch.is_grad_enabled() and wants_grad(x, *present):
+    if needs_torch_ops(x, *present):
         return False
     return packed_weights_enabled() and load_kernel(SOURCE) is not None
 

@@ -20,7 +20,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from attnkit.ops.cpp_build import wants_grad
+from attnkit.ops.transforms import torch_ops_reason
 from attnkit.ops.triton_support import triton_unavailable
 
 try:  # optional: CUDA kernels, or the interpreter on CPU
@@ -56,8 +56,9 @@ def latent_decode(
     lengths = _check(q_latent, q_rope, latent, k_rope, lengths, backend, scale, check)
     inputs = (q_latent, q_rope, latent, k_rope)
     reason = triton_unavailable(q_latent, triton_latent_decode is not None)
-    if reason is None and wants_grad(*inputs):
-        reason = "the triton kernel computes no gradients; call it under torch.no_grad()"
+    torch_ops = torch_ops_reason(*inputs)
+    if reason is None and torch_ops is not None:
+        reason = f"the triton kernel computes no derivatives, but {torch_ops}"
     if backend == "auto":
         backend = "triton" if q_latent.is_cuda and reason is None else "torch"
     if backend == "triton":

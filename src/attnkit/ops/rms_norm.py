@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.ops.cpp_build import load_kernel, wants_grad
+from attnkit.ops.cpp_build import load_kernel
+from attnkit.ops.transforms import needs_torch_ops
 
 SOURCE = "rms_norm.cpp"
 
@@ -30,7 +31,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         module = load_kernel(SOURCE)
         if module is not None:
             return module.rms_norm(x.contiguous(), weight, eps)
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    # at least float32, as transformers' LlamaRMSNorm (which takes float64 down to float32)
+    wide = x if x.dtype == torch.float64 else x.float()
+    normed = F.rms_norm(wide, (x.shape[-1],), eps=eps)
     return weight * normed.to(x.dtype)
 
 
@@ -39,4 +42,4 @@ def _kernel_applies(x: Tensor, weight: Tensor) -> bool:
         return False
     if not weight.is_contiguous():
         return False
-    return not wants_grad(x, weight)
+    return not needs_torch_ops(x, weight)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.ops.cpp_build import load_kernel
+from attnkit.ops.transforms import transform_active
 
 SOURCE = "skinny_linear.cpp"
 PACKED_SOURCE = "packed_linear.cpp"
@@ -150,7 +151,9 @@ def _input_applies(x: Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() == 0:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    return rows >= 1 and not (x.requires_grad and torch.is_grad_enabled())
+    if rows < 1 or transform_active():
+        return False
+    return not (x.requires_grad and torch.is_grad_enabled())
 
 
 def _weight_applies(weight: Tensor, bias: Tensor | None, in_features: int, grad: bool) -> bool:

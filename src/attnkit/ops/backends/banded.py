@@ -17,9 +17,10 @@ from torch import Tensor
 
 from attnkit._checks import check_positive_int
 from attnkit.ops.backends.base import Backend, get_backend
-from attnkit.ops.cpp_build import load_kernel, unavailable_reason, wants_grad
+from attnkit.ops.cpp_build import load_kernel, unavailable_reason
 from attnkit.ops.masks import Mask, causal, window_and_sinks
 from attnkit.ops.problem import AttentionProblem
+from attnkit.ops.transforms import torch_ops_reason
 
 SOURCE = "banded_attention.cpp"
 
@@ -45,8 +46,9 @@ class BandedBackend(Backend):
             )
         if p.q.device.type != "cpu" or any(t.dtype != torch.float32 for t in (p.q, p.k, p.v)):
             return "the banded kernel takes float32 CPU tensors"
-        if wants_grad(p.q, p.k, p.v):
-            return "the banded kernel computes no gradients; call it under torch.no_grad()"
+        reason = torch_ops_reason(p.q, p.k, p.v)
+        if reason is not None:
+            return f"the banded kernel computes no derivatives, but {reason}"
         if p.q_offset < 0 or p.q_offset + p.n_q > p.n_k:
             return (
                 f"query rows must sit at key positions (q_offset {p.q_offset}, n_q {p.n_q}, "

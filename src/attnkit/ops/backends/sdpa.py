@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit.ops.backends.base import Backend
 from attnkit.ops.backends.common import fold_groups, unfold_groups, zero_unseen_keys
 from attnkit.ops.masks import causal
 from attnkit.ops.problem import AttentionProblem
+from attnkit.ops.transforms import transform_active
 
 # With few query rows (decode, speculative verification), folding the query group into
 # the rows beats torch's `enable_gqa` on CPU (batch 8, 32/8 heads, 4k context: 20 ms vs
@@ -38,15 +42,19 @@ class SdpaBackend(Backend):
             q = fold_groups(q, p.kv_heads)
             if allowed is not None:
                 allowed = allowed.repeat(1, 1, p.group, 1)  # folded rows are group-major
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=allowed,
-            is_causal=is_causal,
-            scale=p.scale,
-            enable_gqa=p.group > 1 and not fold,
-        )
+        # torch's fused kernels have no forward-mode AD and no vmap batching rule (torch
+        # falls back to a loop); its math kernel, plain ops, has both.
+        kernels = sdpa_kernel(SDPBackend.MATH) if transform_active() else nullcontext()
+        with kernels:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=allowed,
+                is_causal=is_causal,
+                scale=p.scale,
+                enable_gqa=p.group > 1 and not fold,
+            )
         if allowed is not None:
             # Rows that see no key must be 0; torch's math kernel (float64) gives NaN there.
             out = out.masked_fill(~allowed.any(-1, keepdim=True), 0)

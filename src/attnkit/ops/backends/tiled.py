@@ -42,18 +42,19 @@ class TiledBackend(Backend):
         # (B, H_kv, G, n_q, d): query head h = kv_head * G + g uses KV head h // G.
         q = (p.q.to(dtype) * p.scale).view(b, kv_heads, group, p.n_q, p.q.shape[-1])
         k, v = p.k.to(dtype), p.v.to(dtype)
-        out = torch.empty(b, kv_heads, group, p.n_q, v.shape[-1], dtype=dtype, device=q.device)
-        lse = torch.empty(b, kv_heads, group, p.n_q, dtype=dtype, device=q.device)
-
         tiles = _TilePlan(p, self.block_q, self.block_k, self.max_span)
+        # Per query tile, joined by one cat: a copy each, as writes into slices of an empty
+        # output would be, but batched under vmap where q, k or v is (torch.empty is not).
+        outs, lses = [], []
         for qi, (q0, q1) in enumerate(tiles.q_ranges):
             q_tile = q[:, :, :, q0:q1].reshape(b, kv_heads, group * (q1 - q0), q.shape[-1])
             o, s = _attend_tile_row(p, q_tile, k, v, tiles, qi, group)
-            out[:, :, :, q0:q1] = o.view(b, kv_heads, group, q1 - q0, v.shape[-1])
-            lse[:, :, :, q0:q1] = s.view(b, kv_heads, group, q1 - q0)
+            outs.append(o.view(b, kv_heads, group, q1 - q0, v.shape[-1]))
+            lses.append(s.view(b, kv_heads, group, q1 - q0))
+        out, lse = (x[0] if len(x) == 1 else torch.cat(x, 3) for x in (outs, lses))
 
-        out = out.view(b, p.heads, p.n_q, v.shape[-1]).to(p.q.dtype)
-        return out, lse.view(b, p.heads, p.n_q)  # float32 (float64 for float64 inputs)
+        out = out.reshape(b, p.heads, p.n_q, v.shape[-1]).to(p.q.dtype)
+        return out, lse.reshape(b, p.heads, p.n_q)  # float32 (float64 for float64 inputs)
 
 
 class _TilePlan:

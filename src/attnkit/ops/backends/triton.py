@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from attnkit.ops.backends.base import Backend
-from attnkit.ops.cpp_build import wants_grad
 from attnkit.ops.masks import causal, split_block_sparse, window_and_sinks
 from attnkit.ops.problem import AttentionProblem
+from attnkit.ops.transforms import torch_ops_reason
 from attnkit.ops.triton_support import triton_unavailable
 
 try:  # optional: CUDA kernels, or the interpreter on CPU
@@ -56,8 +56,9 @@ class TritonBackend(Backend):
             return reason
         if p.softcap is not None:
             return "the triton kernel has no softcap (use 'tiled')"
-        if wants_grad(p.q, p.k, p.v):
-            return "the triton kernel computes no gradients; call it under torch.no_grad()"
+        reason = torch_ops_reason(p.q, p.k, p.v)
+        if reason is not None:
+            return f"the triton kernel computes no derivatives, but {reason}"
         if max(p.q.shape[-1], p.v.shape[-1]) > MAX_HEAD_DIM:
             return (
                 f"the triton kernel takes head dims up to {MAX_HEAD_DIM}, got q head_dim "

@@ -1,0 +1,36 @@
+"""When inputs must go through torch's ops: autograd, forward-mode AD and `torch.func`.
+
+attnkit's C++ and Triton kernels have no derivatives and read raw storage, and torch's fused
+SDPA kernels have no forward-mode AD: each caller asks here and takes a path of plain torch
+ops (or declines, naming the reason) when these say so.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import forward_ad
+
+
+def needs_torch_ops(*tensors: torch.Tensor) -> bool:
+    """Whether these inputs must go through torch's ops rather than a C++ kernel, which has
+    no derivatives and reads raw storage (`torch_ops_reason` says why)."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or (
+        transform_active()
+    )
+
+
+def torch_ops_reason(*tensors: torch.Tensor) -> str | None:
+    """Why these inputs must go through torch's ops (see `needs_torch_ops`), or None."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "an input requires grad"
+    if transform_active():
+        return "forward-mode AD or a torch.func transform (vmap, grad, jvp) is running"
+    return None
+
+
+def transform_active() -> bool:
+    """Whether forward-mode AD or a `torch.func` transform is running: a
+    `forward_ad.dual_level` is open (`torch.func.jvp` opens one too), so inputs may carry
+    tangents a kernel would drop, or a functorch level is (`vmap`, `grad`, `jvp`), whose
+    wrapped tensors have no storage for a kernel to read. Two global reads, ~0.1 us."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
