@@ -414,6 +414,8 @@ class Transformer(nn.Module):
                 f"positions must hold one position per token: last dim {t}, got shape "
                 f"{tuple(positions.shape)}"
             )
+        if cache is not None and torch.compiler.is_compiling():
+            return self._forward_eagerly(input_ids, cache, positions, seq_ids, last_only, logits_at)
         piece = self._piece_tokens(cache, t)
         if piece is None:
             x = self._hidden(input_ids, cache, positions, seq_ids)
@@ -424,6 +426,16 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = _rows_at(x, logits_at)
         return self.lm_head(self.norm(x))
+
+    @torch.compiler.disable(reason="a cache is a Python object whose tensors change shape")
+    def _forward_eagerly(self, input_ids, cache, positions, seq_ids, last_only, logits_at):
+        """`forward` with a cache, outside `torch.compile`'s graph: a cache's bookkeeping
+        (lengths, block tables, ring positions) is Python state and its tensors grow or are
+        written in place, which dynamo traced into a wrong view (an AssertionError inside
+        torch's functionalization). Cache-free forwards (training, scoring) compile."""
+        return self(
+            input_ids, cache, positions, seq_ids, last_only=last_only, logits_at=logits_at
+        )
 
     def _piece_tokens(self, cache: KVCache | None, tokens: int) -> int | None:
         """Tokens per pass through the blocks when `tokens` go into `cache` in several, or
