@@ -200,6 +200,8 @@ def batching_cases(s: BenchSettings, machine: Machine) -> list[Case]:
         ours, theirs = timer.pair(continuous, one_by_one, repeats)
         case = f"{n_requests} mixed requests (prompts 20-200, answers 8-96 tokens)"
         note = f"{sum(answers) / ours:.1f} vs {sum(answers) / theirs:.1f} new tok/s"
+        if s.quick:  # 8 requests batch too little to reach it: their ceiling was ~3x
+            note += "; the 4x goal is for 32 requests (the full run)"
         best = _prefill_floor(model, prompts, machine) + _batched_decode_floor(
             model, answers, machine
         )
@@ -210,7 +212,7 @@ def batching_cases(s: BenchSettings, machine: Machine) -> list[Case]:
             "is longer)"
         )
         return [
-            Row(6, case, ours, "the same requests one by one", theirs, 4.0, note),
+            Row(6, case, ours, "the same requests one by one", theirs, s.pick(4.0, None), note),
             Row(
                 6,
                 f"ceiling of the {n_requests} requests",
