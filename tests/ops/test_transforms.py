@@ -14,6 +14,7 @@ vmap against a loop of the same float32 calls within 1e-6.
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from attn_testing import random_qkv, tiny_transformer
 from attnkit.ops.attention import attention
 from attnkit.ops.decode_attention import decode_attention
 from attnkit.ops.masks import causal, sinks, sliding_window
-from attnkit.ops.paged_decode import paged_decode
+from attnkit.ops.paged_decode import choose_paged_backend, paged_decode
 from attnkit.ops.rms_norm import rms_norm
 from attnkit.ops.skinny_linear import linear
 from attnkit.ops.transforms import torch_ops_reason, transform_active
@@ -228,3 +229,17 @@ def test_naming_a_kernel_inside_a_transform_says_why_it_cannot(call):
     q, k, v = random_qkv(torch.Generator().manual_seed(23), n_q=1, n_k=9)
     with fwAD.dual_level(), pytest.raises(ValueError, match="forward-mode AD or a torch.func"):
         call(fwAD.make_dual(q, torch.ones_like(q)), k, v)
+
+
+def test_paged_decode_keeps_gradients_off_the_triton_kernel():
+    """On CUDA `auto` takes the Triton kernel, which has no backward: with gradients wanted
+    it gathers instead (asked of a CUDA-like q: no GPU here), and naming it raises."""
+    k_pool, v_pool = torch.randn(4, 16, 2, 32), torch.randn(4, 16, 2, 32)
+    on_cuda = SimpleNamespace(is_cuda=True, requires_grad=True)
+    assert choose_paged_backend(on_cuda, k_pool, v_pool) == "torch"
+    q = torch.randn(2, 8, 32, requires_grad=True)  # Triton's interpreter runs it on the CPU
+    table, lengths = torch.tensor([[0, 1], [2, 3]]), torch.tensor([20, 32])
+    with pytest.raises(ValueError, match="compute no derivatives, but an input requires grad"):
+        paged_decode(q, k_pool, v_pool, table, lengths, backend="triton")
+    with torch.no_grad():  # no gradient recorded: the kernel serves it
+        assert paged_decode(q, k_pool, v_pool, table, lengths, backend="triton").shape == (2, 8, 32)

@@ -20,7 +20,6 @@ import numbers
 import torch
 from torch import Tensor
 
-from attnkit.ops.transforms import torch_ops_reason
 from attnkit.ops.triton_support import triton_unavailable
 
 try:  # optional: CUDA kernels, or the interpreter on CPU
@@ -55,10 +54,7 @@ def latent_decode(
     """
     lengths = _check(q_latent, q_rope, latent, k_rope, lengths, backend, scale, check)
     inputs = (q_latent, q_rope, latent, k_rope)
-    reason = triton_unavailable(q_latent, triton_latent_decode is not None)
-    torch_ops = torch_ops_reason(*inputs)
-    if reason is None and torch_ops is not None:
-        reason = f"the triton kernel computes no derivatives, but {torch_ops}"
+    reason = triton_unavailable(q_latent, triton_latent_decode is not None, inputs)
     if backend == "auto":
         backend = "triton" if q_latent.is_cuda and reason is None else "torch"
     if backend == "triton":

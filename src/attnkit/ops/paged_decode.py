@@ -30,6 +30,7 @@ from torch import Tensor
 from attnkit.ops import cpu_decode
 from attnkit.ops.attention import attention
 from attnkit.ops.masks import padding
+from attnkit.ops.transforms import needs_torch_ops
 from attnkit.ops.triton_support import triton_unavailable
 
 try:  # optional: CUDA kernels, or the interpreter on CPU
@@ -82,7 +83,7 @@ def paged_decode(
         return (out, lse) if return_lse else out
     longest = _check_values(k_pool, block_table, lengths) if check else None
     if backend == "triton":
-        _check_triton(q)
+        _check_triton(q, k_pool, v_pool)
         out, lse = triton_paged_decode(
             q, k_pool, v_pool, block_table, lengths, scale, num_splits, longest=longest
         )
@@ -93,15 +94,15 @@ def paged_decode(
 
 def choose_paged_backend(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> str:
     """What `backend="auto"` runs for these inputs: "triton", "cpp" or "torch" (a gather)."""
-    if q.is_cuda and triton_paged_decode is not None:
-        return "triton"
+    if q.is_cuda and triton_paged_decode is not None:  # it has no backward (nor tangents)
+        return "torch" if needs_torch_ops(q, k_pool, v_pool) else "triton"
     if cpu_decode.can_take(q, k_pool, v_pool):
         return "cpp"
     return "torch"
 
 
-def _check_triton(q: Tensor) -> None:
-    reason = triton_unavailable(q, triton_paged_decode is not None)
+def _check_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> None:
+    reason = triton_unavailable(q, triton_paged_decode is not None, (q, k_pool, v_pool))
     if reason is not None:
         raise ValueError(f"backend='triton' cannot serve this request: {reason}")
 

@@ -6,14 +6,20 @@ import os
 
 import torch
 
+from attnkit.ops.transforms import torch_ops_reason
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def triton_unavailable(q: torch.Tensor, kernel_imported: bool) -> str | None:
-    """Why the Triton kernels cannot run on `q`'s device and dtype, or None if they can.
+def triton_unavailable(
+    q: torch.Tensor, kernel_imported: bool, inputs: tuple[torch.Tensor, ...] = ()
+) -> str | None:
+    """Why the Triton kernels cannot run on `q`'s device and dtype, or on `inputs` (the
+    call's tensors) while autograd or a transform needs their derivatives; None if they can.
 
     They run on CUDA tensors, or on CPU tensors in Triton's interpreter when
-    `TRITON_INTERPRET=1` was set before triton was imported (how CI runs them).
+    `TRITON_INTERPRET=1` was set before triton was imported (how CI runs them). They have no
+    backward and no forward-mode derivatives (`attnkit.ops.transforms`).
     """
     if not kernel_imported:
         return "the triton package is not installed"
@@ -24,4 +30,5 @@ def triton_unavailable(q: torch.Tensor, kernel_imported: bool) -> str | None:
             f"the triton kernels need CUDA tensors (got {q.device}), or TRITON_INTERPRET=1 set "
             "before triton is imported to run them in Triton's interpreter"
         )
-    return None
+    reason = torch_ops_reason(*inputs)
+    return None if reason is None else f"the triton kernels compute no derivatives, but {reason}"

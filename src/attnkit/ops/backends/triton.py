@@ -18,7 +18,6 @@ from torch import Tensor
 from attnkit.ops.backends.base import Backend
 from attnkit.ops.masks import causal, split_block_sparse, window_and_sinks
 from attnkit.ops.problem import AttentionProblem
-from attnkit.ops.transforms import torch_ops_reason
 from attnkit.ops.triton_support import triton_unavailable
 
 try:  # optional: CUDA kernels, or the interpreter on CPU
@@ -51,14 +50,11 @@ class TritonBackend(Backend):
                 raise ValueError(f"{name} must be a power of two, got {value}")
 
     def unsupported(self, p: AttentionProblem) -> str | None:
-        reason = triton_unavailable(p.q, triton_prefill is not None)
+        reason = triton_unavailable(p.q, triton_prefill is not None, (p.q, p.k, p.v))
         if reason is not None:
             return reason
         if p.softcap is not None:
             return "the triton kernel has no softcap (use 'tiled')"
-        reason = torch_ops_reason(p.q, p.k, p.v)
-        if reason is not None:
-            return f"the triton kernel computes no derivatives, but {reason}"
         if max(p.q.shape[-1], p.v.shape[-1]) > MAX_HEAD_DIM:
             return (
                 f"the triton kernel takes head dims up to {MAX_HEAD_DIM}, got q head_dim "
