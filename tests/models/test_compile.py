@@ -67,3 +67,16 @@ def test_a_compiled_cache_free_forward_trains_as_the_eager_one():
     model.zero_grad()
     model(ids).square().mean().backward()
     torch.testing.assert_close(got, model.embed.weight.grad, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_compiled_in_place_with_hooks_runs_each_once_per_call():
+    """`model.compile()` compiles the module's own call: the eager forward with a cache must
+    not go back through it (it recursed), and the model's forward hooks run once a call."""
+    model, calls = tiny_transformer(6).float(), []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    want = model(torch.tensor([[1, 2, 3]]), cache=model.new_cache(1))
+    model.compile()
+    got = model(torch.tensor([[1, 2, 3]]), cache=model.new_cache(1))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert len(calls) == 2

@@ -80,12 +80,12 @@ def test_a_mask_that_is_not_a_key_prefix_still_gives_the_reference_answer():
 
 @pytest.mark.parametrize(
     ("n_q", "softcap", "reason"),
-    [(2, None, "one query row per sequence"), (1, 5.0, "no softcap"), (1, None, "no derivatives")],
+    [(2, None, "one query row per sequence"), (1, 5.0, "no softcap"), (1, None, "no backward")],
 )
 def test_refuses_what_it_cannot_serve(n_q, softcap, reason):
     gen = torch.Generator().manual_seed(6)
     q, k, v = random_qkv(gen, n_q=n_q, n_k=10)
-    q.requires_grad_(reason == "no derivatives")
+    q.requires_grad_(reason == "no backward")
     with pytest.raises(ValueError, match=reason):
         attnkit.attention(q, k, v, backend="cpp_decode", softcap=softcap)
 

@@ -24,11 +24,11 @@ from torch.func import functional_call, grad, jvp, vmap
 from attn_testing import random_qkv, tiny_transformer
 from attnkit.ops.attention import attention
 from attnkit.ops.decode_attention import decode_attention
-from attnkit.ops.masks import causal, sinks, sliding_window
+from attnkit.ops.masks import causal, chunked, sinks, sliding_window
 from attnkit.ops.paged_decode import choose_paged_backend, paged_decode
 from attnkit.ops.rms_norm import rms_norm
 from attnkit.ops.skinny_linear import linear
-from attnkit.ops.transforms import torch_ops_reason, transform_active
+from attnkit.ops.transforms import kernel_refusal, transform_active
 
 # torch.func.jvp's first use scripts torch's own decompositions, which torch 2.13 warns of
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -37,12 +37,14 @@ STEP = 1e-6
 TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
 
 # (n_q, n_k, mask): a decode row (the short way), a decode row over a window, a causal
-# prefill (SDPA or the banded kernel), a window with sinks (the banded kernel).
+# prefill (SDPA or the banded kernel), a window with sinks (the banded kernel), and a sparse
+# mask big enough for `gathered` (1M pairs, a quarter of the tiles).
 CASES = {
     "decode": (1, 37, None),
     "decode window": (1, 37, sliding_window(8)),
     "causal prefill": (40, 40, causal()),
     "window and sinks": (40, 40, sliding_window(8) | sinks(2)),
+    "chunked (gathered)": (1024, 1024, chunked(256)),
 }
 
 
@@ -71,7 +73,7 @@ def test_transform_active_only_inside_a_transform():
     jvp(note, (x,), (x,))
     grad(lambda y: note(y).sum())(x)
     assert seen == [True, True, True]
-    assert not transform_active() and torch_ops_reason(x) is None
+    assert not transform_active() and kernel_refusal("the kernel", x) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -239,7 +241,7 @@ def test_paged_decode_keeps_gradients_off_the_triton_kernel():
     assert choose_paged_backend(on_cuda, k_pool, v_pool) == "torch"
     q = torch.randn(2, 8, 32, requires_grad=True)  # Triton's interpreter runs it on the CPU
     table, lengths = torch.tensor([[0, 1], [2, 3]]), torch.tensor([20, 32])
-    with pytest.raises(ValueError, match="compute no derivatives, but an input requires grad"):
+    with pytest.raises(ValueError, match="has no backward, but an input requires grad"):
         paged_decode(q, k_pool, v_pool, table, lengths, backend="triton")
     with torch.no_grad():  # no gradient recorded: the kernel serves it
         assert paged_decode(q, k_pool, v_pool, table, lengths, backend="triton").shape == (2, 8, 32)

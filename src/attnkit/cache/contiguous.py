@@ -118,10 +118,16 @@ class ContiguousCache(KVCache):
             self.k[layer][place.slot_index, :, place.positions] = k.transpose(1, 2)
             self.v[layer][place.slot_index, :, place.positions] = v.transpose(1, 2)
         if place.read is not None:
-            return place.read[0][layer], place.read[1][layer]
-        return self.k[layer, place.rows, :, : step.kv_len], self.v[
-            layer, place.rows, :, : step.kv_len
-        ]
+            k_all, v_all = place.read[0][layer], place.read[1][layer]
+        else:
+            k_all = self.k[layer, place.rows, :, : step.kv_len]
+            v_all = self.v[layer, place.rows, :, : step.kv_len]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # One buffer holds every layer, so the next layer's write would bump the version
+            # of the views autograd saves for this layer's backward (which then refuses to
+            # run): attention gets copies.
+            return k_all.clone(), v_all.clone()
+        return k_all, v_all
 
     def attend(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, pattern: Mask | None, backend="auto"

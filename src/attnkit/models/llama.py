@@ -432,8 +432,12 @@ class Transformer(nn.Module):
         """`forward` with a cache, outside `torch.compile`'s graph: a cache's bookkeeping
         (lengths, block tables, ring positions) is Python state and its tensors grow or are
         written in place, which dynamo traced into a wrong view (an AssertionError inside
-        torch's functionalization). Cache-free forwards (training, scoring) compile."""
-        return self(input_ids, cache, positions, seq_ids, last_only=last_only, logits_at=logits_at)
+        torch's functionalization). Cache-free forwards (training, scoring) compile. Calls
+        `forward`, not `self(...)`: the hooks have run, and after `model.compile()` the call
+        would go back through the compiled one, recursing."""
+        return self.forward(
+            input_ids, cache, positions, seq_ids, last_only=last_only, logits_at=logits_at
+        )
 
     def _piece_tokens(self, cache: KVCache | None, tokens: int) -> int | None:
         """Tokens per pass through the blocks when `tokens` go into `cache` in several, or

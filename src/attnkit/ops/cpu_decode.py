@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from attnkit.ops.cpp_build import load_kernel, unavailable_reason
-from attnkit.ops.transforms import torch_ops_reason, transform_active
+from attnkit.ops.transforms import kernel_refusal, transform_active
 
 SOURCE_NAME = "decode_attention.cpp"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -54,13 +54,7 @@ def request_limits(q: Tensor, *kv: Tensor) -> str | None:
         return f"the cpp backend takes CPU tensors, got {q.device}"
     if q.dtype not in DTYPES:
         return f"the cpp backend takes float32, float64, bfloat16 or float16, got {q.dtype}"
-    reason = torch_ops_reason(q, *kv)
-    if reason is not None:
-        return (
-            f"the cpp backend computes no derivatives (it reads raw storage), but {reason}: "
-            "use backend='torch' (for a backward, or call it under torch.no_grad())"
-        )
-    return None
+    return kernel_refusal("the cpp backend", q, *kv)
 
 
 def decode_contiguous(

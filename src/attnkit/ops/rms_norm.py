@@ -4,7 +4,8 @@ torch's CPU `rms_norm` runs as ~6 elementwise ops; at decode sizes (one row per 
 twice per layer) their dispatch costs ~24 us against ~1.4 us for csrc/rms_norm.cpp, and on
 an 8k-token prefill the kernel is ~6x faster too. Other dtypes and devices, autograd, and
 machines without the kernel (or with `ATTNKIT_NO_CPP=1`) use the torch ops, computing in
-float32 as Hugging Face does.
+float32 as Hugging Face does (float64 in float64), as do autograd, forward-mode AD and
+`torch.func` transforms.
 """
 
 from __future__ import annotations

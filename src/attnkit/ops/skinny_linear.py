@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.ops.cpp_build import load_kernel
-from attnkit.ops.transforms import transform_active
+from attnkit.ops.transforms import needs_torch_ops
 
 SOURCE = "skinny_linear.cpp"
 PACKED_SOURCE = "packed_linear.cpp"
@@ -151,9 +151,7 @@ def _input_applies(x: Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() == 0:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows < 1 or transform_active():
-        return False
-    return not (x.requires_grad and torch.is_grad_enabled())
+    return rows >= 1 and not needs_torch_ops(x)
 
 
 def _weight_applies(weight: Tensor, bias: Tensor | None, in_features: int, grad: bool) -> bool:

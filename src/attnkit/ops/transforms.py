@@ -13,18 +13,26 @@ from torch.autograd import forward_ad
 
 def needs_torch_ops(*tensors: torch.Tensor) -> bool:
     """Whether these inputs must go through torch's ops rather than a C++ kernel, which has
-    no derivatives and reads raw storage (`torch_ops_reason` says why)."""
+    no derivatives and reads raw storage (`kernel_refusal` says why)."""
     return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or (
         transform_active()
     )
 
 
-def torch_ops_reason(*tensors: torch.Tensor) -> str | None:
-    """Why these inputs must go through torch's ops (see `needs_torch_ops`), or None."""
+def kernel_refusal(kernel: str, *tensors: torch.Tensor) -> str | None:
+    """Why `kernel` (its name in a sentence: "the banded kernel") cannot serve these inputs
+    (see `needs_torch_ops`), and what to do; None when it can."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return "an input requires grad"
+        return (
+            f"{kernel} has no backward, but an input requires grad: backend='auto' takes "
+            "torch's ops then (or call it under torch.no_grad() if no gradient is needed)"
+        )
     if transform_active():
-        return "forward-mode AD or a torch.func transform (vmap, grad, jvp) is running"
+        return (
+            f"{kernel} reads raw storage and has no derivatives, but forward-mode AD or a "
+            "torch.func transform (vmap, grad, jvp) is running: backend='auto' takes torch's "
+            "ops then"
+        )
     return None
 
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from attnkit.ops.transforms import torch_ops_reason
+from attnkit.ops.transforms import kernel_refusal
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -30,5 +30,4 @@ def triton_unavailable(
             f"the triton kernels need CUDA tensors (got {q.device}), or TRITON_INTERPRET=1 set "
             "before triton is imported to run them in Triton's interpreter"
         )
-    reason = torch_ops_reason(*inputs)
-    return None if reason is None else f"the triton kernels compute no derivatives, but {reason}"
+    return kernel_refusal("the triton kernel", *inputs)

@@ -20,7 +20,7 @@ from attnkit.ops.backends.base import Backend, get_backend
 from attnkit.ops.cpp_build import load_kernel, unavailable_reason
 from attnkit.ops.masks import Mask, causal, window_and_sinks
 from attnkit.ops.problem import AttentionProblem
-from attnkit.ops.transforms import torch_ops_reason
+from attnkit.ops.transforms import kernel_refusal
 
 SOURCE = "banded_attention.cpp"
 
@@ -46,9 +46,9 @@ class BandedBackend(Backend):
             )
         if p.q.device.type != "cpu" or any(t.dtype != torch.float32 for t in (p.q, p.k, p.v)):
             return "the banded kernel takes float32 CPU tensors"
-        reason = torch_ops_reason(p.q, p.k, p.v)
+        reason = kernel_refusal("the banded kernel", p.q, p.k, p.v)
         if reason is not None:
-            return f"the banded kernel computes no derivatives, but {reason}"
+            return reason
         if p.q_offset < 0 or p.q_offset + p.n_q > p.n_k:
             return (
                 f"query rows must sit at key positions (q_offset {p.q_offset}, n_q {p.n_q}, "

@@ -43,15 +43,20 @@ class TiledBackend(Backend):
         q = (p.q.to(dtype) * p.scale).view(b, kv_heads, group, p.n_q, p.q.shape[-1])
         k, v = p.k.to(dtype), p.v.to(dtype)
         tiles = _TilePlan(p, self.block_q, self.block_k, self.max_span)
-        # Per query tile, joined by one cat: a copy each, as writes into slices of an empty
-        # output would be, but batched under vmap where q, k or v is (torch.empty is not).
-        outs, lses = [], []
+        out = lse = None
         for qi, (q0, q1) in enumerate(tiles.q_ranges):
             q_tile = q[:, :, :, q0:q1].reshape(b, kv_heads, group * (q1 - q0), q.shape[-1])
             o, s = _attend_tile_row(p, q_tile, k, v, tiles, qi, group)
-            outs.append(o.view(b, kv_heads, group, q1 - q0, v.shape[-1]))
-            lses.append(s.view(b, kv_heads, group, q1 - q0))
-        out, lse = (x[0] if len(x) == 1 else torch.cat(x, 3) for x in (outs, lses))
+            o = o.view(b, kv_heads, group, q1 - q0, v.shape[-1])
+            s = s.view(b, kv_heads, group, q1 - q0)
+            if len(tiles.q_ranges) == 1:  # the whole answer: no copy
+                out, lse = o, s
+                break
+            if out is None:  # made from a result, not torch.empty: batched as it is under vmap
+                out = o.new_empty(b, kv_heads, group, p.n_q, v.shape[-1])
+                lse = s.new_empty(b, kv_heads, group, p.n_q)
+            out[:, :, :, q0:q1] = o
+            lse[:, :, :, q0:q1] = s
 
         out = out.reshape(b, p.heads, p.n_q, v.shape[-1]).to(p.q.dtype)
         return out, lse.reshape(b, p.heads, p.n_q)  # float32 (float64 for float64 inputs)
