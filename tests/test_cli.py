@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,6 +41,20 @@ def test_demo_json_reports_every_backend_with_small_errors(capsys):
         assert row["max_abs_error"] < 1e-5  # float32 against the float64 reference
         assert row["milliseconds"] > 0 and row["peak_mib"] >= 0
     assert all(r["speed_vs_sdpa"] == 1.0 for r in rows if r["backend"] == "sdpa")
+
+
+def test_tables_printed_into_a_pipe_keep_their_headers_whole():
+    """rich falls back to 80 columns where stdout is not a terminal, which cut the demo's and
+    compare's headers to an ellipsis in logs and files."""
+    out = subprocess.run(
+        [sys.executable, "-m", "attnkit.cli", "memory", "smollm2-135m", "--context", "4096"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "COLUMNS"},
+    ).stdout
+    assert "KV bytes per token, all layers (uncapped)" in out
+    assert "┃ variant" in out and "…" not in out
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "many"])

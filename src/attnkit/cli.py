@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 import attnkit
+from attnkit.tools.console import table_console
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"{r.max_abs_error:.1e}",
             f"{r.peak_mib:.1f}",
         )
-    Console().print(table)
+    table_console().print(table)
     return 0
 
 
@@ -114,7 +115,7 @@ def _memory(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
         return 0
-    console = Console()
+    console = table_console()
     if len(reports) == 1:
         console.print(tables.summary_table(reports[0]))
     else:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from attnkit.tools.bench.core import TARGETS, BenchSettings, Row
 from attnkit.tools.bench.run import BenchResult, run_bench
+from attnkit.tools.console import table_console
 
 
 def add_parser(commands, positive) -> None:
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.markdown:
         print(markdown(result))
     else:
-        print_table(result, Console(width=max(Console().width, 160)))
+        print_table(result, table_console(160))
     return 0
 
 

@@ -14,6 +14,7 @@ from attnkit.tools.compare.plots import write_plots
 from attnkit.tools.compare.report import caption, columns, markdown, results_json, table_rows
 from attnkit.tools.compare.run import CompareSettings, run_compare
 from attnkit.tools.compare.strategies import GRAMMAR, parse
+from attnkit.tools.console import table_console
 
 
 def add_parser(commands, positive) -> None:
@@ -107,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for cells in table_rows(rows):
         table.add_row(*cells)
-    Console().print(table)
-    Console().print(
+    console = table_console()
+    console.print(table)
+    console.print(
         f"report: {out / 'report.md'} · results: {out / 'results.json'} · plots: "
         + ", ".join(str(p) for p in plots)
     )
