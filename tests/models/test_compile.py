@@ -1,6 +1,7 @@
 """`torch.compile` of a model: cache-free forwards compile (training, scoring); forwards with
-a cache run outside the graph (`Transformer._forward_eagerly`), since dynamo traced a cache's
-in-place writes into a wrong view (an AssertionError inside torch) before they did.
+a cache run outside the graph (`Transformer._forward_eagerly`), and blocks compiled one by
+one call their caches outside theirs (`cache.base.cache_call`), since dynamo traced a
+cache's in-place writes into a wrong view (an AssertionError inside torch) before they did.
 
 Tolerance: compiled and eager float32 logits agree within 1e-5 (Inductor may fuse and
 reorder the norms' and activations' float32 arithmetic; logits are ~1).
@@ -8,6 +9,7 @@ reorder the norms' and activations' float32 arithmetic; logits are ~1).
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -43,10 +45,18 @@ def new_cache(model, kind: str):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("regional", [False, True], ids=["whole model", "block by block"])
 @pytest.mark.parametrize("kind", ["contiguous", "paged"])
-def test_a_compiled_model_decodes_through_a_cache_as_the_eager_one(kind):
+def test_a_compiled_model_decodes_through_a_cache_as_the_eager_one(kind, regional):
+    """Compiled whole (its cached forwards run eagerly) or block by block (each attention
+    layer's cache calls run outside the block's graph)."""
     model = tiny_transformer(4).float()
-    compiled = torch.compile(model)
+    compiled = copy.deepcopy(model)
+    if regional:
+        for block in compiled.blocks:
+            block.compile()
+    else:
+        compiled = torch.compile(compiled)
     steps = [torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]), torch.tensor([[11], [12]])]
     steps.append(torch.tensor([[13], [14]]))
     eager_cache, compiled_cache = new_cache(model, kind), new_cache(model, kind)

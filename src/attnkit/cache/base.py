@@ -26,6 +26,22 @@ from attnkit.ops.masks import Mask, causal, from_tensor, padding
 from attnkit.ops.masks.base import Geometry
 
 
+def cache_call(method, *args):
+    """`method(*args)`, a cache's method, outside `torch.compile`'s graph when a layer is
+    being compiled on its own (a model compiled whole runs its cached forwards eagerly,
+    `Transformer._forward_eagerly`): a cache's bookkeeping is Python state and its buffers
+    are written in place, which dynamo traced into a wrong view (an AssertionError inside
+    torch's functionalization). Eagerly, a plain call."""
+    if torch.compiler.is_compiling():
+        return _eagerly(method, *args)
+    return method(*args)
+
+
+@torch.compiler.disable(reason="a cache's state is Python's, and its buffers are written in place")
+def _eagerly(method, *args):
+    return method(*args)
+
+
 class CacheFull(RuntimeError):
     """Not enough cache capacity for the request; nothing was changed."""
 

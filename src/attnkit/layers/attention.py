@@ -8,7 +8,7 @@ from functools import cached_property
 from torch import Tensor, nn
 
 from attnkit._checks import check_positive_int
-from attnkit.cache.base import KVCache, narrow_mask
+from attnkit.cache.base import KVCache, cache_call, narrow_mask
 from attnkit.cache.contiguous import ContiguousCache
 from attnkit.cache.encoder import EncoderCache, check_source_lengths
 from attnkit.cache.window import SlidingWindowCache
@@ -154,8 +154,8 @@ class Attention(nn.Module):
         the output projection."""
         if ctx.cache is not None:
             if ctx.cache.wants_queries:
-                ctx.cache.record_queries(self.layer_idx, q)
-            out = ctx.cache.attend(self.layer_idx, q, k, v, self.pattern, self.backend)
+                cache_call(ctx.cache.record_queries, self.layer_idx, q)
+            out = cache_call(ctx.cache.attend, self.layer_idx, q, k, v, self.pattern, self.backend)
         else:
             out = attention(q, k, v, narrow_mask(ctx.mask, self.pattern), backend=self.backend)
         b, _, t, _ = q.shape

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit._checks import check_positive_int
+from attnkit.cache.base import cache_call
 from attnkit.cache.latent import LatentCache
 from attnkit.cache.layered import LayeredCache
 from attnkit.layers.attention import AttentionContext
@@ -198,8 +199,8 @@ class LatentAttention(nn.Module):
                     f"{type(ctx.cache).__name__}; build it with model.new_cache() or "
                     f"LatentAttention.new_cache()"
                 )
-            latent, k_rope = ctx.cache.update(self.layer_idx, latent, k_rope)
-            mask = ctx.cache.layer_mask(self.layer_idx)
+            latent, k_rope = cache_call(ctx.cache.update, self.layer_idx, latent, k_rope)
+            mask = cache_call(ctx.cache.layer_mask, self.layer_idx)
         else:
             mask = ctx.mask
         run = self._naive if self.step_mode(t, latent.shape[1]) == "naive" else self._absorbed
