@@ -31,12 +31,14 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     not tensors that already existed.
     """
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _silence_native_stderr():  # the profiler's C++ side logs its start and stop there
+    # The profiler's C++ side logs its start and stop to stderr, and a warning for every
+    # block allocated before it started and freed while it ran ("Memory block of unknown
+    # size..."): each a line in `attnkit demo`'s output. Python's own errors still show.
+    with _silence_native_stderr():
         prof.start()
-    try:
-        fn()
-    finally:
-        with _silence_native_stderr():
+        try:
+            fn()
+        finally:
             prof.stop()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
