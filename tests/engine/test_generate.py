@@ -21,7 +21,7 @@ class DigitTokenizer:
         return "".join(chr(65 + i % 26) for i in ids if not (skip_special_tokens and i == 0))
 
 
-def tiny_model(seed: int = 0) -> Transformer:
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=27,
@@ -30,6 +30,7 @@ def tiny_model(seed: int = 0) -> Transformer:
         num_hidden_layers=2,
         num_attention_heads=6,
         num_key_value_heads=2,
+        **overrides,
     )
     return Transformer(config).double().eval()
 
