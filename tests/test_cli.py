@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -43,16 +44,19 @@ def test_demo_json_reports_every_backend_with_small_errors(capsys):
     assert all(r["speed_vs_sdpa"] == 1.0 for r in rows if r["backend"] == "sdpa")
 
 
-def test_tables_printed_into_a_pipe_keep_their_headers_whole():
-    """rich falls back to 80 columns where stdout is not a terminal, which cut the demo's and
-    compare's headers to an ellipsis in logs and files."""
+@pytest.mark.parametrize("force_color", [False, True], ids=["pipe", "pipe forcing colour"])
+def test_tables_printed_into_a_pipe_keep_their_headers_whole(force_color):
+    """rich falls back to 80 columns where stdout is not a terminal (and CI logs that force
+    colour pass for one), which cut the tables' headers to an ellipsis in logs and files."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR")}
     out = subprocess.run(
         [sys.executable, "-m", "attnkit.cli", "memory", "smollm2-135m", "--context", "4096"],
         capture_output=True,
         text=True,
         check=True,
-        env={k: v for k, v in os.environ.items() if k != "COLUMNS"},
+        env=env | ({"FORCE_COLOR": "1"} if force_color else {}),
     ).stdout
+    out = re.sub(r"\x1b\[[0-9;]*m", "", out)  # forced colour's escape codes
     assert "KV bytes per token, all layers (uncapped)" in out
     assert "┃ variant" in out and "…" not in out
 

@@ -6,6 +6,7 @@ import contextlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -31,14 +32,15 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     not tensors that already existed.
     """
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    # The profiler's C++ side logs its start and stop to stderr, and a warning for every
-    # block allocated before it started and freed while it ran ("Memory block of unknown
-    # size..."): each a line in `attnkit demo`'s output. Python's own errors still show.
-    with _silence_native_stderr():
+    with _silence_native_stderr():  # the profiler's C++ side logs its start and stop there
         prof.start()
-        try:
+    try:
+        # and a warning for every block allocated before it started and freed while it ran:
+        # a line each in `attnkit demo`'s table; whatever else fn writes there passes on
+        with _native_stderr_without(PROFILER_NOISE):
             fn()
-        finally:
+    finally:
+        with _silence_native_stderr():
             prof.stop()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
@@ -46,6 +48,30 @@ def peak_bytes(fn: Callable[[], object]) -> int:
         live += event.nbytes()
         peak = max(peak, live)
     return peak
+
+
+PROFILER_NOISE = "Memory block of unknown size was allocated before the profiling started"
+
+
+@contextlib.contextmanager
+def _native_stderr_without(noise: str) -> Iterator[None]:
+    """File descriptor 2 (C++ logging, Python's warnings and tracebacks) sent to a temporary
+    file for the duration, then its lines passed on to stderr but those holding `noise`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+b") as held:
+        try:
+            os.dup2(held.fileno(), 2)
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(True) if noise.encode() not in line]
+            if kept:
+                sys.stderr.write(b"".join(kept).decode(errors="replace"))
+                sys.stderr.flush()
 
 
 @contextlib.contextmanager

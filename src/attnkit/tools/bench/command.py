@@ -12,7 +12,6 @@ from rich.table import Table
 
 from attnkit.tools.bench.core import TARGETS, BenchSettings, Row
 from attnkit.tools.bench.run import BenchResult, run_bench
-from attnkit.tools.console import table_console
 
 
 def add_parser(commands, positive) -> None:
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.markdown:
         print(markdown(result))
     else:
-        print_table(result, table_console(160))
+        print_table(result, Console(width=max(Console().width, 160)))  # wide even on a terminal
     return 0
 
 
