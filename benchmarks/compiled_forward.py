@@ -3,8 +3,8 @@
     PYTHONPATH=src python benchmarks/compiled_forward.py [--tokens 128 512] [--repeats N]
 
 Scoring a text (perplexity) runs the model once over its tokens, without a cache: the
-forward `torch.compile` captures (a forward with a cache runs eagerly, see
-`Transformer._forward_eagerly`). For each length it times, in turn within each repeat, the
+forward `torch.compile` captures (a forward with a cache runs eagerly, through
+`cache.base.cache_call`). For each length it times, in turn within each repeat, the
 eager model (attnkit's C++ kernels: packed matmul, banded causal attention, RMSNorm) and the
 compiled one (Inductor, default mode; graph breaks around the C++ kernels), float32, batch 1,
 and prints the medians, the compiled model's speed against eager, and the compile time.

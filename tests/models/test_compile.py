@@ -1,7 +1,7 @@
 """`torch.compile` of a model: cache-free forwards compile (training, scoring); forwards with
-a cache run outside the graph (`Transformer._forward_eagerly`), and blocks compiled one by
-one call their caches outside theirs (`cache.base.cache_call`), since dynamo traced a
-cache's in-place writes into a wrong view (an AssertionError inside torch) before they did.
+a cache run outside the graph, and blocks compiled one by one call their caches outside
+theirs (both through `cache.base.cache_call`), since dynamo traced a cache's in-place
+writes into a wrong view (an AssertionError inside torch) before they did.
 
 Tolerance: compiled and eager float32 logits agree within 1e-5 (Inductor may fuse and
 reorder the norms' and activations' float32 arithmetic; logits are ~1).

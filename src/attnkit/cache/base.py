@@ -26,20 +26,20 @@ from attnkit.ops.masks import Mask, causal, from_tensor, padding
 from attnkit.ops.masks.base import Geometry
 
 
-def cache_call(method, *args):
-    """`method(*args)`, a cache's method, outside `torch.compile`'s graph when a layer is
-    being compiled on its own (a model compiled whole runs its cached forwards eagerly,
-    `Transformer._forward_eagerly`): a cache's bookkeeping is Python state and its buffers
-    are written in place, which dynamo traced into a wrong view (an AssertionError inside
-    torch's functionalization). Eagerly, a plain call."""
+def cache_call(method, *args, **kwargs):
+    """`method(*args, **kwargs)`, a call that reads or writes a cache, outside
+    `torch.compile`'s graph while one is being traced (a whole model's forward with a cache,
+    or a layer's cache calls when blocks are compiled one by one): a cache's bookkeeping is
+    Python state and its buffers are written in place, which dynamo traced into a wrong view
+    (an AssertionError inside torch's functionalization). Eagerly, a plain call."""
     if torch.compiler.is_compiling():
-        return _eagerly(method, *args)
-    return method(*args)
+        return _eagerly(method, *args, **kwargs)
+    return method(*args, **kwargs)
 
 
 @torch.compiler.disable(reason="a cache's state is Python's, and its buffers are written in place")
-def _eagerly(method, *args):
-    return method(*args)
+def _eagerly(method, *args, **kwargs):
+    return method(*args, **kwargs)
 
 
 class CacheFull(RuntimeError):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit._checks import check_positive_int
-from attnkit.cache.base import KVCache
+from attnkit.cache.base import KVCache, cache_call
 from attnkit.cache.layered import LayeredCache
 from attnkit.layers.attention import Attention, AttentionContext
 from attnkit.layers.latent import LatentAttention
@@ -415,7 +415,18 @@ class Transformer(nn.Module):
                 f"{tuple(positions.shape)}"
             )
         if cache is not None and torch.compiler.is_compiling():
-            return self._forward_eagerly(input_ids, cache, positions, seq_ids, last_only, logits_at)
+            # The whole forward outside the graph (cache-free forwards compile). `forward`,
+            # not `self(...)`: the hooks have run, and after `model.compile()` the call would
+            # go back through the compiled one, recursing.
+            return cache_call(
+                self.forward,
+                input_ids,
+                cache,
+                positions,
+                seq_ids,
+                last_only=last_only,
+                logits_at=logits_at,
+            )
         piece = self._piece_tokens(cache, t)
         if piece is None:
             x = self._hidden(input_ids, cache, positions, seq_ids)
@@ -426,18 +437,6 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = _rows_at(x, logits_at)
         return self.lm_head(self.norm(x))
-
-    @torch.compiler.disable(reason="a cache is a Python object whose tensors change shape")
-    def _forward_eagerly(self, input_ids, cache, positions, seq_ids, last_only, logits_at):
-        """`forward` with a cache, outside `torch.compile`'s graph: a cache's bookkeeping
-        (lengths, block tables, ring positions) is Python state and its tensors grow or are
-        written in place, which dynamo traced into a wrong view (an AssertionError inside
-        torch's functionalization). Cache-free forwards (training, scoring) compile. Calls
-        `forward`, not `self(...)`: the hooks have run, and after `model.compile()` the call
-        would go back through the compiled one, recursing."""
-        return self.forward(
-            input_ids, cache, positions, seq_ids, last_only=last_only, logits_at=logits_at
-        )
 
     def _piece_tokens(self, cache: KVCache | None, tokens: int) -> int | None:
         """Tokens per pass through the blocks when `tokens` go into `cache` in several, or

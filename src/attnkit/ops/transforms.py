@@ -10,30 +10,34 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad
 
+TRANSFORM_RUNNING = "forward-mode AD or a torch.func transform (vmap, grad, jvp) is running"
+
 
 def needs_torch_ops(*tensors: torch.Tensor) -> bool:
     """Whether these inputs must go through torch's ops rather than a C++ kernel, which has
     no derivatives and reads raw storage (`kernel_refusal` says why)."""
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or (
-        transform_active()
-    )
+    return _records_grad(tensors) or transform_active()
 
 
 def kernel_refusal(kernel: str, *tensors: torch.Tensor) -> str | None:
     """Why `kernel` (its name in a sentence: "the banded kernel") cannot serve these inputs
     (see `needs_torch_ops`), and what to do; None when it can."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _records_grad(tensors):
         return (
             f"{kernel} has no backward, but an input requires grad: backend='auto' takes "
             "torch's ops then (or call it under torch.no_grad() if no gradient is needed)"
         )
     if transform_active():
         return (
-            f"{kernel} reads raw storage and has no derivatives, but forward-mode AD or a "
-            "torch.func transform (vmap, grad, jvp) is running: backend='auto' takes torch's "
-            "ops then"
+            f"{kernel} reads raw storage and has no derivatives, but {TRANSFORM_RUNNING}: "
+            "backend='auto' takes torch's ops then"
         )
     return None
+
+
+def _records_grad(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether autograd records a backward through any of these inputs."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def transform_active() -> bool:

@@ -26,7 +26,7 @@ from attnkit._checks import check_positive_int
 from attnkit.ops.backends.base import Backend
 from attnkit.ops.backends.sdpa import sdpa_limits
 from attnkit.ops.problem import AttentionProblem
-from attnkit.ops.transforms import transform_active
+from attnkit.ops.transforms import TRANSFORM_RUNNING, transform_active
 
 # A band is used when it is at most this much wider than the busiest chunk's tile count.
 BAND_SLACK = 1.25
@@ -45,10 +45,7 @@ class GatheredBackend(Backend):
 
     def unsupported(self, p: AttentionProblem) -> str | None:
         if transform_active():  # it asks its inputs' values (finite?) and fills torch.empty
-            return (
-                "forward-mode AD or a torch.func transform (vmap, grad, jvp) is running: "
-                "use 'tiled' (or 'auto', which takes it then)"
-            )
+            return f"{TRANSFORM_RUNNING}: use 'tiled' (or 'auto', which takes it then)"
         return sdpa_limits(p)
 
     def run(self, p: AttentionProblem) -> tuple[Tensor, None]:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.markdown:
         print(markdown(result))
     else:
-        print_table(result, Console(width=max(Console().width, 160)))  # wide even on a terminal
+        print_table(result, Console(width=max(Console().width, 160)))
     return 0
 
 
