@@ -225,6 +225,7 @@ def test_a_model_decoding_through_its_cache_under_jvp_matches_finite_differences
         lambda q, k, v: attention(q, k, v, backend="cpp_decode"),
         lambda q, k, v: attention(q, k, v, sliding_window(4), backend="banded"),
         lambda q, k, v: decode_attention(q, k, v, backend="cpp"),
+        lambda q, k, v: attention(q, k, v, chunked(4), backend="gathered"),
     ],
 )
 def test_naming_a_kernel_inside_a_transform_says_why_it_cannot(call):
