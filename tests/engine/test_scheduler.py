@@ -63,20 +63,33 @@ def test_every_request_equals_its_output_alone(num_blocks, max_batch, chunk):
     assert scheduler.cache.num_free_blocks == num_blocks  # every block came back
 
 
-@pytest.mark.parametrize("num_blocks", [200, 24], ids=["roomy", "tight-preempting"])
-def test_a_sliding_window_model_serves_each_request_as_alone(num_blocks):
-    """The scheduler's PagedCache keeps every token; a windowed model's layers see only
-    their window of it (a mask), as `generate`'s ring buffer gives them. Prompts and
-    answers run past the window of 5; prefill chunks of 3 cross it."""
+@pytest.mark.parametrize(
+    ("num_blocks", "windowed"),
+    [(200, False), (24, False), (10, False), (10, True)],
+    ids=["roomy", "tight-preempting", "tighter-preempting", "tighter-giving-blocks-back"],
+)
+def test_a_sliding_window_model_serves_each_request_as_alone(num_blocks, windowed):
+    """A PagedCache without a window keeps every token, and a windowed model's layers see
+    only their window of it (decode reads just the window); `new_paged_cache` gives the
+    cache the model's window, and it gives back the blocks behind each request's window, so
+    8 requests of up to 28 tokens fit 10 blocks of 4 without preemption. Outputs equal
+    `generate`'s through its ring buffer. Prompts and answers run past the window of 5;
+    prefill chunks of 3 cross it."""
     model = tiny_model(13, sliding_window=5)
     requests = workload(num_blocks + 1)
-    scheduler = Scheduler(model, paged_for(model, num_blocks), max_batch=8, prefill_chunk=3)
+    cache = model.new_paged_cache(num_blocks, block_size=4, seed=0)
+    assert cache.window == 5 and cache.k_pool.dtype == torch.float64
+    if not windowed:
+        cache = paged_for(model, num_blocks)
+    scheduler = Scheduler(model, cache, max_batch=8, prefill_chunk=3)
     handles = [scheduler.add(prompt, n) for prompt, n in requests]
     scheduler.run()
     for (prompt, n), request in zip(requests, handles, strict=True):
         assert request.token_ids == alone(model, prompt, n)
     assert max(len(p) + n for p, n in requests) > 2 * 5
-    assert (num_blocks == 24) == (sum(r.preemptions for r in handles) > 0)
+    preempted = sum(r.preemptions for r in handles) > 0
+    assert preempted == (num_blocks < 200 and not windowed)
+    assert scheduler.cache.num_free_blocks == num_blocks
 
 
 def test_requests_interleave_rather_than_run_one_after_another():

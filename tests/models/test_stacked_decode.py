@@ -40,9 +40,9 @@ def count_steps(monkeypatch, stack_type) -> list[int]:
     """The batch size of every step that runs through a `stack_type` from now on."""
     calls, run = [], stack_type.__call__
 
-    def counted(stack, x, *args):
+    def counted(stack, x, *args, **kwargs):
         calls.append(x.shape[0])
-        return run(stack, x, *args)
+        return run(stack, x, *args, **kwargs)
 
     monkeypatch.setattr(stack_type, "__call__", counted)
     return calls
@@ -65,16 +65,16 @@ def new_cache(model, kind: str):
         cache = SlidingWindowCache(*shape, window=4, max_seqs=3, dtype=dtype, **RING_SLACK)
     elif kind == "sinks":  # 2 sink keys and 3 recent ones besides the new token
         cache = StreamingLLMCache(*shape, budget=5, sinks=2, max_seqs=3, dtype=dtype, **RING_SLACK)
-    if kind in ("window", "sinks"):
+    elif kind == "full":  # every key, whatever the layers' window
+        cache = ContiguousCache(*shape, max_seqs=3, dtype=dtype)
+    else:  # "paged"; "paged-window" and "paged-sinks" give back blocks behind their window
+        window = {"paged-window": dict(window=4), "paged-sinks": dict(window=4, sinks=2)}
+        cache = PagedCache(
+            *shape, num_blocks=24, block_size=4, dtype=dtype, seed=1, **window.get(kind, {})
+        )
+    if kind in ("window", "sinks", "full") or kind.startswith("paged"):
         for _ in PROMPTS:
             cache.add_sequence()
-        return cache
-    cache = PagedCache(
-        c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks=24, block_size=4,
-        dtype=next(model.parameters()).dtype, seed=1,
-    )  # fmt: skip
-    for _ in PROMPTS:
-        cache.add_sequence()
     return cache
 
 
@@ -132,6 +132,42 @@ def test_ring_buffer_steps_match_the_float64_model(kind, overrides, stack_calls)
     assert err <= 2 * plain_err + 1e-5, (err, plain_err)
 
 
+@pytest.mark.parametrize(
+    ("kind", "overrides"),
+    [
+        ("full", {"sliding_window": 4}),  # windowed layers over every key: the stack's window
+        ("paged", {"sliding_window": 4}),
+        ("paged-window", {"sliding_window": 4}),  # blocks behind the window given back
+        ("paged-window", {"sliding_window": 3}),  # layers narrower than the cache
+        ("paged-window", {}),  # the cache's window over full-attention layers, as a ring's
+        ("paged-sinks", {}),
+    ],
+)
+def test_windows_over_full_and_paged_caches_match_the_float64_model(kind, overrides, stack_calls):
+    want, _ = decode(tiny_transformer(17, **overrides), kind)
+    stack_calls.clear()
+    got, cache = decode(tiny_transformer(17, **overrides).float(), kind)
+    assert stack_calls == [len(PROMPTS)] * STEPS
+    plain, _ = decode(block_by_block(tiny_transformer(17, **overrides).float()), kind)
+    err, plain_err = ((t.double() - want).abs().max().item() for t in (got, plain))
+    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+    if kind.startswith("paged-"):  # 9 + 6 tokens in blocks of 4, a window of 4: 2 given
+        given_back = 1 if kind == "paged-sinks" else 2  # back, but not the sinks' block
+        assert cache.block_table(cache.sequences[1]).count(-1) == given_back
+
+
+@pytest.mark.parametrize(("paged", "ring"), [("paged-window", "window"), ("paged-sinks", "sinks")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_a_paged_cache_with_a_window_equals_the_ring_buffer(paged, ring, dtype):
+    # Full-attention layers see the cache's window either way: the ring keeps only it, the
+    # pool gives back the blocks behind it. float64 runs block by block (decode through
+    # paged_decode's kernel), float32 through the stack.
+    model = tiny_transformer(18).to(dtype)
+    got, _ = decode(model, paged)
+    want, _ = decode(model, ring)
+    assert (got - want).abs().max() < (1e-12 if dtype == torch.float64 else 1e-4)
+
+
 def test_the_stack_follows_changes_to_the_model(stack_calls):
     # Whatever the stack copied (packed weights, epsilons) must follow the model: weights
     # written in place, a parameter replaced, a norm's eps changed. Each change is made to
@@ -180,13 +216,15 @@ def test_hooks_gradients_and_other_layers_run_block_by_block(stack_calls):
     model.blocks[1].attn.backend = "reference"  # a named backend: attention as asked
     decode(model, "contiguous")
     assert not stack_calls
-    windowed = tiny_transformer(9, sliding_window=4).float()
-    c = windowed.config
+    c = model.config
     shape = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
-    full = ContiguousCache(*shape, max_seqs=2)  # lists every key, not the layers' window
     int8 = QuantizedCache(*shape, max_seqs=2, scale_dtype=torch.float16)  # no kernel for those
+    narrow = SlidingWindowCache(*shape, window=3, max_seqs=2)  # a ring narrower than the layers'
     with torch.no_grad():
-        for model, cache in ((windowed, full), (tiny_transformer(9).float(), int8)):
+        for model, cache in (
+            (tiny_transformer(9).float(), int8),
+            (tiny_transformer(9, sliding_window=4).float(), narrow),
+        ):
             for _ in range(2):
                 cache.add_sequence()
             model(torch.tensor([[1, 2], [3, 4]]), cache=cache)

@@ -21,6 +21,7 @@ from attnkit.cache.layered import LayeredCache
 from attnkit.engine import generate
 from attnkit.layers.attention import Attention, AttentionContext
 from attnkit.masks import block_sparse, causal, strided
+from attnkit.models.convert.mla import to_mla
 from attnkit.models.hf_dir import read_config, read_weights
 from attnkit.models.llama import Transformer, default_attention
 from attnkit.ops.attention import attention
@@ -104,6 +105,43 @@ def test_alternating_window_layers_decode_through_ring_buffers(chunks):
     assert isinstance(cache, LayeredCache)
     kinds = {type(c): layers for c, layers in zip(cache.caches, ([0, 2], [1]), strict=True)}
     assert kinds == {SlidingWindowCache: [0, 2], ContiguousCache: [1]}
+
+
+def paged_decode_logits(model, tokens, chunks, cache):
+    for _ in range(tokens.shape[0]):
+        cache.add_sequence()
+    pieces, start = [], 0
+    for n in chunks:
+        pieces.append(model(tokens[:, start : start + n], cache=cache))
+        start += n
+    return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize(
+    ("layer_types", "window"),
+    [(None, (4, 0)), (ALTERNATING, None)],
+    ids=["every layer slides", "alternating"],
+)
+@torch.no_grad()
+def test_new_paged_cache_takes_the_models_window_and_decodes_as_one_forward(layer_types, window):
+    # Every layer sliding: the pool gives back blocks behind the window. Windowed and
+    # global layers mixed: it keeps every token and the windowed layers read their window.
+    model = windowed(layer_types=layer_types)
+    tokens = ids()
+    cache = model.new_paged_cache(40, block_size=3, seed=2)
+    assert (cache.window, cache.sinks) == (window or (None, 0))
+    assert cache.k_pool.dtype == torch.float64 and cache.n_layers == 3
+    out = paged_decode_logits(model, tokens, [10, 4, 6] + [1] * 10, cache)
+    assert (out - model(tokens)).abs().max() < 1e-12
+    given_back = cache.block_table(0).count(-1)
+    assert given_back == (0 if window is None else 8)  # token 29 sees 26-29: 0-23 went back
+
+
+def test_new_paged_cache_names_layers_it_cannot_hold():
+    model = to_mla(tiny(0), 7, rope_dim=4, calibration=torch.arange(40).view(1, -1))
+    with pytest.raises(ValueError, match=r"serves K/V self-attention layers \(Attention\), "):
+        model.new_paged_cache(8)
+    assert tiny(0).new_paged_cache(8, block_size=4, window=6).window == 6  # kwargs win
 
 
 @pytest.mark.parametrize("case", ["window 3 + 2 sinks", "strided 5", "block-sparse"])

@@ -65,15 +65,17 @@ def assert_close_to(got, want, plain, dtype, what):
         assert err <= 2 * plain_err + floor, f"{what} error {err:.3g} > 2 x {plain_err:.3g}"
 
 
-def check_paged(q, k, v, table, lens, *, num_splits=None, scale=None):
+def check_paged(q, k, v, table, lens, *, num_splits=None, scale=None, window=None, sinks=0):
     """The cpp backend vs the float64 oracle (and the torch path in q's dtype)."""
     scale_value = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    seen = dict(window=window, sinks=sinks)
     out, lse = paged_decode(
-        q, k, v, table, lens, backend="cpp", num_splits=num_splits, return_lse=True, scale=scale
-    )
-    want, want_lse = oracle(q, k, v, table, lens, scale_value)
+        q, k, v, table, lens, backend="cpp", num_splits=num_splits, return_lse=True, scale=scale,
+        **seen,
+    )  # fmt: skip
+    want, want_lse = oracle(q, k, v, table, lens, scale_value, **seen)
     plain, plain_lse = paged_decode(
-        q, k, v, table, lens, backend="torch", return_lse=True, scale=scale
+        q, k, v, table, lens, backend="torch", return_lse=True, scale=scale, **seen
     )
     assert out.dtype == q.dtype and out.shape == want.shape
     assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)

@@ -50,8 +50,9 @@ def make_problem(
     return q.to(dtype), k.to(dtype), v.to(dtype), table, lengths
 
 
-def oracle(q, k_pool, v_pool, table, lengths, scale):
-    """softmax(q·k / s)·v per sequence and head, keys fetched token by token, float64."""
+def oracle(q, k_pool, v_pool, table, lengths, scale, window=None, sinks=0):
+    """softmax(q·k / s)·v per sequence and head, keys fetched token by token, float64; with
+    a window, only the last `window` tokens and the first `sinks`."""
     q, k_pool, v_pool = q.double().cpu(), k_pool.double().cpu(), v_pool.double().cpu()
     b, h, _ = q.shape
     bs, kv_heads = k_pool.shape[1], k_pool.shape[2]
@@ -61,9 +62,10 @@ def oracle(q, k_pool, v_pool, table, lengths, scale):
         n = int(lengths[i])
         if n == 0:
             continue
-        blocks = [int(table[i, t // bs]) for t in range(n)]
-        keys = torch.stack([k_pool[blk, t % bs] for t, blk in enumerate(blocks)])  # (n, Hkv, d)
-        vals = torch.stack([v_pool[blk, t % bs] for t, blk in enumerate(blocks)])
+        seen = [t for t in range(n) if window is None or t >= n - window or t < sinks]
+        places = [(int(table[i, t // bs]), t % bs) for t in seen]
+        keys = torch.stack([k_pool[blk, slot] for blk, slot in places])  # (seen, Hkv, d)
+        vals = torch.stack([v_pool[blk, slot] for blk, slot in places])
         for head in range(h):
             kv = head // (h // kv_heads)
             scores = keys[:, kv] @ q[i, head] * scale

@@ -21,8 +21,10 @@ from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.block_pool import BlockPool, chain_hash
 from attnkit.ops.decode_block import KVStorage
-from attnkit.ops.masks import Mask
-from attnkit.ops.paged_decode import choose_paged_backend, paged_decode
+from attnkit.ops.masks import Mask, sinks, sliding_window, window_and_sinks
+from attnkit.ops.paged_decode import check_window, choose_paged_backend, paged_decode
+
+GIVEN_BACK = -1  # a block table entry whose block a windowed cache gave back
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class PagedStep(CacheStep):
 
 @dataclass
 class _Sequence:
-    blocks: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # GIVEN_BACK where out of the window
     tokens: list[int] = field(default_factory=list)  # known token ids: a prefix of the sequence
     hashes: list[bytes] = field(default_factory=list)  # chain hash of each full known block
 
@@ -55,6 +57,18 @@ class PagedCache(KVCache):
     K per layer read slower once the pool's blocks are out of order (SmolLM2-135M, 768 bytes
     a token: 16-token blocks at 0.65-0.69x of a contiguous cache's speed, 64-token ones at
     0.85-0.89x; README, "Choosing `block_size` on a CPU").
+
+    `window` (and `sinks`): layers see at most each token's last `window` tokens and the
+    first `sinks`, `sliding_window(window) | sinks(sinks)`: a layer's own narrower window
+    applies as it is, any other pattern is narrowed to the cache's (the window applies to
+    every layer, as a `SlidingWindowCache`'s does). Give a windowed model (Mistral) its own
+    window here. Each step then first gives back the blocks that lie wholly between a
+    sequence's sinks and the window of its first new token, which no later step can see
+    (vLLM's sliding-window block manager): a sequence holds about `(window + n_new) /
+    block_size + 2` blocks (plus its sinks') however long it grows. Their table entries
+    read `GIVEN_BACK` (-1 in `block_table`; block 0, masked out, in a step's tensors, so
+    `update`'s views hold junk there). `truncate` back into what was given back raises (a
+    rollback of the last step's tokens always works).
     """
 
     exact_in_pieces = True  # every token's K/V kept as written
@@ -71,6 +85,8 @@ class PagedCache(KVCache):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         seed: int | None = None,
+        window: int | None = None,
+        sinks: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -85,6 +101,8 @@ class PagedCache(KVCache):
             check_positive_int("v_head_dim", v_head_dim)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        check_window(window, sinks)
+        self.window, self.sinks = window, sinks
         self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
         self.v_head_dim = v_head_dim or head_dim
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -119,6 +137,7 @@ class PagedCache(KVCache):
         return self.pool.num_available
 
     def block_table(self, seq: int) -> list[int]:
+        """`seq`'s blocks in token order; `GIVEN_BACK` (-1) for those a window gave back."""
         return list(self._seqs[self._known(seq)].blocks)
 
     # -- sequences ----------------------------------------------------------------------
@@ -150,18 +169,30 @@ class PagedCache(KVCache):
         parent = self._seqs[self._known(seq)]
         child = super().add_sequence()
         for block in parent.blocks:
-            self.pool.share(block)
+            if block != GIVEN_BACK:
+                self.pool.share(block)
         self._seqs[child] = _Sequence(list(parent.blocks), list(parent.tokens), list(parent.hashes))
         self._lengths[child] = self._lengths[seq]
         return child
 
     def truncate(self, seq: int, length: int) -> None:
         self._check_truncate(seq, length)
-        self._end_step_if_involves(seq)
         state = self._seqs[seq]
+        if self.window is not None:
+            bs, first = self.block_size, max(0, length - self.window + 1)
+            lost = [i * bs for i in range(first // bs, -(-length // bs)) if state.blocks[i] < 0]
+            if lost:
+                raise ValueError(
+                    f"cannot truncate sequence {seq} to length={length}: its next token would "
+                    f"see tokens from {first} on (window={self.window}), but the block of "
+                    f"tokens {lost[0]}..{lost[0] + bs - 1} was given back when the window "
+                    "passed it"
+                )
+        self._end_step_if_involves(seq)
         keep = -(-length // self.block_size)
         for block in reversed(state.blocks[keep:]):  # tail first: it is evicted first
-            self.pool.release(block)
+            if block != GIVEN_BACK:
+                self.pool.release(block)
         del state.blocks[keep:]
         del state.tokens[length:]
         del state.hashes[len(state.tokens) // self.block_size :]
@@ -171,7 +202,8 @@ class PagedCache(KVCache):
         self._known(seq)
         self._end_step_if_involves(seq)
         for block in reversed(self._seqs.pop(seq).blocks):
-            self.pool.release(block)
+            if block != GIVEN_BACK:
+                self.pool.release(block)
         del self._lengths[seq]
 
     # -- a step ---------------------------------------------------------------------------
@@ -183,6 +215,9 @@ class PagedCache(KVCache):
         """
         seq_ids = self._check_step(seq_ids, n_new)
         rows = _token_rows(token_ids, len(seq_ids), n_new)
+        if self.window is not None:  # of no use to this step or any later one, fit or not
+            for seq in seq_ids:
+                self._give_back_out_of_window(self._seqs[seq], self._lengths[seq])
         grow, copy = self._plan(seq_ids, n_new)
         needed, available = sum(grow) + sum(copy), self.pool.num_available
         if needed > available:
@@ -224,16 +259,20 @@ class PagedCache(KVCache):
     def attend(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, pattern: Mask | None, backend="auto"
     ) -> Tensor:
-        """At decode (one new token per sequence, no pattern, `auto`), attention reads the
-        pool in place through the block tables (`paged_decode`: the C++ kernel on CPU, Triton
-        on CUDA) instead of gathering every cached byte into views first."""
+        """At decode (one new token per sequence, no pattern or a sliding window with or
+        without sinks, `auto`), attention reads the pool in place through the block tables
+        (`paged_decode`: the C++ kernel on CPU, Triton on CUDA; a window's tokens only)
+        instead of gathering every cached byte into views first."""
+        pattern, seen = self._seen_by(pattern)
         step = self.step
-        fits = isinstance(step, PagedStep) and step.n_new == 1 and pattern is None
+        plain = pattern is None or seen is not None
+        fits = isinstance(step, PagedStep) and step.n_new == 1 and plain
         kernel = choose_paged_backend(q, self.k_pool, self.v_pool) if fits else "torch"
         if backend != "auto" or kernel == "torch" or q.shape[2] != 1:
             return super().attend(layer, q, k, v, pattern, backend)
         self._write(layer, k, v)
         lengths = step.start + 1
+        window, sinks = seen or (None, 0)
         out = paged_decode(
             q[:, :, 0],
             self.k_pool[layer],
@@ -241,16 +280,21 @@ class PagedCache(KVCache):
             step.block_table,
             lengths,
             backend=kernel,
+            window=window,
+            sinks=sinks,
             check=False,  # the tables are valid by construction
         )
         return out.unsqueeze(2)
 
     def decode_storage(self) -> KVStorage | None:
-        """The pools as they are, read through the step's block tables, at a decode step."""
+        """The pools as they are, read through the step's block tables, at a decode step;
+        with a window, only the window's and the sinks' keys are there to read."""
         step = self.step
         if not isinstance(step, PagedStep) or step.n_new != 1:
             return None
-        return KVStorage(self.k_pool, self.v_pool, step.block_table, step.start)
+        return KVStorage(
+            self.k_pool, self.v_pool, step.block_table, step.start, self.window, self.sinks
+        )
 
     def stored_every_layer(self) -> None:
         self._stored(range(self.n_layers))
@@ -281,6 +325,34 @@ class PagedCache(KVCache):
         return step
 
     # -- helpers --------------------------------------------------------------------------
+    def _seen_by(self, pattern: Mask | None) -> tuple[Mask | None, tuple[int, int] | None]:
+        """What a layer of `pattern` sees here: its mask, narrowed to this cache's window
+        where it would reach further back (the window applies to every layer, as a ring
+        buffer's does), and that mask's (window, sinks) where it is one (None otherwise)."""
+        seen = window_and_sinks(pattern)
+        if self.window is None:
+            return pattern, seen
+        if pattern is None:
+            return self._window_mask(), (self.window, self.sinks)
+        if seen is not None and seen[0] <= self.window and seen[1] <= self.sinks:
+            return pattern, seen
+        return pattern & self._window_mask(), None
+
+    def _window_mask(self) -> Mask:
+        window = sliding_window(self.window)
+        return window | sinks(self.sinks) if self.sinks else window
+
+    def _give_back_out_of_window(self, state: _Sequence, begin: int) -> None:
+        """Release the blocks wholly between the sinks and the window of token `begin`."""
+        bs = self.block_size
+        first_sink_free = -(-self.sinks // bs)  # blocks holding a sink stay
+        dead = (begin - self.window + 1) // bs  # blocks before this one end before the window
+        for i in reversed(range(first_sink_free, dead)):  # the newest is evicted first
+            if state.blocks[i] == GIVEN_BACK:
+                break  # and every one before it, on an earlier step
+            self.pool.release(state.blocks[i])
+            state.blocks[i] = GIVEN_BACK
+
     def _plan(self, seq_ids: tuple[int, ...], n_new: int) -> tuple[list[int], list[int]]:
         """Per sequence: blocks to allocate, and 1 where its last block needs copy-on-write.
 
@@ -323,6 +395,7 @@ class PagedCache(KVCache):
         for b, seq in enumerate(seq_ids):
             blocks = self._seqs[seq].blocks
             table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        table.clamp_(min=0)  # given back: a gather reads block 0, masked out (as padding)
         start_t = torch.tensor(start, dtype=torch.long)
         positions = start_t.unsqueeze(1) + torch.arange(n_new)  # (batch, n_new)
         slot_blocks = table.gather(1, positions // bs)

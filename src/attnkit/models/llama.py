@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import KVCache, cache_call
 from attnkit.cache.layered import LayeredCache
+from attnkit.cache.paged import PagedCache
 from attnkit.layers.attention import Attention, AttentionContext
 from attnkit.layers.latent import LatentAttention
 from attnkit.layers.projection import Linear, project
@@ -378,6 +379,33 @@ class Transformer(nn.Module):
         for _ in range(batch):
             cache.add_sequence()
         return cache
+
+    def new_paged_cache(self, num_blocks: int, block_size: int = 16, **kwargs) -> PagedCache:
+        """An empty `PagedCache` of `num_blocks` blocks for this model (the continuous-batching
+        scheduler's), its dtype and device the model's. When every layer slides with one
+        window (and sinks), the cache gets that window too, and so gives back the blocks
+        behind it; a model mixing windowed and global layers keeps every token (its windowed
+        layers still read only their window). Keyword arguments go to `PagedCache`."""
+        layers = [block.attn for block in self.blocks]
+        if not all(isinstance(a, Attention) and not a.cross for a in layers):
+            cross = [" (cross)" if getattr(a, "cross", False) else "" for a in layers]
+            names = sorted({type(a).__name__ + c for a, c in zip(layers, cross, strict=True)})
+            raise ValueError(
+                "new_paged_cache serves K/V self-attention layers (Attention), this model has "
+                f"{', '.join(names)}"
+            )
+        heads = {(a.n_kv_heads, a.head_dim) for a in layers}
+        if len(heads) != 1:
+            raise ValueError(f"new_paged_cache needs one K/V shape in every layer, got {heads}")
+        windows = {(a.window, a.sinks) for a in layers}
+        window, sinks = windows.pop() if len(windows) == 1 else (None, 0)
+        p = next(self.parameters())
+        options = {"dtype": p.dtype, "device": p.device, "window": window, "sinks": sinks}
+        kv_heads, head_dim = heads.pop()
+        return PagedCache(
+            len(layers), kv_heads, head_dim, num_blocks=num_blocks, block_size=block_size,
+            **{**options, **kwargs},
+        )  # fmt: skip
 
     def forward(
         self,

@@ -7,12 +7,12 @@ per-block fused calls (`Block._decode_weights`: plain attnkit layers, float32 on
 hooks), every attention layer is self-attention of one shape with the `auto` backend and
 no sparse pattern, the cache lends its storage (`KVCache.decode_storage`: contiguous,
 paged, ring-buffer or int8 K/V at a step of one token per sequence) listing the keys the
-layers see (all of them for full-attention layers; windowed layers need a ring of their
-own window and sinks), and no gradient is being recorded. MLA blocks (`LatentAttention`
-without a query latent, in `auto` or `absorbed` mode with the `auto` backend) take
-`ops.decode_block.LatentDecodeStack` the same way, over a `LatentCache`'s storage, in
-absorbed mode. Anything else returns None and the blocks run one by one, as before, with
-the same results up to float32 rounding.
+layers see (all of them for full-attention layers; for windowed layers, at least their
+window and sinks: the kernel reads only those), and no gradient is being recorded. MLA
+blocks (`LatentAttention` without a query latent, in `auto` or `absorbed` mode with the
+`auto` backend) take `ops.decode_block.LatentDecodeStack` the same way, over a
+`LatentCache`'s storage, in absorbed mode. Anything else returns None and the blocks run
+one by one, as before, with the same results up to float32 rounding.
 
 The stack holds packed copies of the weights, so it is built once and rebuilt whenever
 something it depends on changes: a module or parameter replaced, a parameter written in
@@ -91,11 +91,29 @@ class StackedDecode:
             return None
         if isinstance(self._stack, LatentDecodeStack) != isinstance(cache, LatentCache):
             return None  # a cache of the other kind with matching widths: the layers say why
-        if self._window is not None and self._window != (storage.window, storage.sinks):
-            return None  # windowed layers read only a ring of their own window
-        out = self._stack(x, storage, *ctx.angles_by_row(x.shape[0], 1))
+        if not _holds_the_window_of(storage, self._window):
+            return None
+        window = self._window or _window_of(storage)  # full-attention layers see the storage's
+        out = self._stack(x, storage, *ctx.angles_by_row(x.shape[0], 1), window=window)
         cache.stored_every_layer()
         return out
+
+
+def _holds_the_window_of(storage, layers: tuple[int, int] | None) -> bool:
+    """Whether `storage` holds every key that layers of `layers`' (window, sinks) see (None:
+    full attention, which sees what the storage lists, as through the caches' `attend`).
+
+    A storage with a window lists only that window's keys: a ring buffer exactly them, in a
+    compact table (so applying its own window there changes nothing); a paged cache with a
+    window every position, those it gave back unreadable. Windowed layers need all of theirs.
+    """
+    if layers is None or storage.window is None:
+        return True
+    return layers[0] <= storage.window and layers[1] <= storage.sinks
+
+
+def _window_of(storage) -> tuple[int, int] | None:
+    return None if storage.window is None else (storage.window, storage.sinks)
 
 
 def _build(blocks: nn.ModuleList, x: Tensor, ctx) -> tuple[Stack | None, tuple | None]:

@@ -86,10 +86,13 @@ def plain_paged_decode(
     lengths: object,
     scale: object,
     num_splits: object,
+    window: object = None,
+    sinks: object = 0,
 ) -> tuple[Tensor, Tensor] | None:
     """`paged_decode`'s short way, for `auto` or `cpp`: the kernel's (out, lse) for a plain
     call (dense CPU tensors of the shapes and dtypes the kernel takes, integer block_table and
-    lengths, `scale` None or a positive float, `num_splits` None or a positive int), or None
+    lengths, `scale` None or a positive float, `num_splits` None or a positive int, `window`
+    None or a positive int with `sinks` a non-negative int, 0 without a window), or None
     for any other call, valid or not, which then takes the full path (its checks name what
     is wrong). The tensors are checked in the kernel module (`try_paged_decode`): in Python,
     the full path's checks and choice of backend cost ~50 us from cold caches and ~4 us hot,
@@ -105,11 +108,21 @@ def plain_paged_decode(
         return None  # subclasses and non-tensors take the full path
     if num_splits is not None and not (type(num_splits) is int and 1 <= num_splits < 2**63):
         return None
+    if window is None:
+        window = 0  # the kernel's "no window"
+        if sinks != 0:
+            return None
+    elif not (type(window) is int and 1 <= window < 2**63 and type(sinks) is int):
+        return None
+    if not (type(sinks) is int and 0 <= sinks < 2**63):
+        return None
     module, scale = short_way_kernel(q), kernel_scale(scale)
     if module is None or scale is None:
         return None
     splits = num_splits or 0  # 0: the kernel's choice
-    return module.try_paged_decode(q, k_pool, v_pool, block_table, lengths, scale, splits)
+    return module.try_paged_decode(
+        q, k_pool, v_pool, block_table, lengths, scale, splits, window, sinks
+    )
 
 
 def short_way_kernel(q: Tensor) -> ModuleType | None:
@@ -151,6 +164,8 @@ def cpp_decode(
     scales: tuple[Tensor | None, Tensor | None] = (None, None),
     *,
     heads_before_tokens: bool = False,
+    window: int | None = None,
+    sinks: int = 0,
     module: ModuleType | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the kernel: q (batch, heads[, 1], d); k/v (num_blocks, block_size, kv_heads,
@@ -159,7 +174,8 @@ def cpp_decode(
 
     `block_table` None means sequence b is block b (a contiguous cache); `lengths` None means
     every sequence fills its block. Int8 k/v (with a float32 q) need `scales`, k's and v's
-    float32, one per row, their dims ordered as k's without the last. Shapes must already be
+    float32, one per row, their dims ordered as k's without the last. `window`, `sinks`: each
+    query sees only its sequence's last `window` tokens and first `sinks`. Shapes must already be
     checked; the kernel checks lengths and block ids itself (it reads raw memory). Returns
     out (batch, heads[, 1], dv) in q's dtype and lse (batch, heads[, 1]), float64 for
     float64 inputs and float32 otherwise. No other torch op runs here: each would cost a
@@ -168,9 +184,9 @@ def cpp_decode(
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     module = module or require_kernel()
-    splits = num_splits or 0
-    return tuple(
-        module.decode(
-            q, k, v, block_table, lengths, float(scale), splits, *scales, heads_before_tokens
-        )
-    )
+    splits, sinks = num_splits or 0, sinks if window else 0
+    out_lse = module.decode(
+        q, k, v, block_table, lengths, float(scale), splits, *scales, heads_before_tokens,
+        window or 0, sinks,
+    )  # fmt: skip
+    return tuple(out_lse)

@@ -49,10 +49,11 @@ class KVStorage(NamedTuple):
     k, v: `(layers, blocks, block_size, kv_heads, head_dim)` (any strides, head_dim
     contiguous); block_table `(batch, max_blocks)`: each sequence's blocks in order;
     starts `(batch,)`: how many keys each sequence's new token sees before itself; it is
-    written at that index and sees all of them. A ring buffer lists only the keys its
-    window keeps (blocks of one token, in any order, the new token's slot last): `window`
-    and `sinks` then say which, as the layer's `sliding_window(window) | sinks(sinks)`;
-    `window` None: every key before the new token. Int8 k and v come with `scales` (k's,
+    written at that index and sees all of them. `window` and `sinks`, where set, say the
+    storage holds only the keys of `sliding_window(window) | sinks(sinks)`: a ring buffer
+    lists exactly those (blocks of one token, in any order, the new token's slot last); a
+    paged cache with a window has given back the blocks between them. `window` None:
+    every key before the new token. Int8 k and v come with `scales` (k's,
     v's: `(layers, blocks, block_size, kv_heads)` float32, one per row) and `error`, the
     cache's float64 `[max abs, max relative, sum relative]` quantization error, which the
     kernel updates with the rows it quantizes.
@@ -113,15 +114,25 @@ class DecodeStack:
     def __len__(self) -> int:
         return len(self._stack)
 
-    def __call__(self, x: Tensor, storage: KVStorage, cos: Tensor, sin: Tensor) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor,
+        storage: KVStorage,
+        cos: Tensor,
+        sin: Tensor,
+        window: tuple[int, int] | None = None,
+    ) -> Tensor:
         """The stack's output for `x` (batch, 1, hidden), one new token per sequence, whose
-        K/V it stores in `storage`; `cos`, `sin` `(batch, r/2)` are the tokens' angles."""
+        K/V it stores in `storage`; `cos`, `sin` `(batch, r/2)` are the tokens' angles.
+        `window` (W, S): each token sees only the last W keys of its table and the first S
+        (the layers' `sliding_window(W) | sinks(S)`); None: all of them."""
         b, _, hidden = x.shape
         rows, tables = x.reshape(b, hidden).contiguous(), (storage.block_table, storage.starts)
         scales = (None, None) if storage.scales is None else storage.scales
+        seen = window or (0, 0)  # the kernel's "every key"
         out = self._stack.run(
             rows, storage.k, storage.v, *tables, cos.contiguous(), sin.contiguous(),
-            *scales, storage.error,
+            *scales, storage.error, *seen,
         )  # fmt: skip
         return out.view(b, 1, hidden)
 
@@ -204,9 +215,19 @@ class LatentDecodeStack:
     def __len__(self) -> int:
         return len(self._stack)
 
-    def __call__(self, x: Tensor, storage: KVStorage, cos: Tensor, sin: Tensor) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor,
+        storage: KVStorage,
+        cos: Tensor,
+        sin: Tensor,
+        window: tuple[int, int] | None = None,
+    ) -> Tensor:
         """The stack's output for `x` (batch, 1, hidden); `cos`, `sin` `(batch, r/2)` are the
-        model's angles for the tokens, of which each layer's RoPE pairs take their columns."""
+        model's angles for the tokens, of which each layer's RoPE pairs take their columns.
+        `window` as `DecodeStack`'s, but MLA layers see every key: it must be None."""
+        if window is not None:
+            raise ValueError(f"LatentDecodeStack attends every key, got window={window}")
         b, _, hidden = x.shape
         # (batch, columns) -> (layers, batch, rope_dim / 2): each layer's pairs' columns
         cos, sin = (t[:, self._pairs].transpose(0, 1).contiguous() for t in (cos, sin))

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from attnkit.ops import cpu_decode
 from attnkit.ops.attention import attention
-from attnkit.ops.masks import padding
+from attnkit.ops.masks import from_tensor, padding
 from attnkit.ops.transforms import needs_torch_ops
 from attnkit.ops.triton_support import triton_unavailable
 
@@ -51,6 +51,8 @@ def paged_decode(
     scale: float | None = None,
     backend: str = "auto",
     num_splits: int | None = None,
+    window: int | None = None,
+    sinks: int = 0,
     return_lse: bool = False,
     check: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -61,35 +63,56 @@ def paged_decode(
     max_blocks) integer block ids; row b's first ceil(lengths[b] / block_size) entries are
     used. lengths: (batch,) cached tokens per sequence (0 gives zeros and lse -inf).
     `num_splits` (triton, cpp): context slices per sequence, default chosen to fill the GPU
-    or the CPU threads. `check=False` skips the value checks (lengths and block ids in
-    range), the one device sync: for an engine whose tables are valid by construction;
-    shapes are always checked, and `cpp` checks values regardless (on the host, no sync).
+    or the CPU threads. `window` (a positive int): each query sees only its sequence's last
+    `window` tokens and, with `sinks`, its first `sinks` tokens too (the layer's
+    `sliding_window(window) | sinks(sinks)` at position `lengths[b] - 1`); the kernels read
+    no other token, so table entries of blocks wholly between the sinks and the window may
+    hold anything (a `PagedCache` with a window gives those blocks back). `check=False`
+    skips the value checks (lengths and block ids in range), the one device sync: for an
+    engine whose tables are valid by construction; shapes are always checked, and `cpp`
+    checks values regardless (on the host, no sync).
     Returns (batch, heads, v_head_dim), and lse (batch, heads) with `return_lse`.
     """
     if backend in ("auto", "cpp"):  # the kernel's short way for a plain call on the CPU
         answer = cpu_decode.plain_paged_decode(
-            q, k_pool, v_pool, block_table, lengths, scale, num_splits
+            q, k_pool, v_pool, block_table, lengths, scale, num_splits, window, sinks
         )
         if answer is not None:
             return answer if return_lse else answer[0]
     _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits)
+    check_window(window, sinks)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "cpp":  # asked for by name: say why it cannot serve, if it cannot
         cpu_decode.check_request(q, k_pool, v_pool)
     elif backend == "auto":  # (its choice has checked the same)
         backend = choose_paged_backend(q, k_pool, v_pool)
     if backend == "cpp":  # values are checked inside, with the same messages
-        out, lse = cpu_decode.cpp_decode(q, k_pool, v_pool, block_table, lengths, scale, num_splits)
+        out, lse = cpu_decode.cpp_decode(
+            q, k_pool, v_pool, block_table, lengths, scale, num_splits, window=window, sinks=sinks
+        )
         return (out, lse) if return_lse else out
-    longest = _check_values(k_pool, block_table, lengths) if check else None
+    longest = _check_values(k_pool, block_table, lengths, window, sinks) if check else None
     if backend == "triton":
         _check_triton(q, k_pool, v_pool)
         out, lse = triton_paged_decode(
-            q, k_pool, v_pool, block_table, lengths, scale, num_splits, longest=longest
-        )
+            q, k_pool, v_pool, block_table, lengths, scale, num_splits,
+            window=window, sinks=sinks, longest=longest,
+        )  # fmt: skip
     else:
-        out, lse = _gathered(q, k_pool, v_pool, block_table, lengths, scale, longest)
+        out, lse = _gathered(q, k_pool, v_pool, block_table, lengths, scale, longest, window, sinks)
     return (out, lse) if return_lse else out
+
+
+def check_window(window: object, sinks: object) -> None:
+    """`window` None or a positive int; `sinks` a non-negative int, 0 without a window."""
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be a non-negative integer, got {sinks!r}")
+    if sinks and window is None:
+        raise ValueError(f"sinks={sinks} needs a window: without one every token is seen")
 
 
 def choose_paged_backend(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> str:
@@ -107,26 +130,40 @@ def _check_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> None:
         raise ValueError(f"backend='triton' cannot serve this request: {reason}")
 
 
-def _gathered(q, k_pool, v_pool, block_table, lengths, scale, longest) -> tuple[Tensor, Tensor]:
-    """The plain way: copy each sequence's blocks together, then attend with key padding."""
+def _gathered(
+    q, k_pool, v_pool, block_table, lengths, scale, longest, window=None, sinks=0
+) -> tuple[Tensor, Tensor]:
+    """The plain way: copy each sequence's blocks together, then attend with key padding
+    (and the window's key mask)."""
     bs = k_pool.shape[1]
     if longest is None:  # the value checks were skipped, so nobody has read it yet
         longest = int(lengths.max()) if len(lengths) else 0
     n_blocks = max(1, -(-longest // bs))
     table = block_table[:, :n_blocks].long()
-    table = torch.where(_in_use(table, lengths, bs), table, 0)  # padding entries may be junk
+    # padding entries, and entries between the sinks and the window, may be junk
+    table = torch.where(_in_use(table, lengths, bs, window, sinks), table, 0)
     k = k_pool[table].flatten(1, 2).transpose(1, 2)  # (B, Hkv, n_blocks·bs, d)
     v = v_pool[table].flatten(1, 2).transpose(1, 2)
+    lengths = lengths.to(k.device)
+    if window is None:
+        mask = padding(lengths)
+    else:
+        mask = from_tensor(
+            _seen(torch.arange(k.shape[2], device=k.device), lengths, window, sinks)[:, None, None]
+        )
     out, lse = attention(
-        q.unsqueeze(2),
-        k,
-        v,
-        padding(lengths.to(k.device)),
-        scale=scale,
-        return_lse=True,
-        backend=torch_path_backend(q),
+        q.unsqueeze(2), k, v, mask, scale=scale, return_lse=True, backend=torch_path_backend(q)
     )
     return out.squeeze(2), lse.squeeze(2)
+
+
+def _seen(index: Tensor, lengths: Tensor, window: int | None, sinks: int) -> Tensor:
+    """(batch, len(index)) True where token `index` of sequence b is one its query sees."""
+    n = lengths[:, None]
+    seen = index < n
+    if window is not None:
+        seen &= (index >= n - window) | (index < sinks)
+    return seen
 
 
 def torch_path_backend(q: Tensor) -> str:
@@ -137,10 +174,17 @@ def torch_path_backend(q: Tensor) -> str:
     return "reference" if q.dtype == torch.float64 else "tiled"
 
 
-def _in_use(block_table: Tensor, lengths: Tensor, block_size: int) -> Tensor:
-    """(batch, max_blocks) True where row b's entry holds some of its `lengths[b]` tokens."""
-    needed = (lengths.to(block_table.device) + block_size - 1) // block_size
-    return torch.arange(block_table.shape[1], device=block_table.device) < needed[:, None]
+def _in_use(
+    block_table: Tensor, lengths: Tensor, block_size: int, window: int | None = None, sinks: int = 0
+) -> Tensor:
+    """(batch, max_blocks) True where row b's entry holds some of the `lengths[b]` tokens
+    its query sees (all of them without a window)."""
+    lengths = lengths.to(block_table.device)
+    first = torch.arange(block_table.shape[1], device=block_table.device) * block_size
+    in_use = first < lengths[:, None]
+    if window is not None:  # the block's last token in the window, or its first a sink
+        in_use &= (first + block_size > lengths[:, None] - window) | (first < sinks)
+    return in_use
 
 
 def _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits) -> None:
@@ -191,7 +235,9 @@ def _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits) 
         )
 
 
-def _check_values(k_pool: Tensor, block_table: Tensor, lengths: Tensor) -> int:
+def _check_values(
+    k_pool: Tensor, block_table: Tensor, lengths: Tensor, window: int | None = None, sinks: int = 0
+) -> int:
     """Lengths and the block ids in use within range; returns max(lengths). One device sync."""
     if lengths.numel() == 0:
         return 0
@@ -200,7 +246,7 @@ def _check_values(k_pool: Tensor, block_table: Tensor, lengths: Tensor) -> int:
     big = torch.iinfo(torch.int64).max
     stats = [lengths.min().long(), lengths.max().long()]
     if block_table.shape[1]:  # a table of no columns has no entry to check (lengths must be 0)
-        in_use = _in_use(block_table, lengths, bs)
+        in_use = _in_use(block_table, lengths, bs, window, sinks)
         stats += [
             torch.where(in_use, block_table.long(), big).min(),
             torch.where(in_use, block_table.long(), -1).max(),

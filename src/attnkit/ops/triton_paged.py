@@ -47,6 +47,9 @@ def _paged_decode_split(
     stride_lb,
     scale,
     tokens_per_split,
+    window_splits,
+    WINDOW,
+    SINKS,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -61,8 +64,14 @@ def _paged_decode_split(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(LENGTHS + b)
-    start = split * tokens_per_split
+    # With a window (WINDOW > 0) the splits below window_splits cover the last WINDOW tokens,
+    # and one more covers the first SINKS before them; tokens in between are never read.
+    window_start = tl.where(WINDOW > 0, tl.maximum(length - WINDOW, 0), 0)
+    start = window_start + split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, length)
+    sinks = split >= window_splits
+    start = tl.where(sinks, 0, start)
+    end = tl.where(sinks, tl.minimum(SINKS, window_start), end)
 
     rows = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + rows
@@ -204,6 +213,8 @@ def triton_paged_decode(
     scale: float,
     num_splits: int | None,
     *,
+    window: int | None = None,
+    sinks: int = 0,
     longest: int | None = None,
     block_n: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
@@ -212,16 +223,19 @@ def triton_paged_decode(
 ) -> tuple[Tensor, Tensor]:
     """Attention output (batch, heads, v_dim) in q's dtype and lse (batch, heads) float32.
 
-    `longest`: an upper bound on `lengths` (default: the block table's capacity, which needs
-    no device sync); it only sets how the context is split.
+    `window`, `sinks`: each query sees only its sequence's last `window` tokens and first
+    `sinks` (`paged_decode`'s). `longest`: an upper bound on `lengths` (default: the block
+    table's capacity, which needs no device sync); it only sets how the context is split.
     """
     b, h, d = q.shape
     page, kv_heads, dv = k_pool.shape[1], k_pool.shape[2], v_pool.shape[3]
     if longest is None:
         longest = block_table.shape[1] * page
+    seen = longest if window is None else min(longest, window)  # tokens the splits cover
     splits, per_split = split_plan(
-        longest, num_splits or default_splits(b, kv_heads, longest, programs), block_n
+        seen, num_splits or default_splits(b, kv_heads, seen, programs), block_n
     )
+    sink_splits = int(window is not None and sinks > 0)
     out = torch.empty(b, h, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, device=q.device, dtype=torch.float32)
     if b == 0:
@@ -235,9 +249,9 @@ def triton_paged_decode(
     lengths32 = lengths if lengths.dtype == torch.int32 else lengths.to(torch.int32)
     lengths32 = lengths32.to(q.device).contiguous()
     # every program writes its slot, empty splits included: no zero-fill needed
-    parts = torch.empty(splits, b, h, dv, device=q.device, dtype=torch.float32)
-    part_lse = torch.empty(splits, b, h, device=q.device, dtype=torch.float32)
-    _paged_decode_split[(b, kv_heads, splits)](
+    parts = torch.empty(splits + sink_splits, b, h, dv, device=q.device, dtype=torch.float32)
+    part_lse = torch.empty(splits + sink_splits, b, h, device=q.device, dtype=torch.float32)
+    _paged_decode_split[(b, kv_heads, splits + sink_splits)](
         q,
         k_pool,
         v_pool,
@@ -261,6 +275,9 @@ def triton_paged_decode(
         part_lse.stride(1),
         scale,
         per_split,
+        splits,
+        window or 0,
+        sinks if window else 0,
         GROUP=h // kv_heads,
         BLOCK_G=max(16, triton.next_power_of_2(h // kv_heads)),
         BLOCK_N=block_n,

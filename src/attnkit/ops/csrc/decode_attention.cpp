@@ -67,14 +67,15 @@ std::optional<Answer> try_decode(const at::Tensor& q, const at::Tensor& k, const
 // q (batch, heads, d) against a paged pool's k, v (num_blocks, block_size, kv_heads, d / dv)
 // through block_table (batch, max_blocks) and lengths (batch,), integer. The kernel checks
 // the lengths and block ids itself, with paged_decode's messages, so a bad value raises here
-// as on the full path. num_splits 0: chosen by the kernel.
+// as on the full path. num_splits 0: chosen by the kernel. window 0: every token; else the
+// last `window` and the first `sinks`.
 std::optional<Answer> try_paged_decode(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& block_table,
                                        const at::Tensor& lengths, double scale,
-                                       int64_t num_splits) {
+                                       int64_t num_splits, int64_t window, int64_t sinks) {
   if (!(plain(q, 3) && plain(k, 4) && plain(v, 4) && kernel_inputs(q, k, v) &&
         plain(block_table, 2, false) && plain(lengths, 1, false) && integer_index(block_table) &&
-        integer_index(lengths) && num_splits >= 0))
+        integer_index(lengths) && num_splits >= 0 && window >= 0 && sinks >= 0))
     return std::nullopt;
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t num_blocks = k.size(0), block_size = k.size(1), kv_heads = k.size(2);
@@ -83,8 +84,8 @@ std::optional<Answer> try_paged_decode(const at::Tensor& q, const at::Tensor& k,
                       v.size(1) == block_size && v.size(2) == kv_heads && v.size(3) > 0 &&
                       block_table.size(0) == batch && lengths.size(0) == batch;
   if (!shapes) return std::nullopt;
-  return answer(
-      decode(q, k, v, block_table, lengths, scale_or_default(scale, dim), num_splits));
+  return answer(decode(q, k, v, block_table, lengths, scale_or_default(scale, dim), num_splits,
+                       std::nullopt, std::nullopt, /*heads_before_tokens=*/false, window, sinks));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -92,7 +93,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("block_table"), py::arg("lengths"),
         py::arg("scale"), py::arg("num_splits"), py::arg("k_scale") = py::none(),
         py::arg("v_scale") = py::none(), py::arg("heads_before_tokens") = false,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("window") = 0, py::arg("sinks") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("try_decode", &try_decode,
         "decode attention for a plain call on a contiguous cache, or None for any other call",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"),
@@ -100,5 +101,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("try_paged_decode", &try_paged_decode,
         "decode attention for a plain call on a paged pool, or None for any other call",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("block_table"), py::arg("lengths"),
-        py::arg("scale"), py::arg("num_splits"), py::call_guard<py::gil_scoped_release>());
+        py::arg("scale"), py::arg("num_splits"), py::arg("window") = 0, py::arg("sinks") = 0,
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -103,7 +103,23 @@ struct Layout {
   const float* v_scale = nullptr;
   int64_t ks_block = 0, ks_token = 0, ks_head = 0;
   int64_t vs_block = 0, vs_token = 0, vs_head = 0;
+  // A sliding window: each query sees its sequence's last `window` tokens and its first
+  // `sinks` (the layer's sliding_window(window) | sinks(sinks)); window 0: every token.
+  int64_t window = 0, sinks = 0;
 };
+
+// The tokens a sequence of n shows its query: [0, sink_end) and [window_start, n), every
+// one of them once (without a window, or within one: sink_end = window_start = 0). Tokens
+// in between are never read, so a paged cache may have given their blocks back.
+struct SeenTokens {
+  int64_t sink_end, window_start;
+};
+inline SeenTokens seen_tokens(const Layout& L, int64_t n) {
+  if (L.window <= 0 || n <= L.window) return {0, 0};
+  const int64_t window_start = n - L.window;
+  const int64_t sink_end = std::min(L.sinks, window_start);
+  return sink_end == window_start ? SeenTokens{0, 0} : SeenTokens{sink_end, window_start};
+}
 
 struct WorkItem {
   int64_t b, head, n_heads, start, end;  // KV heads [head, head + n_heads), tokens [start, end)
@@ -471,25 +487,30 @@ inline void check_values(const Layout& L, const int64_t* lengths) {
   }
   if (!L.table || L.block_size == 0) return;  // blocks of 0 tokens: every length is 0
   int64_t first = std::numeric_limits<int64_t>::max(), last = -1;
-  for (int64_t b = 0; b < L.batch; ++b) {
-    const int64_t used = (lengths[b] + L.block_size - 1) / L.block_size;
-    for (int64_t j = 0; j < used; ++j) {
+  auto check_blocks = [&](int64_t b, int64_t begin, int64_t end) {  // tokens [begin, end)
+    for (int64_t j = begin / L.block_size; j * L.block_size < end; ++j) {
       const int64_t id = L.table[b * L.table_stride + j];
       first = std::min(first, id);
       last = std::max(last, id);
     }
+  };
+  for (int64_t b = 0; b < L.batch; ++b) {
+    const SeenTokens seen = seen_tokens(L, lengths[b]);
+    check_blocks(b, 0, seen.sink_end);
+    check_blocks(b, seen.window_start, lengths[b]);
   }
   TORCH_CHECK_VALUE(last < 0 || (first >= 0 && last < L.num_blocks),
                     "block_table entries in use must lie in [0, ", L.num_blocks, "), got [",
                     first, ", ", last, "]");
 }
 
-// Work items: per sequence, `num_splits` context slices if given (> 0), else enough to give
-// every thread several items, none shorter than MIN_CHUNK tokens; per slice, one item per KV
-// head, or one for all KV heads when a token's head rows lie side by side (a paged pool):
-// then an item streams whole blocks instead of one row per page.
+// Work items: per sequence, its window's tokens (all of them without a window) in
+// `num_splits` slices if given (> 0), else in enough to give every thread several items,
+// none shorter than MIN_CHUNK tokens, and its sinks as one more slice; per slice, one item
+// per KV head, or one for all KV heads when a token's head rows lie side by side (a paged
+// pool): then an item streams whole blocks instead of one row per page.
 inline std::vector<WorkItem> plan(const Layout& L, const int64_t* lengths, int64_t num_splits,
-                           std::vector<int64_t>& splits_of, int64_t* num_parts) {
+                                  std::vector<int64_t>& splits_of, int64_t* num_parts) {
   constexpr int64_t MIN_CHUNK = 512;
   const int64_t threads = at::get_num_threads();
   const bool heads_together =
@@ -498,7 +519,10 @@ inline std::vector<WorkItem> plan(const Layout& L, const int64_t* lengths, int64
   int64_t chunk = 0;  // tokens per slice when splitting automatically
   if (num_splits <= 0) {
     int64_t total = 0;
-    for (int64_t b = 0; b < L.batch; ++b) total += lengths[b];
+    for (int64_t b = 0; b < L.batch; ++b) {
+      const SeenTokens seen = seen_tokens(L, lengths[b]);
+      total += seen.sink_end + lengths[b] - seen.window_start;
+    }
     const int64_t wanted_items = 4 * threads;  // several per thread: dynamic balance
     const int64_t heads_items = L.kv_heads / per_item_heads;
     const int64_t per_item = (total * heads_items + wanted_items - 1) / wanted_items;
@@ -508,17 +532,24 @@ inline std::vector<WorkItem> plan(const Layout& L, const int64_t* lengths, int64
   int64_t parts = 0;
   for (int64_t b = 0; b < L.batch; ++b) {
     const int64_t n = lengths[b];
-    int64_t splits = num_splits > 0 ? num_splits : (n + chunk - 1) / chunk;
-    splits = std::max<int64_t>(1, std::min(splits, n));
-    splits_of[b] = splits;
-    const int64_t per = splits > 1 ? (n + splits - 1) / splits : n;
-    for (int64_t s = 0; s < splits; ++s) {
-      const int64_t start = std::min(n, s * per), end = std::min(n, start + per);
+    const SeenTokens seen = seen_tokens(L, n);
+    const int64_t in_window = n - seen.window_start;
+    int64_t splits = num_splits > 0 ? num_splits : (in_window + chunk - 1) / chunk;
+    splits = std::max<int64_t>(1, std::min(splits, in_window));
+    const int64_t slices = splits + (seen.sink_end > 0);
+    splits_of[b] = slices;
+    const int64_t per = splits > 1 ? (in_window + splits - 1) / splits : in_window;
+    auto add = [&](int64_t start, int64_t end, int64_t slice) {
       for (int64_t h = 0; h < L.kv_heads; h += per_item_heads) {
-        items.push_back({b, h, per_item_heads, start, end, splits > 1 ? parts + s : -1});
+        items.push_back({b, h, per_item_heads, start, end, slices > 1 ? parts + slice : -1});
       }
+    };
+    for (int64_t s = 0; s < splits; ++s) {
+      const int64_t start = std::min(n, seen.window_start + s * per);
+      add(start, std::min(n, start + per), s);
     }
-    if (splits > 1) parts += splits;
+    if (seen.sink_end > 0) add(0, seen.sink_end, splits);
+    if (slices > 1) parts += slices;
   }
   // Longest first: with dynamic hand-out this keeps the threads' loads even.
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) {
@@ -653,7 +684,8 @@ inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& 
                                       int64_t num_splits,
                                       const c10::optional<at::Tensor>& k_scale = c10::nullopt,
                                       const c10::optional<at::Tensor>& v_scale = c10::nullopt,
-                                      bool heads_before_tokens = false) {
+                                      bool heads_before_tokens = false, int64_t window = 0,
+                                      int64_t sinks = 0) {
   const bool q_row_dim = q_in.dim() == 4;  // (batch, heads, 1, dim)
   TORCH_CHECK_VALUE((q_in.dim() == 3 || (q_row_dim && q_in.size(2) == 1)) && k.dim() == 4 &&
                         v.dim() == 4,
@@ -675,6 +707,8 @@ inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& 
   }
   TORCH_CHECK_VALUE(k.stride(3) == 1 && v.stride(3) == 1,
                     "k and v must be contiguous in their last dim");
+  TORCH_CHECK_VALUE(window >= 0 && sinks >= 0, "window and sinks must be >= 0 (window 0: "
+                    "every token), got ", window, " and ", sinks);
   const at::Tensor q = q_in.contiguous();  // (batch, heads, dim) in memory either way
   const int64_t token_axis = heads_before_tokens ? 2 : 1, head_axis = 3 - token_axis;
   Layout L;
@@ -691,6 +725,8 @@ inline std::vector<at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& 
   TORCH_CHECK_VALUE(L.kv_heads > 0 && L.heads % L.kv_heads == 0,
                     "heads must be a multiple of kv_heads");
   L.group = L.heads / L.kv_heads;
+  L.window = window;
+  L.sinks = sinks;
   L.k_block = k.stride(0);
   L.k_token = k.stride(token_axis);
   L.k_head = k.stride(head_axis);

@@ -251,13 +251,15 @@ class DecodeStack {
   // position. cos, sin (batch, half): the token's RoPE angles. Int8 caches come with
   // k_scale, v_scale (layers, blocks, block_size, kv_heads) float32, any strides, and
   // error, a float64 (3,) of [max abs error, max error / row absmax, sum of the latter]
-  // that this step's rows update. Returns the stack's output.
+  // that this step's rows update. window > 0: each token sees only the last `window` keys of
+  // its table and the first `sinks` (the layers' sliding_window(window) | sinks(sinks)).
+  // Returns the stack's output.
   at::Tensor run(const at::Tensor& x_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const at::Tensor& block_table, const at::Tensor& starts_in,
                  const at::Tensor& cos, const at::Tensor& sin,
                  const c10::optional<at::Tensor>& k_scale,
                  const c10::optional<at::Tensor>& v_scale,
-                 const c10::optional<at::Tensor>& error) const {
+                 const c10::optional<at::Tensor>& error, int64_t window, int64_t sinks) const {
     check_rows(x_in, "x");
     const int64_t batch = x_in.size(0);
     const bool int8 = k_cache.scalar_type() == at::kChar;
@@ -309,7 +311,7 @@ class DecodeStack {
       }
       const at::Tensor attn = decode_attention::decode(
           qkv[0].view({batch, heads_, head_dim_}), k_layer, v_layer, table, lengths, scale, 0,
-          k_scales, v_scales)[0];
+          k_scales, v_scales, /*heads_before_tokens=*/false, window, sinks)[0];
       x = block_outputs(x, attn.view({batch, heads_ * head_dim_}), w.wo, w.bias_o, w.mlp_norm,
                         w.mlp_eps, w.gate, w.up, w.down, intermediate_);
     }
@@ -573,7 +575,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"),
            py::arg("starts"), py::arg("cos"), py::arg("sin"), py::arg("k_scale") = py::none(),
            py::arg("v_scale") = py::none(), py::arg("error") = py::none(),
-           py::call_guard<py::gil_scoped_release>());
+           py::arg("window") = 0, py::arg("sinks") = 0, py::call_guard<py::gil_scoped_release>());
   py::class_<LatentDecodeStack>(m, "LatentDecodeStack")
       .def(py::init<const std::vector<std::vector<at::Tensor>>&,
                     const std::vector<std::vector<c10::optional<at::Tensor>>>&,
