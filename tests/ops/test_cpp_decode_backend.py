@@ -70,11 +70,35 @@ def test_auto_picks_it_for_decode_on_cpu_and_not_for_prefill():
     assert attnkit.choose_backend(with_grad).name == "sdpa"
 
 
-def test_a_mask_that_is_not_a_key_prefix_still_gives_the_reference_answer():
-    # a window in the middle of the keys (and sinks): the backend hands it to torch SDPA
+@pytest.mark.parametrize("q_offset", [None, 59, 30, 3, 0], ids=str)
+@pytest.mark.parametrize(
+    "mask",
+    [
+        masks.sliding_window(8),
+        masks.sliding_window(8) | masks.sinks(2),
+        masks.sinks(5) | masks.sliding_window(1),
+        masks.sliding_window(200),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_windows_and_sinks_are_read_by_the_kernel_itself(mask, q_offset, dtype, monkeypatch):
+    # The query at key position q_offset sees the window's last keys up to it (and the
+    # sinks): the kernel reads those, with no torch kernel and no dense mask.
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = random_qkv(gen, batch=3, heads=6, kv_heads=2, n_q=1, n_k=60, dtype=dtype)
+    assert_matches_reference("cpp_decode", q, k, v, mask=mask, q_offset=q_offset)
+    for name in ("sdpa", "tiled"):
+        monkeypatch.setattr(get_backend(name), "run", lambda p: pytest.fail("torch ran"))
+    attnkit.attention(q, k, v, mask, q_offset=q_offset)  # `auto` picks the kernel too
+
+
+def test_a_mask_that_is_not_a_key_prefix_or_a_window_still_gives_the_reference_answer():
+    # strided keys, a window beside key padding: the backend hands them to torch SDPA
     gen = torch.Generator().manual_seed(5)
     q, k, v = random_qkv(gen, n_q=1, n_k=60)
-    for mask in (masks.sliding_window(8), masks.sliding_window(8) | masks.sinks(2)):
+    padded_window = masks.sliding_window(8) & masks.padding([50])
+    for mask in (masks.strided(3), padded_window):
         assert_matches_reference("cpp_decode", q, k, v, mask=mask)
 
 

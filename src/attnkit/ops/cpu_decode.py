@@ -66,16 +66,20 @@ def decode_contiguous(
     num_splits=None,
     scales: tuple[Tensor, Tensor] | None = None,
     module: ModuleType | None = None,
+    window: int | None = None,
+    sinks: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The kernel on contiguous-cache K/V `(batch, kv_heads, n, d)`, read in place as a pool
     of `batch` blocks of n tokens. q is `(batch, heads, d)` or `(batch, heads, 1, d)`; out
     and lse come shaped as q (with v's head dim). Int8 K/V come with `scales` (k's, v's),
     `(batch, kv_heads, n)` float32: one per row. `module`: the kernel, where the caller has
-    it (else loaded here)."""
+    it (else loaded here). `window`, `sinks`: each query sees only the last `window` of its
+    keys and the first `sinks`."""
     rows = (None, None) if scales is None else scales
     return cpp_decode(
-        q, k, v, None, lengths, scale, num_splits, rows, heads_before_tokens=True, module=module
-    )
+        q, k, v, None, lengths, scale, num_splits, rows, heads_before_tokens=True,
+        window=window, sinks=sinks, module=module,
+    )  # fmt: skip
 
 
 def plain_paged_decode(

@@ -3,9 +3,10 @@
 A decode step's attention reads every cached K/V byte for a single query row, so its speed
 is the memory bandwidth. The kernel (`attnkit.ops.cpu_decode`) streams each K/V row once
 for the whole GQA query group, in place through the cache's strides. It takes a key prefix
-per sequence (`lengths`): no mask, or a mask that lets each sequence see its first keys
-(the key padding of a ragged batch); other masks (windows in a ring buffer, sinks) run on
-torch SDPA instead.
+per sequence (`lengths`) and a sliding window with sinks: no mask, a mask that lets each
+sequence see its first keys (the key padding of a ragged batch), or `sliding_window(W)`
+(`| sinks(S)`), which it reads as the last W keys up to the query's position (and the first
+S); other masks run on torch SDPA instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from attnkit.ops import cpu_decode
 from attnkit.ops.backends.base import Backend, get_backend
-from attnkit.ops.masks import padding_lengths
+from attnkit.ops.masks import padding_lengths, window_and_sinks
 from attnkit.ops.problem import AttentionProblem
 
 
@@ -33,12 +34,19 @@ class CppDecodeBackend(Backend):
         return limits if limits is not None else cpu_decode.cpu_decode_unavailable_reason()
 
     def run(self, p: AttentionProblem) -> tuple[Tensor, Tensor | None]:
-        lengths = None
-        if p.mask is not None:
+        lengths, window, sinks = None, None, 0
+        seen = window_and_sinks(p.mask)
+        if seen is not None and 0 <= p.q_offset < p.n_k:  # the query at key position q_offset
+            window, sinks = seen
+            if p.q_offset + 1 < p.n_k:  # keys after it are in its future
+                lengths = torch.full((p.batch,), p.q_offset + 1, device=p.q.device)
+        elif p.mask is not None:
             lengths = key_prefix_lengths(p)
             if lengths is None:  # not a prefix per sequence: torch's kernel takes any mask
                 return get_backend("sdpa" if not p.return_lse else "tiled").run(p)
-        out, lse = cpu_decode.decode_contiguous(p.q, p.k, p.v, lengths, p.scale)
+        out, lse = cpu_decode.decode_contiguous(
+            p.q, p.k, p.v, lengths, p.scale, window=window, sinks=sinks
+        )
         return out, (lse if p.return_lse else None)
 
 

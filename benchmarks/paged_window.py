@@ -1,0 +1,216 @@
+"""Decoding a sliding window from a paged pool: the window's tokens only, not the history.
+
+    PYTHONPATH=src python benchmarks/paged_window.py [--quick] [--repeats N] [--engine]
+
+One new query per sequence, batch 8, float32, a window of 512 tokens plus 4 sinks
+(StreamingLLM's layout; Mistral's without the sinks), SmolLM2-135M's attention shape (9/3
+heads, d 64) and GQA 32/8 d128, in a pool of 16-token blocks in random order. In the same
+run and from cold caches it times:
+
+- `window`: `paged_decode(..., backend="cpp", window=512, sinks=4)`, which reads the window's
+  and the sinks' blocks through the table and nothing else;
+- `gather + mask`: what a windowed layer's decode step through a `PagedCache` did before:
+  every block of the sequence gathered into contiguous K/V (`PagedCache.update`), then
+  `attnkit.attention(..., sliding_window(512) | sinks(4))` with the `auto` backend;
+- `contiguous`: `decode_attention(..., backend="cpp")` on the same keys (sinks and window)
+  in a contiguous cache, the kernel's rate on those bytes without a block table;
+- `whole history`: `paged_decode(..., backend="cpp")` without a window, for scale;
+- the memory-bandwidth floor: the window's and sinks' K/V bytes at the copy bandwidth of a
+  64 MiB copy timed in the same run.
+
+`--engine` adds whole decode steps of SmolLM2-135M (batch 8) at a 4k context with a 512
+window over full-attention layers (the cache's window), through a `PagedCache(window=512)`
+whose blocks behind the window went back to the pool, against a `SlidingWindowCache` ring
+(what `generate` uses for windowed layers; the same keys) and a `PagedCache` keeping every
+token (`whole history`: more keys, for scale). The K/V are random (no prompt was run), which
+makes the float32 logits' rounding differences between caches larger than a real prompt's;
+in float64 the two window caches agree to 1e-12 (tests/models/test_stacked_decode.py).
+
+Each timed call follows a 64 MiB copy, which leaves the last-level cache cold. Times are
+medians of `--repeats` runs, the calls taken in turn within each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from rich.console import Console
+
+from attnkit import attention
+from attnkit.ops.cpu_decode import cpu_decode_available, cpu_decode_unavailable_reason
+from attnkit.ops.decode_attention import decode_attention
+from attnkit.ops.masks import sinks, sliding_window
+from attnkit.ops.paged_decode import paged_decode
+from tables import rows_table
+
+SHAPES = {"smollm2 9/3 d64": (9, 3, 64), "gqa 32/8 d128": (32, 8, 128)}
+BATCH, BLOCK, WINDOW, SINKS = 8, 16, 512, 4
+EVICT_ELEMENTS = 16 * 1024 * 1024  # 64 MiB of float32
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def medians(calls: dict, repeats: int, evict) -> dict[str, float]:
+    """Median seconds of each call, the calls taken in turn, each after `evict()`."""
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            evict()
+            times[name].append(timed(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def measure(name: str, context: int, repeats: int, evict, copy_seconds) -> dict:
+    heads, kv_heads, dim = SHAPES[name]
+    g = torch.Generator().manual_seed(context)
+    blocks = BATCH * context // BLOCK
+    k_pool = torch.randn(blocks, BLOCK, kv_heads, dim, generator=g)
+    v_pool = torch.randn(blocks, BLOCK, kv_heads, dim, generator=g)
+    table = torch.randperm(blocks, generator=g).view(BATCH, -1)
+    lengths = torch.full((BATCH,), context)
+    q = torch.randn(BATCH, heads, dim, generator=g)
+    pattern = sliding_window(WINDOW) | sinks(SINKS)
+
+    def gather_and_mask():
+        k, v = (p[table].flatten(1, 2).transpose(1, 2) for p in (k_pool, v_pool))
+        return attention(q.unsqueeze(2), k, v, pattern).squeeze(2)
+
+    seen = torch.cat([torch.arange(SINKS), torch.arange(context - WINDOW, context)])
+    k_seen, v_seen = (
+        p[table].flatten(1, 2)[:, seen].transpose(1, 2).contiguous() for p in (k_pool, v_pool)
+    )
+    calls = {
+        "contiguous": lambda: decode_attention(q, k_seen, v_seen, backend="cpp"),
+        "window": lambda: paged_decode(
+            q, k_pool, v_pool, table, lengths, backend="cpp", window=WINDOW, sinks=SINKS
+        ),
+        "gather + mask": gather_and_mask,
+        "whole history": lambda: paged_decode(q, k_pool, v_pool, table, lengths, backend="cpp"),
+    }
+    want = paged_decode(
+        *(t.double() for t in (q, k_pool, v_pool)), table, lengths, backend="torch",
+        window=WINDOW, sinks=SINKS,
+    )  # fmt: skip
+    err = max(
+        (calls[c]() - want).abs().max().item() for c in ("window", "gather + mask", "contiguous")
+    )
+    t = medians(calls, repeats, evict)
+    seen_bytes = 2 * BATCH * (WINDOW + SINKS) * kv_heads * dim * 4
+    floor = seen_bytes / (2 * EVICT_ELEMENTS * 4 / copy_seconds())  # read + write of the copy
+    return {
+        "shape": name,
+        "context": context,
+        "window us": 1e6 * t["window"],
+        "gather + mask us": 1e6 * t["gather + mask"],
+        "whole history us": 1e6 * t["whole history"],
+        "floor us": 1e6 * floor,
+        "contiguous us": 1e6 * t["contiguous"],
+        "window / gather + mask speed": t["gather + mask"] / t["window"],
+        "window / contiguous speed": t["contiguous"] / t["window"],
+        "window / floor speed": floor / t["window"],
+        "window / history speed": t["whole history"] / t["window"],
+        "max err": err,
+    }
+
+
+def engine_steps(context: int, repeats: int, evict) -> list[dict]:
+    """SmolLM2-135M decode steps at batch 8 with a 512-token window, three caches."""
+    from attnkit.cache import SlidingWindowCache
+    from attnkit.models import load_model
+
+    model, _ = load_model()
+    c = model.config
+    shape = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    blocks = BATCH * -(-(context + repeats + 4) // BLOCK)
+    caches = {
+        "paged, window": model.new_paged_cache(blocks, BLOCK, window=WINDOW, seed=0),
+        "ring": SlidingWindowCache(*shape, window=WINDOW, max_seqs=BATCH),
+        "paged, whole history": model.new_paged_cache(blocks, BLOCK, seed=0),
+    }
+    g = torch.Generator().manual_seed(1)
+    kv = torch.randn(c.num_hidden_layers, 2, BATCH, c.num_key_value_heads, context, c.head_dim)
+    for cache in caches.values():
+        seqs = [cache.add_sequence() for _ in range(BATCH)]
+        for start in range(0, context, 512):  # the ring takes 512 tokens a step
+            n = min(512, context - start)
+            cache.prepare(seqs, n)
+            for layer in range(c.num_hidden_layers):
+                cache.update(layer, *kv[layer, :, :, :, start : start + n])
+    ids = torch.randint(0, c.vocab_size, (BATCH, 1), generator=g)
+    times = {name: [] for name in caches}
+    logits = {}
+    with torch.inference_mode():
+        for step in range(repeats + 2):
+            for name, cache in caches.items():
+                evict()
+                start = time.perf_counter()
+                logits[name] = model(ids, cache=cache)
+                if step >= 2:  # the first two steps warm the model's kernels up
+                    times[name].append(time.perf_counter() - start)
+    ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    return [
+        {
+            "context": context,
+            "paged window ms": ms["paged, window"],
+            "ring ms": ms["ring"],
+            "whole history ms": ms["paged, whole history"],
+            "paged window / ring speed": ms["ring"] / ms["paged, window"],
+            "paged window / history speed": ms["paged, whole history"] / ms["paged, window"],
+            "blocks held (window)": caches["paged, window"].pool.num_used,
+            "blocks held (history)": caches["paged, whole history"].pool.num_used,
+            "max logit diff vs ring": (logits["paged, window"] - logits["ring"]).abs().max().item(),
+        }
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="context 4k only")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs per call (>= 5)")
+    parser.add_argument("--engine", action="store_true", help="also SmolLM2 decode steps")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args()
+    if args.repeats < 5:
+        parser.error(f"--repeats must be >= 5, got {args.repeats}")
+    console = Console(stderr=args.json, width=220)
+    if not cpu_decode_available():
+        raise SystemExit(f"the cpp kernel is not available: {cpu_decode_unavailable_reason()}")
+    src = torch.randn(EVICT_ELEMENTS)
+    dst = torch.empty_like(src)
+
+    def evict():
+        dst.copy_(src)
+
+    def copy_seconds():
+        return statistics.median(timed(evict) for _ in range(5))
+
+    contexts = (4096,) if args.quick else (4096, 16384)
+    rows = []
+    for name in SHAPES:
+        for n in contexts:
+            rows.append(measure(name, n, args.repeats, evict, copy_seconds))
+            console.print(f"  {name} context {n} done", style="dim")
+    settings = f"batch {BATCH}, float32, {torch.get_num_threads()} threads"
+    title = f"paged decode, window {WINDOW} + {SINKS} sinks, blocks of {BLOCK} shuffled"
+    tables = [(title, rows)]
+    if args.engine:
+        tables.append(
+            (f"SmolLM2-135M decode steps, window {WINDOW}", engine_steps(4096, args.repeats, evict))
+        )
+    if args.json:
+        print(json.dumps({title: table for title, table in tables}, indent=1))
+        return
+    for title, table_rows in tables:
+        console.print(rows_table(f"{title}, {settings}, medians of {args.repeats}", table_rows))
+
+
+if __name__ == "__main__":
+    main()
