@@ -17,7 +17,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from test_paged import HEAD_DIM, KV_HEADS, LAYERS, V_DIM, check_pool, expected, model_kv, run_step
 
 import attnkit
+from attn_testing import tiny_transformer
 from attnkit.cache import CacheFull
+from attnkit.cache.layered import LayeredCache
 from attnkit.cache.paged import GIVEN_BACK, PagedCache
 from attnkit.ops.masks import sinks, sliding_window, strided
 
@@ -178,6 +180,41 @@ def test_given_back_blocks_stay_indexed_for_a_later_prompt():
     check_pool(cache)
 
 
+def next_turn_after_eviction(window):
+    """A 40-token conversation in a pool of 12 blocks of 4, then another request's 36
+    tokens (evicting 7 of its blocks), then the conversation's next turn: (cache, tokens,
+    its sequence)."""
+    cache, tokens = make(12, 4, window=window), {}
+    a = cache.add_sequence(token_ids=list(range(40)))
+    tokens[a] = list(range(40))
+    for _ in range(10):
+        run_step(cache, [a], tokens, 4)  # with a window: gives back blocks behind it
+    cache.free(a)
+    b = cache.add_sequence()
+    tokens[b] = [7] * 36
+    run_step(cache, [b], tokens, 36)
+    cache.free(b)
+    c = cache.add_sequence(token_ids=[*tokens[a], 90])
+    tokens[c] = [*tokens[a], 90, 91]
+    return cache, tokens, c
+
+
+def test_a_later_turn_finds_its_window_after_the_early_blocks_were_evicted():
+    # A conversation's next turn repeats its whole history. With a window only the blocks
+    # its next token sees must still be cached: the first turn's early blocks were given
+    # back first, so evicted first, and the next turn starts from 40 of its 41 tokens.
+    cache, tokens, c = next_turn_after_eviction(window=6)
+    assert cache.length(c) == 40
+    assert cache.block_table(c)[:8] == [GIVEN_BACK] * 8  # 0-31 behind token 40's window
+    run_step(cache, [c], tokens, 2)
+    check_window(cache, c, tokens[c])
+    check_pool(cache)
+    # keeping every token, the chain needs the early blocks: the tail went first (freed
+    # tail first), and the turn finds its first 3 blocks
+    cache, _, c = next_turn_after_eviction(window=None)
+    assert cache.length(c) == 12
+
+
 # -- attention sees the window -----------------------------------------------------------------
 @pytest.mark.parametrize(
     ("cache_window", "pattern", "seen"),
@@ -217,6 +254,63 @@ def test_attention_sees_the_window(cache_window, pattern, seen, n_new):
             assert (got[b : b + 1] - want).abs().max().item() <= 1e-12
 
 
+def test_a_step_that_does_not_fit_changes_nothing_and_counts_what_the_window_passes():
+    cache, tokens = make(5, 2, window=4), {}
+    a = cache.add_sequence()
+    tokens[a] = list(range(40))
+    run_step(cache, [a], tokens, 8)
+    run_step(cache, [a], tokens, 1)  # token 8 sees 5-8: blocks 0-1 went back
+    before = (cache.block_table(a), cache.num_free_blocks, cache.length(a))
+    assert before[0][:2] == [GIVEN_BACK] * 2 and before[1:] == (2, 9)
+    with pytest.raises(CacheFull, match=r"needs 4 blocks \(4 new, 0 copy-on-write\) but 3"):
+        cache.prepare([a], 8)  # 2 free + 1 the window would pass (tokens 4-5) < 4
+    assert (cache.block_table(a), cache.num_free_blocks, cache.length(a)) == before
+    cache.truncate(a, 8)  # so the last step can still be taken back
+    run_step(cache, [a], tokens, 3)  # 2 free + 1 passed (token 8's block 2 is kept)
+    check_window(cache, a, tokens[a])
+    check_pool(cache)
+
+
+def test_a_long_prefill_that_does_not_fit_leaves_the_cache_as_it_was():
+    # Transformer.forward feeds long prefills in pieces only into caches that can take
+    # them back; a window gives blocks back between pieces, so this one goes whole.
+    model = tiny_transformer(0).float()
+    c = model.config
+    cache = PagedCache(
+        c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks=685, block_size=3,
+        window=8,
+    )  # fmt: skip
+    seq = cache.add_sequence()
+    ids = torch.randint(0, 101, (1, 4110), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids[:, :10], cache=cache)
+        table = cache.block_table(seq)
+        with pytest.raises(CacheFull, match="needs 1366 blocks"):
+            model(ids[:, 10:], cache=cache)
+        assert cache.length(seq) == 10 and cache.block_table(seq) == table
+        model(ids[:, 10:11], cache=cache)  # and it goes on from there
+
+
+def test_in_a_layered_cache_full_attention_layers_see_the_window():
+    # LayeredCache attends through update() + layer_mask(), not the cache's attend: the
+    # mask must still hide the given-back blocks (their slots read block 0).
+    model, windowed = tiny_transformer(0), tiny_transformer(0, sliding_window=4)
+    ids = torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(1))
+    c = model.config
+    inner = PagedCache(
+        c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks=40, block_size=2,
+        dtype=torch.float64, window=4,
+    )  # fmt: skip
+    cache = LayeredCache([(range(c.num_hidden_layers), inner)])
+    cache.add_sequence()
+    with torch.no_grad():
+        steps = [model(ids[:, :10], cache=cache)]
+        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(10, 24)]
+        want = windowed(ids)
+    assert inner.block_table(0).count(GIVEN_BACK) == 10
+    assert (torch.cat(steps, 1) - want).abs().max() < 1e-12
+
+
 def test_a_rollback_of_the_last_step_always_works_and_further_back_says_why():
     cache, tokens = make(20, 4, window=5), {}
     seq = cache.add_sequence()
@@ -238,9 +332,9 @@ def test_a_rollback_of_the_last_step_always_works_and_further_back_says_why():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"window": 0}, "window must be a positive integer or None, got 0"),
-        ({"window": True}, "window must be a positive integer or None, got True"),
-        ({"window": 4, "sinks": -1}, "sinks must be a non-negative integer, got -1"),
+        ({"window": 0}, r"window must be an integer in \[1, 2\*\*63\) or None, got 0"),
+        ({"window": True}, r"window must be an integer in \[1, 2\*\*63\) or None, got True"),
+        ({"window": 4, "sinks": -1}, r"sinks must be an integer in \[0, 2\*\*63\), got -1"),
         ({"sinks": 2}, "sinks=2 needs a window"),
     ],
 )

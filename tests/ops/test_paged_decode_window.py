@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -117,12 +118,14 @@ def test_a_plain_windowed_call_takes_the_short_way(backend, monkeypatch):
 @pytest.mark.parametrize(
     ("window", "sinks", "message"),
     [
-        (0, 0, r"window must be a positive integer or None, got 0"),
-        (True, 0, r"window must be a positive integer or None, got True"),
-        (2.5, 0, r"window must be a positive integer or None, got 2.5"),
-        (4, -1, r"sinks must be a non-negative integer, got -1"),
-        (4, 1.0, r"sinks must be a non-negative integer, got 1.0"),
+        (0, 0, r"window must be an integer in \[1, 2\*\*63\) or None, got 0"),
+        (True, 0, r"window must be an integer in \[1, 2\*\*63\) or None, got True"),
+        (2.5, 0, r"window must be an integer in \[1, 2\*\*63\) or None, got 2.5"),
+        (4, -1, r"sinks must be an integer in \[0, 2\*\*63\), got -1"),
+        (4, 1.0, r"sinks must be an integer in \[0, 2\*\*63\), got 1.0"),
         (None, 2, r"sinks=2 needs a window"),
+        (2**63, 0, r"window must be an integer in \[1, 2\*\*63\) or None, got 9223372036854775808"),
+        (4, 2**63, r"sinks must be an integer in \[0, 2\*\*63\), got 9223372036854775808"),
     ],
 )
 @pytest.mark.parametrize("backend", ["auto", "torch", "cpp"])
@@ -130,6 +133,16 @@ def test_bad_windows_name_the_argument(window, sinks, message, backend):
     q, k, v, table, lens = make_problem(4, 2, 16, 16, [3, 20], 16)
     with pytest.raises(ValueError, match=message):
         paged_decode(q, k, v, table, lens, backend=backend, window=window, sinks=sinks)
+
+
+def test_numpy_integers_serve_as_window_and_sinks():
+    q, k, v, table, lens = make_problem(4, 2, 16, 16, [3, 40], 4, dtype=torch.float64)
+    want = paged_decode(q, k, v, table, lens, backend="torch", window=9, sinks=2)
+    for backend in ("auto", "cpp", "torch"):
+        got = paged_decode(
+            q, k, v, table, lens, backend=backend, window=np.int64(9), sinks=np.int32(2)
+        )
+        assert (got - want).abs().max() < 1e-12, backend
 
 
 @st.composite

@@ -12,7 +12,9 @@ Model Serving with PagedAttention" (2023), and nano-vllm's block manager.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -102,7 +104,11 @@ class PagedCache(KVCache):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
         check_window(window, sinks)
-        self.window, self.sinks = window, sinks
+        self.window, self.sinks = None if window is None else int(window), int(sinks)
+        if window is not None:
+            # `Transformer.forward` feeds a long prefill in pieces only into caches it can
+            # take them back from, should a piece fail; a window gives blocks back on the way
+            self.exact_in_pieces = False
         self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
         self.v_head_dim = v_head_dim or head_dim
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -146,24 +152,50 @@ class PagedCache(KVCache):
 
         The longest run of full prompt blocks found in the prefix index is shared, leaving at
         least one prompt token to compute (the caller needs its logits); `length(seq)` is the
-        number of tokens reused, and the caller prefills `token_ids[length(seq):]`.
+        number of tokens reused, and the caller prefills `token_ids[length(seq):]`. With a
+        window, only the blocks the next token sees need to be found (its sinks' and its
+        window's): the others start given back.
         """
         prompt = None if token_ids is None else _token_row(token_ids, "token_ids")
         seq = super().add_sequence()
         state = self._seqs[seq] = _Sequence()
         if prompt:
-            bs = self.block_size
+            bs, keys = self.block_size, []
             for i in range((len(prompt) - 1) // bs):
-                key = chain_hash(state.hashes[-1] if i else b"", prompt[i * bs : (i + 1) * bs])
+                keys.append(chain_hash(keys[-1] if i else b"", prompt[i * bs : (i + 1) * bs]))
+            reused = self._reusable_blocks(keys)
+            gap = range(0) if self.window is None else self._window_gap(reused * bs)
+            for i, key in enumerate(keys[:reused]):
+                if i in gap:
+                    state.blocks.append(GIVEN_BACK)
+                    continue
                 block = self.pool.lookup(key)
-                if block is None:
-                    break
                 self.pool.share(block)
                 state.blocks.append(block)
-                state.hashes.append(key)
-            state.tokens = prompt[: len(state.blocks) * bs]
+            state.hashes, state.tokens = keys[:reused], prompt[: reused * bs]
         self._lengths[seq] = len(state.tokens)
         return seq
+
+    def _reusable_blocks(self, keys: list[bytes]) -> int:
+        """How many of a prompt's full blocks (chain hashes `keys`) a new sequence can start
+        from: the longest run whose blocks are all indexed; with a window, the longest run
+        whose blocks the next token sees (the sinks' and the window's) are, the others
+        needing no K/V (so a long conversation's next turn is found after its early blocks
+        were evicted; vLLM's sliding-window prefix caching)."""
+        # missing[i]: blocks among the first i that are not indexed
+        missing = list(accumulate((self.pool.lookup(key) is None for key in keys), initial=0))
+        for n in range(len(keys), 0, -1):
+            gap = range(0) if self.window is None else self._window_gap(n * self.block_size)
+            seen = [(0, n)] if not gap else [(0, gap.start), (gap.stop, n)]
+            if all(missing[end] == missing[start] for start, end in seen):
+                return n
+        return 0
+
+    def _window_gap(self, position: int) -> range:
+        """The blocks wholly between the sinks and the window of the token at `position`:
+        no token from there on sees them (a cache with a window)."""
+        bs = self.block_size
+        return range(-(-self.sinks // bs), (position - self.window + 1) // bs)
 
     def fork(self, seq: int) -> int:
         parent = self._seqs[self._known(seq)]
@@ -215,11 +247,9 @@ class PagedCache(KVCache):
         """
         seq_ids = self._check_step(seq_ids, n_new)
         rows = _token_rows(token_ids, len(seq_ids), n_new)
-        if self.window is not None:  # of no use to this step or any later one, fit or not
-            for seq in seq_ids:
-                self._give_back_out_of_window(self._seqs[seq], self._lengths[seq])
+        passed = self._passed_by_windows(seq_ids)  # given back once the step fits
         grow, copy = self._plan(seq_ids, n_new)
-        needed, available = sum(grow) + sum(copy), self.pool.num_available
+        needed, available = sum(grow) + sum(copy), self.pool.num_available + self._freed_by(passed)
         if needed > available:
             whole = f" (the whole pool has {self.num_blocks})" if needed > self.num_blocks else ""
             raise CacheFull(
@@ -231,6 +261,11 @@ class PagedCache(KVCache):
         # From here on nothing can fail: the whole batch fits.
         bs, start = self.block_size, [self._lengths[s] for s in seq_ids]
         self._pending, self._layers_written = [], set()
+        for seq, indices in passed.items():  # the newest first: it is evicted first
+            blocks = self._seqs[seq].blocks
+            for i in indices:
+                self.pool.release(blocks[i])
+                blocks[i] = GIVEN_BACK
         for seq, begin, n_grow, cow, row in zip(seq_ids, start, grow, copy, rows, strict=True):
             state = self._seqs[seq]
             if begin % bs:  # writing into the last, partly filled block
@@ -263,13 +298,13 @@ class PagedCache(KVCache):
         without sinks, `auto`), attention reads the pool in place through the block tables
         (`paged_decode`: the C++ kernel on CPU, Triton on CUDA; a window's tokens only)
         instead of gathering every cached byte into views first."""
-        pattern, seen = self._seen_by(pattern)
+        narrowed, seen = self._seen_by(pattern)
         step = self.step
-        plain = pattern is None or seen is not None
+        plain = narrowed is None or seen is not None
         fits = isinstance(step, PagedStep) and step.n_new == 1 and plain
         kernel = choose_paged_backend(q, self.k_pool, self.v_pool) if fits else "torch"
         if backend != "auto" or kernel == "torch" or q.shape[2] != 1:
-            return super().attend(layer, q, k, v, pattern, backend)
+            return super().attend(layer, q, k, v, pattern, backend)  # layer_mask narrows it
         self._write(layer, k, v)
         lengths = step.start + 1
         window, sinks = seen or (None, 0)
@@ -285,6 +320,11 @@ class PagedCache(KVCache):
             check=False,  # the tables are valid by construction
         )
         return out.unsqueeze(2)
+
+    def layer_mask(self, layer: int, pattern: Mask | None = None) -> Mask | None:
+        """The step's mask for `layer`'s `pattern`, narrowed to this cache's window (if it
+        has one): the views `update` returns hold junk where blocks were given back."""
+        return super().layer_mask(layer, self._seen_by(pattern)[0])
 
     def decode_storage(self) -> KVStorage | None:
         """The pools as they are, read through the step's block tables, at a decode step;
@@ -342,16 +382,25 @@ class PagedCache(KVCache):
         window = sliding_window(self.window)
         return window | sinks(self.sinks) if self.sinks else window
 
-    def _give_back_out_of_window(self, state: _Sequence, begin: int) -> None:
-        """Release the blocks wholly between the sinks and the window of token `begin`."""
-        bs = self.block_size
-        first_sink_free = -(-self.sinks // bs)  # blocks holding a sink stay
-        dead = (begin - self.window + 1) // bs  # blocks before this one end before the window
-        for i in reversed(range(first_sink_free, dead)):  # the newest is evicted first
-            if state.blocks[i] == GIVEN_BACK:
-                break  # and every one before it, on an earlier step
-            self.pool.release(state.blocks[i])
-            state.blocks[i] = GIVEN_BACK
+    def _freed_by(self, passed: dict[int, list[int]]) -> int:
+        """Blocks that giving back `passed` returns to the pool: those the batch's sequences
+        hold every reference to (a fork outside the batch may hold one too)."""
+        releases = Counter(self._seqs[seq].blocks[i] for seq, ids in passed.items() for i in ids)
+        return sum(count == self.pool.ref_counts[block] for block, count in releases.items())
+
+    def _passed_by_windows(self, seq_ids) -> dict[int, list[int]]:
+        """Per sequence, the blocks it still holds that lie wholly between its sinks and the
+        window of its next token, newest first: no step from now on can see them."""
+        passed = {}
+        if self.window is not None:
+            for seq in seq_ids:
+                blocks, indices = self._seqs[seq].blocks, []
+                for i in reversed(self._window_gap(self._lengths[seq])):
+                    if blocks[i] == GIVEN_BACK:
+                        break  # and every one before it, on an earlier step
+                    indices.append(i)
+                passed[seq] = indices
+        return passed
 
     def _plan(self, seq_ids: tuple[int, ...], n_new: int) -> tuple[list[int], list[int]]:
         """Per sequence: blocks to allocate, and 1 where its last block needs copy-on-write.

@@ -399,6 +399,8 @@ class Transformer(nn.Module):
             raise ValueError(f"new_paged_cache needs one K/V shape in every layer, got {heads}")
         windows = {(a.window, a.sinks) for a in layers}
         window, sinks = windows.pop() if len(windows) == 1 else (None, 0)
+        if "window" in kwargs:  # a window of the caller's: its sinks are the caller's too
+            sinks = 0
         p = next(self.parameters())
         options = {"dtype": p.dtype, "device": p.device, "window": window, "sinks": sinks}
         kv_heads, head_dim = heads.pop()

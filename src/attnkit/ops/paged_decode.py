@@ -23,6 +23,7 @@ place through the block table instead. Backends:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -81,6 +82,7 @@ def paged_decode(
             return answer if return_lse else answer[0]
     _check_shapes(q, k_pool, v_pool, block_table, lengths, backend, num_splits)
     check_window(window, sinks)
+    window, sinks = None if window is None else int(window), int(sinks)  # numpy's, say
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "cpp":  # asked for by name: say why it cannot serve, if it cannot
         cpu_decode.check_request(q, k_pool, v_pool)
@@ -104,15 +106,20 @@ def paged_decode(
 
 
 def check_window(window: object, sinks: object) -> None:
-    """`window` None or a positive int; `sinks` a non-negative int, 0 without a window."""
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int) or window < 1
-    ):
-        raise ValueError(f"window must be a positive integer or None, got {window!r}")
-    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-        raise ValueError(f"sinks must be a non-negative integer, got {sinks!r}")
+    """`window` None or a positive int; `sinks` a non-negative int, 0 without a window
+    (both below 2**63: the kernels count in 64 bits)."""
+    if window is not None and not _integer_in(window, 1):
+        raise ValueError(f"window must be an integer in [1, 2**63) or None, got {window!r}")
+    if not _integer_in(sinks, 0):
+        raise ValueError(f"sinks must be an integer in [0, 2**63), got {sinks!r}")
     if sinks and window is None:
         raise ValueError(f"sinks={sinks} needs a window: without one every token is seen")
+
+
+def _integer_in(value: object, low: int) -> bool:
+    return (
+        isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value < 2**63
+    )
 
 
 def choose_paged_backend(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> str:
