@@ -1,6 +1,6 @@
 """Decoding a sliding window from a paged pool: the window's tokens only, not the history.
 
-    PYTHONPATH=src python benchmarks/paged_window.py [--quick] [--repeats N] [--engine]
+    PYTHONPATH=src python benchmarks/paged_window.py [--quick] [--repeats N] [--engine] [--serve]
 
 One new query per sequence, batch 8, float32, a window of 512 tokens plus 4 sinks
 (StreamingLLM's layout; Mistral's without the sinks), SmolLM2-135M's attention shape (9/3
@@ -26,6 +26,11 @@ token (`whole history`: more keys, for scale). The K/V are random (no prompt was
 makes the float32 logits' rounding differences between caches larger than a real prompt's;
 in float64 the two window caches agree to 1e-12 (tests/models/test_stacked_decode.py).
 
+`--serve` runs 16 requests through the continuous-batching scheduler on SmolLM2-135M made
+windowed (`sliding_window=64` in its config), in a pool of 128 blocks of 16, a quarter of
+the requests' tokens: a pool with the model's window against one keeping every token
+(which must preempt), medians of 3; their greedy outputs must agree.
+
 Each timed call follows a 64 MiB copy, which leaves the last-level cache cold. Times are
 medians of `--repeats` runs, the calls taken in turn within each run.
 """
@@ -50,6 +55,11 @@ from tables import rows_table
 SHAPES = {"smollm2 9/3 d64": (9, 3, 64), "gqa 32/8 d128": (32, 8, 128)}
 BATCH, BLOCK, WINDOW, SINKS = 8, 16, 512, 4
 EVICT_ELEMENTS = 16 * 1024 * 1024  # 64 MiB of float32
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim): a cache's first arguments for a model of `config`."""
+    return config.num_hidden_layers, config.num_key_value_heads, config.head_dim
 
 
 def timed(fn) -> float:
@@ -128,7 +138,7 @@ def engine_steps(context: int, repeats: int, evict) -> list[dict]:
 
     model, _ = load_model()
     c = model.config
-    shape = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    shape = kv_shape(c)
     blocks = BATCH * -(-(context + repeats + 4) // BLOCK)
     caches = {
         "paged, window": model.new_paged_cache(blocks, BLOCK, window=WINDOW, seed=0),
@@ -171,11 +181,72 @@ def engine_steps(context: int, repeats: int, evict) -> list[dict]:
     ]
 
 
+def serve_rows(repeats: int) -> list[dict]:
+    """Continuous batching of 16 requests through SmolLM2-135M made windowed (its config's
+    `sliding_window=64`), prompts of 100-200 tokens and answers of 64-128, in a pool of 128
+    blocks of 16 (a quarter of the requests' tokens): a pool with the model's window
+    (`new_paged_cache`) against one keeping every token. Greedy outputs must agree."""
+    import dataclasses
+
+    from attnkit.cache.paged import PagedCache
+    from attnkit.engine.scheduler import Scheduler
+    from attnkit.models import load_model
+    from attnkit.models.llama import Transformer
+    from attnkit.tools.bench.endtoend import sample_prompts
+
+    base, tokenizer = load_model()
+    model = Transformer(dataclasses.replace(base.config, sliding_window=64)).eval()
+    model.load_state_dict(base.state_dict())
+    c, pool = model.config, 128
+    prompts = sample_prompts(tokenizer, 16, seed=3, lengths=(100, 200))
+    answers = torch.randint(64, 128, (16,), generator=torch.Generator().manual_seed(3)).tolist()
+
+    def serve(windowed: bool):
+        cache = (
+            model.new_paged_cache(pool, BLOCK)
+            if windowed
+            else PagedCache(*kv_shape(c), num_blocks=pool, block_size=BLOCK)
+        )
+        scheduler = Scheduler(model, cache, max_batch=16)
+        handles = [scheduler.add(p, n) for p, n in zip(prompts, answers, strict=True)]
+        peak = 0
+        start = time.perf_counter()
+        while scheduler.waiting or scheduler.running:
+            scheduler.step()
+            peak = max(peak, cache.pool.num_used)
+        seconds = time.perf_counter() - start
+        return seconds, handles, peak
+
+    runs = {True: [], False: []}
+    for _ in range(repeats):
+        for windowed in (True, False):
+            runs[windowed].append(serve(windowed))
+    (_, window_out, window_peak), (_, all_out, all_peak) = runs[True][0], runs[False][0]
+    assert [h.token_ids for h in window_out] == [h.token_ids for h in all_out]
+    tokens = sum(answers)
+    window_s, all_s = (statistics.median(r[0] for r in runs[w]) for w in (True, False))
+    return [
+        {
+            "requests": len(prompts),
+            "new tokens": tokens,
+            "pool blocks": pool,
+            "window tok/s": tokens / window_s,
+            "every token tok/s": tokens / all_s,
+            "window / every token speed": all_s / window_s,
+            "preemptions (window)": sum(h.preemptions for h in window_out),
+            "preemptions (every token)": sum(h.preemptions for h in all_out),
+            "peak blocks (window)": window_peak,
+            "peak blocks (every token)": all_peak,
+        }
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="context 4k only")
     parser.add_argument("--repeats", type=int, default=9, help="timed runs per call (>= 5)")
     parser.add_argument("--engine", action="store_true", help="also SmolLM2 decode steps")
+    parser.add_argument("--serve", action="store_true", help="also the scheduler's throughput")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     if args.repeats < 5:
@@ -198,18 +269,21 @@ def main() -> None:
         for n in contexts:
             rows.append(measure(name, n, args.repeats, evict, copy_seconds))
             console.print(f"  {name} context {n} done", style="dim")
-    settings = f"batch {BATCH}, float32, {torch.get_num_threads()} threads"
-    title = f"paged decode, window {WINDOW} + {SINKS} sinks, blocks of {BLOCK} shuffled"
+    settings = f"float32, {torch.get_num_threads()} threads"
+    each = f"batch {BATCH}, {settings}, medians of {args.repeats}"
+    title = f"paged decode, window {WINDOW} + {SINKS} sinks, blocks of {BLOCK} shuffled, {each}"
     tables = [(title, rows)]
     if args.engine:
-        tables.append(
-            (f"SmolLM2-135M decode steps, window {WINDOW}", engine_steps(4096, args.repeats, evict))
-        )
+        steps = engine_steps(4096, args.repeats, evict)
+        tables.append((f"SmolLM2-135M decode steps, window {WINDOW}, {each}", steps))
+    if args.serve:
+        title = f"continuous batching, SmolLM2-135M with window 64, {settings}, medians of 3"
+        tables.append((title, serve_rows(3)))
     if args.json:
         print(json.dumps({title: table for title, table in tables}, indent=1))
         return
     for title, table_rows in tables:
-        console.print(rows_table(f"{title}, {settings}, medians of {args.repeats}", table_rows))
+        console.print(rows_table(title, table_rows))
 
 
 if __name__ == "__main__":
