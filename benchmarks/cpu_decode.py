@@ -31,19 +31,12 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from attnkit.ops.cpu_decode import cpu_decode_available, cpu_decode_unavailable_reason
 from attnkit.ops.decode_attention import decode_attention
 from attnkit.ops.paged_decode import paged_decode
+from cold_calls import Evictor, check_repeats_and_kernel, timed
 from tables import rows_table
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
-COPY_ELEMENTS = 16 * 1024 * 1024  # 64 MiB of float32
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def problem(batch: int, context: int, seed: int = 0):
@@ -63,7 +56,7 @@ def problem(batch: int, context: int, seed: int = 0):
     return q, k, v, pools[0], pools[1], table, lengths
 
 
-def measure(batch: int, context: int, repeats: int, src, dst) -> dict:
+def measure(batch: int, context: int, repeats: int, evict: Evictor) -> dict:
     q, k, v, k_pool, v_pool, table, lengths = problem(batch, context)
     kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * q.element_size()
     group = HEADS // KV_HEADS
@@ -80,7 +73,7 @@ def measure(batch: int, context: int, repeats: int, src, dst) -> dict:
     floors = []
     for _ in range(repeats):
         for name, fn in calls.items():
-            floor = kv_bytes / (2 * src.nbytes / timed(lambda: dst.copy_(src)))
+            floor = kv_bytes / (2 * evict.src.nbytes / timed(evict))
             seconds = timed(fn)
             floors.append(floor)
             times[name].append(seconds)
@@ -108,25 +101,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per call (>= 5)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
-    if args.repeats < 5:
-        parser.error(f"--repeats must be >= 5, got {args.repeats}")
     console = Console(stderr=args.json, width=200)
     started = time.perf_counter()
-    if not cpu_decode_available():
-        raise SystemExit(f"the cpp kernel is not available: {cpu_decode_unavailable_reason()}")
+    check_repeats_and_kernel(parser, args)
     console.print(
         f"kernel ready in {time.perf_counter() - started:.1f} s (built on first use, then "
         f"cached); {torch.get_num_threads()} threads"
     )
-    src = torch.randn(COPY_ELEMENTS)
-    dst = torch.empty_like(src)
-    bandwidth = statistics.median(2 * src.nbytes / timed(lambda: dst.copy_(src)) for _ in range(9))
+    evict = Evictor()
+    bandwidth = evict.bandwidth()
     console.print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
     batches, contexts = ((1, 8), (1024, 4096)) if args.quick else ((1, 8, 32), (1024, 4096, 16384))
     rows = []
     for b in batches:
         for n in contexts:
-            rows.append(measure(b, n, args.repeats, src, dst))
+            rows.append(measure(b, n, args.repeats, evict))
             console.print(f"  {rows[-1]['case']} done", style="dim")
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -24,26 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 from rich.console import Console
 
-from attnkit.ops.cpu_decode import cpu_decode_available, cpu_decode_unavailable_reason
 from attnkit.ops.decode_attention import decode_attention
 from attnkit.ops.paged_decode import paged_decode
+from cold_calls import Evictor, check_repeats_and_kernel, timed
 from tables import rows_table
 
 SHAPES = {"smollm2": (9, 3, 64), "gqa": (32, 8, 128)}
 BATCH = 8
 BLOCK_SIZES = (16, 32, 64, 128)
-EVICT_ELEMENTS = 16 * 1024 * 1024  # 64 MiB of float32
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def paged_pools(k, v, block_size: int, order: torch.Tensor):
@@ -168,17 +160,13 @@ def main() -> None:
     parser.add_argument("--engine", action="store_true", help="also SmolLM2 decode steps")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
-    if args.repeats < 5:
-        parser.error(f"--repeats must be >= 5, got {args.repeats}")
+    check_repeats_and_kernel(parser, args)
     console = Console(stderr=args.json, width=200)
-    if not cpu_decode_available():
-        raise SystemExit(f"the cpp kernel is not available: {cpu_decode_unavailable_reason()}")
-    src = torch.randn(EVICT_ELEMENTS)
-    dst = torch.empty_like(src)
+    evict = Evictor()
     contexts = (1024, 4096) if args.quick else (1024, 4096, 16384)
     rows = []
     for n in contexts:
-        rows += measure(SHAPES[args.shape], n, args.repeats, lambda: dst.copy_(src))
+        rows += measure(SHAPES[args.shape], n, args.repeats, evict)
         console.print(f"  context {n} done", style="dim")
     heads, kv_heads, dim = SHAPES[args.shape]
     tables = [(f"paged decode by block size, {heads}/{kv_heads} heads, d {dim}", rows)]

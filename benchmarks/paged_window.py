@@ -46,26 +46,19 @@ import torch
 from rich.console import Console
 
 from attnkit import attention
-from attnkit.ops.cpu_decode import cpu_decode_available, cpu_decode_unavailable_reason
 from attnkit.ops.decode_attention import decode_attention
 from attnkit.ops.masks import sinks, sliding_window
 from attnkit.ops.paged_decode import paged_decode
+from cold_calls import Evictor, check_repeats_and_kernel, timed
 from tables import rows_table
 
 SHAPES = {"smollm2 9/3 d64": (9, 3, 64), "gqa 32/8 d128": (32, 8, 128)}
 BATCH, BLOCK, WINDOW, SINKS = 8, 16, 512, 4
-EVICT_ELEMENTS = 16 * 1024 * 1024  # 64 MiB of float32
 
 
 def kv_shape(config) -> tuple[int, int, int]:
     """(layers, KV heads, head dim): a cache's first arguments for a model of `config`."""
     return config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def medians(calls: dict, repeats: int, evict) -> dict[str, float]:
@@ -78,7 +71,7 @@ def medians(calls: dict, repeats: int, evict) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def measure(name: str, context: int, repeats: int, evict, copy_seconds) -> dict:
+def measure(name: str, context: int, repeats: int, evict: Evictor) -> dict:
     heads, kv_heads, dim = SHAPES[name]
     g = torch.Generator().manual_seed(context)
     blocks = BATCH * context // BLOCK
@@ -114,7 +107,7 @@ def measure(name: str, context: int, repeats: int, evict, copy_seconds) -> dict:
     )
     t = medians(calls, repeats, evict)
     seen_bytes = 2 * BATCH * (WINDOW + SINKS) * kv_heads * dim * 4
-    floor = seen_bytes / (2 * EVICT_ELEMENTS * 4 / copy_seconds())  # read + write of the copy
+    floor = seen_bytes / evict.bandwidth(5)
     return {
         "shape": name,
         "context": context,
@@ -249,25 +242,15 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help="also the scheduler's throughput")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
-    if args.repeats < 5:
-        parser.error(f"--repeats must be >= 5, got {args.repeats}")
+    check_repeats_and_kernel(parser, args)
     console = Console(stderr=args.json, width=220)
-    if not cpu_decode_available():
-        raise SystemExit(f"the cpp kernel is not available: {cpu_decode_unavailable_reason()}")
-    src = torch.randn(EVICT_ELEMENTS)
-    dst = torch.empty_like(src)
-
-    def evict():
-        dst.copy_(src)
-
-    def copy_seconds():
-        return statistics.median(timed(evict) for _ in range(5))
+    evict = Evictor()
 
     contexts = (4096,) if args.quick else (4096, 16384)
     rows = []
     for name in SHAPES:
         for n in contexts:
-            rows.append(measure(name, n, args.repeats, evict, copy_seconds))
+            rows.append(measure(name, n, args.repeats, evict))
             console.print(f"  {name} context {n} done", style="dim")
     settings = f"float32, {torch.get_num_threads()} threads"
     each = f"batch {BATCH}, {settings}, medians of {args.repeats}"
