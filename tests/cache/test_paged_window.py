@@ -271,6 +271,27 @@ def test_a_step_that_does_not_fit_changes_nothing_and_counts_what_the_window_pas
     check_pool(cache)
 
 
+@pytest.mark.parametrize("num_blocks", [3, 4])
+def test_a_fork_left_alone_with_a_block_the_window_passes_writes_it_without_a_copy(num_blocks):
+    # b (a fork of a, cut back into a's second block) shares that block with a until a's
+    # window passes it: the step then gives it back first, and b writes it in place. With
+    # 3 blocks, counting a copy would have said the step does not fit.
+    cache = PagedCache(1, 1, 2, num_blocks=num_blocks, block_size=4, window=4)
+    a = cache.add_sequence()
+    cache.prepare([a], 8)
+    cache.stored_every_layer()
+    b = cache.fork(a)
+    cache.truncate(b, 6)
+    cache.prepare([a], 3)
+    cache.stored_every_layer()
+    shared = cache.block_table(b)[1]
+    assert cache.block_table(a)[1] == shared and cache.pool.ref_counts[shared] == 2
+    cache.prepare([a, b], 1)
+    assert cache.block_table(a)[1] == GIVEN_BACK and cache.block_table(b)[1] == shared
+    assert cache.num_free_blocks == num_blocks - 3
+    check_pool(cache)
+
+
 def test_a_long_prefill_that_does_not_fit_leaves_the_cache_as_it_was():
     # Transformer.forward feeds long prefills in pieces only into caches that can take
     # them back; a window gives blocks back between pieces, so this one goes whole.
@@ -289,6 +310,42 @@ def test_a_long_prefill_that_does_not_fit_leaves_the_cache_as_it_was():
             model(ids[:, 10:], cache=cache)
         assert cache.length(seq) == 10 and cache.block_table(seq) == table
         model(ids[:, 10:11], cache=cache)  # and it goes on from there
+
+
+def test_a_layered_cache_reuses_the_prefix_every_group_holds():
+    # A windowed group may hold a long prefix (its early blocks given back and evicted)
+    # without a shorter one; the other group only a short one. They must agree on a
+    # prefix both hold, not cut the windowed group back into blocks it gave back.
+    window, full = (
+        PagedCache(1, KV_HEADS, HEAD_DIM, num_blocks=12, block_size=4, v_head_dim=V_DIM,
+                   dtype=torch.float64, window=w)
+        for w in (6, None)
+    )  # fmt: skip
+    cache = LayeredCache([([0], window), ([1], full)])
+    tokens = {}
+    a = cache.add_sequence(token_ids=list(range(40)))
+    tokens[a] = list(range(40))
+    for _ in range(10):
+        run_step(cache, [a], tokens, 4)
+    cache.free(a)
+    b = cache.add_sequence()
+    tokens[b] = [7] * 36
+    run_step(cache, [b], tokens, 36)  # evicts the early blocks of both groups
+    cache.free(b)
+    turn = [*tokens[a], 90]
+    assert (window.reusable_length(turn), full.reusable_length(turn)) == (40, 12)
+    c = cache.add_sequence(token_ids=turn)
+    # 12 tokens is no prefix of the windowed group's (it gave back and lost tokens 4-7,
+    # which token 12's window needs), nor 8 or 4 (their first blocks were evicted)
+    assert cache.length(c) == window.length(c) == full.length(c) == 0
+    assert cache.sequences == window.sequences == full.sequences == [c]
+    tokens[c] = turn
+    run_step(cache, [c], tokens, 41)
+    want_k, want_v = expected(turn)  # the window group holds layer 0
+    for t, (k, v) in kept(window, c).items():
+        assert torch.equal(k[0], want_k[0, :, t]) and torch.equal(v[0], want_v[0, :, t])
+    check_pool(window)
+    check_pool(full)
 
 
 def test_in_a_layered_cache_full_attention_layers_see_the_window():

@@ -142,6 +142,12 @@ def test_new_paged_cache_names_layers_it_cannot_hold():
     with pytest.raises(ValueError, match=r"serves K/V self-attention layers \(Attention\), "):
         model.new_paged_cache(8)
     assert tiny(0).new_paged_cache(8, block_size=4, window=6).window == 6  # kwargs win
+    sinking = with_pattern(window=4, sinks=2)  # only its middle layer slides: no window
+    assert sinking.new_paged_cache(8).window is None
+    every = tiny_transformer(0, lambda c, i: Attention(i, 54, 9, 3, 6, window=4, sinks=2))
+    assert (every.new_paged_cache(8).window, every.new_paged_cache(8).sinks) == (4, 2)
+    assert every.new_paged_cache(8, window=8).sinks == 2  # the model's sinks kept
+    assert every.new_paged_cache(8, window=None).sinks == 0
 
 
 @pytest.mark.parametrize("case", ["window 3 + 2 sinks", "strided 5", "block-sparse"])

@@ -158,6 +158,11 @@ class KVCache:
         self._lengths[seq] = 0
         return seq
 
+    def reusable_length(self, token_ids) -> int:
+        """How many tokens `add_sequence(token_ids)` would start from, changing nothing:
+        0 here; caches that share prefixes (paged) say what they have cached."""
+        return 0
+
     def length(self, seq: int) -> int:
         """Tokens cached for `seq`."""
         return self._lengths[self._known(seq)]

@@ -59,11 +59,12 @@ class LayeredCache(KVCache):
 
     # -- sequences: every group holds the same ids, created and ended together ------------
     def add_sequence(self, token_ids=None) -> int:
+        prompt = self._common_prefix_prompt(token_ids)
         seq = super().add_sequence()
         added: list[KVCache] = []
         try:
             for cache in self.caches:
-                if cache.add_sequence(token_ids) != seq:
+                if cache.add_sequence(prompt) != seq:
                     raise RuntimeError(f"group caches fell out of step at sequence {seq}")
                 added.append(cache)
         except CacheFull:
@@ -71,13 +72,27 @@ class LayeredCache(KVCache):
                 cache.free(seq)
             del self._lengths[seq]
             raise
-        # Groups that share prefixes (paged) may start with cached tokens; the others can't.
-        reused = min(cache.length(seq) for cache in self.caches)
-        for cache in self.caches:
-            if cache.length(seq) > reused:
-                cache.truncate(seq, reused)
-        self._lengths[seq] = reused
+        reused = {cache.length(seq) for cache in self.caches}
+        if len(reused) != 1:  # `reusable_length` and `add_sequence` disagree somewhere
+            raise RuntimeError(f"groups reused {sorted(reused)} tokens of sequence {seq}")
+        self._lengths[seq] = reused.pop()
         return seq
+
+    def _common_prefix_prompt(self, token_ids):
+        """`token_ids` cut so that every group reuses the same cached prefix: the longest
+        all of them hold. Groups that share prefixes (paged) may start with cached tokens,
+        the others can't; a paged group with a window may hold a long prefix without a
+        shorter one (its blocks behind the window gone), so the cut is found by asking
+        again until the groups agree, rather than by cutting the longer ones back."""
+        if token_ids is None:
+            return None
+        prompt = token_ids
+        while True:
+            lengths = [cache.reusable_length(prompt) for cache in self.caches]
+            common = min(lengths)
+            if common == max(lengths):
+                return prompt
+            prompt = prompt[: common + 1]  # at most `common` tokens reusable from it
 
     def prepare(self, seq_ids, n_new: int, token_ids: Tensor | None = None) -> CacheStep:
         seq_ids = self._check_step(seq_ids, n_new)

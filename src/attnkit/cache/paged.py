@@ -160,9 +160,7 @@ class PagedCache(KVCache):
         seq = super().add_sequence()
         state = self._seqs[seq] = _Sequence()
         if prompt:
-            bs, keys = self.block_size, []
-            for i in range((len(prompt) - 1) // bs):
-                keys.append(chain_hash(keys[-1] if i else b"", prompt[i * bs : (i + 1) * bs]))
+            bs, keys = self.block_size, self._prompt_keys(prompt)
             reused = self._reusable_blocks(keys)
             gap = range(0) if self.window is None else self._window_gap(reused * bs)
             for i, key in enumerate(keys[:reused]):
@@ -175,6 +173,21 @@ class PagedCache(KVCache):
             state.hashes, state.tokens = keys[:reused], prompt[: reused * bs]
         self._lengths[seq] = len(state.tokens)
         return seq
+
+    def reusable_length(self, token_ids) -> int:
+        """How many tokens `add_sequence(token_ids)` would reuse from the prefix index."""
+        prompt = None if token_ids is None else _token_row(token_ids, "token_ids")
+        if not prompt:
+            return 0
+        return self._reusable_blocks(self._prompt_keys(prompt)) * self.block_size
+
+    def _prompt_keys(self, prompt: list[int]) -> list[bytes]:
+        """The chain hashes of the full blocks of `prompt` a sequence may start from: all but
+        its last token (whose logits the caller needs computed)."""
+        bs, keys = self.block_size, []
+        for i in range((len(prompt) - 1) // bs):
+            keys.append(chain_hash(keys[-1] if i else b"", prompt[i * bs : (i + 1) * bs]))
+        return keys
 
     def _reusable_blocks(self, keys: list[bytes]) -> int:
         """How many of a prompt's full blocks (chain hashes `keys`) a new sequence can start
@@ -248,8 +261,10 @@ class PagedCache(KVCache):
         seq_ids = self._check_step(seq_ids, n_new)
         rows = _token_rows(token_ids, len(seq_ids), n_new)
         passed = self._passed_by_windows(seq_ids)  # given back once the step fits
-        grow, copy = self._plan(seq_ids, n_new)
-        needed, available = sum(grow) + sum(copy), self.pool.num_available + self._freed_by(passed)
+        releases = Counter(self._seqs[seq].blocks[i] for seq, ids in passed.items() for i in ids)
+        grow, copy = self._plan(seq_ids, n_new, releases)
+        freed = sum(count == self.pool.ref_counts[block] for block, count in releases.items())
+        needed, available = sum(grow) + sum(copy), self.pool.num_available + freed
         if needed > available:
             whole = f" (the whole pool has {self.num_blocks})" if needed > self.num_blocks else ""
             raise CacheFull(
@@ -382,12 +397,6 @@ class PagedCache(KVCache):
         window = sliding_window(self.window)
         return window | sinks(self.sinks) if self.sinks else window
 
-    def _freed_by(self, passed: dict[int, list[int]]) -> int:
-        """Blocks that giving back `passed` returns to the pool: those the batch's sequences
-        hold every reference to (a fork outside the batch may hold one too)."""
-        releases = Counter(self._seqs[seq].blocks[i] for seq, ids in passed.items() for i in ids)
-        return sum(count == self.pool.ref_counts[block] for block, count in releases.items())
-
     def _passed_by_windows(self, seq_ids) -> dict[int, list[int]]:
         """Per sequence, the blocks it still holds that lie wholly between its sinks and the
         window of its next token, newest first: no step from now on can see them."""
@@ -402,11 +411,15 @@ class PagedCache(KVCache):
                 passed[seq] = indices
         return passed
 
-    def _plan(self, seq_ids: tuple[int, ...], n_new: int) -> tuple[list[int], list[int]]:
+    def _plan(
+        self, seq_ids: tuple[int, ...], n_new: int, releases: Counter
+    ) -> tuple[list[int], list[int]]:
         """Per sequence: blocks to allocate, and 1 where its last block needs copy-on-write.
 
         Two sequences of one batch may share a last block: the first writer copies it, after
         which the second holds it alone. Counting that way keeps the check exact at the limit.
+        `releases`: references the step gives back first (a window passed them), which may
+        leave a fork's last block to it alone.
         """
         bs, refs = self.block_size, {}
         grow, copy = [], []
@@ -416,7 +429,7 @@ class PagedCache(KVCache):
             cow = 0
             if begin % bs:
                 last = blocks[-1]
-                refs[last] = refs.get(last, self.pool.ref_counts[last])
+                refs[last] = refs.get(last, self.pool.ref_counts[last] - releases[last])
                 cow = int(refs[last] > 1)
                 refs[last] -= cow
             copy.append(cow)

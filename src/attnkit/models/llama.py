@@ -385,7 +385,9 @@ class Transformer(nn.Module):
         scheduler's), its dtype and device the model's. When every layer slides with one
         window (and sinks), the cache gets that window too, and so gives back the blocks
         behind it; a model mixing windowed and global layers keeps every token (its windowed
-        layers still read only their window). Keyword arguments go to `PagedCache`."""
+        layers still read only their window). Keyword arguments go to `PagedCache` (a
+        `window` given keeps the model's sinks unless `sinks` is given too; `window=None`
+        drops them)."""
         layers = [block.attn for block in self.blocks]
         if not all(isinstance(a, Attention) and not a.cross for a in layers):
             cross = [" (cross)" if getattr(a, "cross", False) else "" for a in layers]
@@ -399,7 +401,7 @@ class Transformer(nn.Module):
             raise ValueError(f"new_paged_cache needs one K/V shape in every layer, got {heads}")
         windows = {(a.window, a.sinks) for a in layers}
         window, sinks = windows.pop() if len(windows) == 1 else (None, 0)
-        if "window" in kwargs:  # a window of the caller's: its sinks are the caller's too
+        if kwargs.get("window", window) is None:  # no window: no sinks either
             sinks = 0
         p = next(self.parameters())
         options = {"dtype": p.dtype, "device": p.device, "window": window, "sinks": sinks}
