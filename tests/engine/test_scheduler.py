@@ -92,6 +92,26 @@ def test_a_sliding_window_model_serves_each_request_as_alone(num_blocks, windowe
     assert scheduler.cache.num_free_blocks == num_blocks
 
 
+@pytest.mark.parametrize("num_blocks", [60, 12], ids=["roomy", "tight-preempting"])
+def test_a_model_mixing_windowed_and_global_layers_serves_each_request_as_alone(num_blocks):
+    """`new_paged_cache` gives such a model a LayeredCache of two pools: the windowed
+    layer's gives back blocks behind its window, the global layer's keeps every token (and
+    is the one that runs out). Prompts shared in part reuse a prefix both pools hold."""
+    model = tiny_model(19, sliding_window=5, layer_types=("sliding_attention", "full_attention"))
+    cache = model.new_paged_cache(num_blocks, block_size=4, seed=0)
+    assert sorted(c.window or 0 for c in cache.caches) == [0, 5]
+    requests = workload(num_blocks + 2)
+    scheduler = Scheduler(model, cache, max_batch=8, prefill_chunk=3)
+    handles = [scheduler.add(prompt, n) for prompt, n in requests]
+    scheduler.run()
+    for (prompt, n), request in zip(requests, handles, strict=True):
+        assert request.finish_reason == "length"
+        assert request.token_ids == alone(model, prompt, n)
+    assert (num_blocks == 12) == (sum(r.preemptions for r in handles) > 0)
+    assert sum(r.reused_tokens for r in handles) > 0
+    assert [c.num_free_blocks for c in cache.caches] == [num_blocks] * 2
+
+
 def test_requests_interleave_rather_than_run_one_after_another():
     model = tiny_model(13)
     scheduler = Scheduler(model, paged_for(model, 100))

@@ -18,6 +18,7 @@ from attn_testing import tiny_transformer
 from attnkit.cache import ContiguousCache, SlidingWindowCache
 from attnkit.cache.base import CacheFull
 from attnkit.cache.layered import LayeredCache
+from attnkit.cache.paged import PagedCache
 from attnkit.engine import generate
 from attnkit.layers.attention import Attention, AttentionContext
 from attnkit.masks import block_sparse, causal, strided
@@ -118,23 +119,30 @@ def paged_decode_logits(model, tokens, chunks, cache):
 
 
 @pytest.mark.parametrize(
-    ("layer_types", "window"),
-    [(None, (4, 0)), (ALTERNATING, None)],
+    ("layer_types", "pools"),
+    [(None, {(4, 0): [0, 1, 2]}), (ALTERNATING, {(4, 0): [0, 2], (None, 0): [1]})],
     ids=["every layer slides", "alternating"],
 )
 @torch.no_grad()
-def test_new_paged_cache_takes_the_models_window_and_decodes_as_one_forward(layer_types, window):
-    # Every layer sliding: the pool gives back blocks behind the window. Windowed and
-    # global layers mixed: it keeps every token and the windowed layers read their window.
+def test_new_paged_cache_takes_the_models_windows_and_decodes_as_one_forward(layer_types, pools):
+    # Every layer sliding: one pool, giving back blocks behind the window. Windowed and
+    # global layers mixed: a pool per kind in a LayeredCache, the windowed layers' giving
+    # back blocks, the global layers' keeping every token.
     model = windowed(layer_types=layer_types)
     tokens = ids()
     cache = model.new_paged_cache(40, block_size=3, seed=2)
-    assert (cache.window, cache.sinks) == (window or (None, 0))
-    assert cache.k_pool.dtype == torch.float64 and cache.n_layers == 3
+    groups = [(cache, list(range(3)))] if isinstance(cache, PagedCache) else None
+    if groups is None:
+        assert isinstance(cache, LayeredCache)
+        groups = [(c, [i for i in range(3) if cache._route[i][0] is c]) for c in cache.caches]
+    assert {(c.window, c.sinks): layers for c, layers in groups} == pools
+    for c, layers in groups:
+        assert c.k_pool.dtype == torch.float64 and c.n_layers == len(layers)
+        assert c.num_blocks == 40
     out = paged_decode_logits(model, tokens, [10, 4, 6] + [1] * 10, cache)
     assert (out - model(tokens)).abs().max() < 1e-12
-    given_back = cache.block_table(0).count(-1)
-    assert given_back == (0 if window is None else 8)  # token 29 sees 26-29: 0-23 went back
+    for c, _ in groups:  # token 29 sees 26-29: blocks of tokens 0-23 went back
+        assert c.block_table(0).count(-1) == (0 if c.window is None else 8)
 
 
 def test_new_paged_cache_names_layers_it_cannot_hold():
@@ -142,8 +150,10 @@ def test_new_paged_cache_names_layers_it_cannot_hold():
     with pytest.raises(ValueError, match=r"serves K/V self-attention layers \(Attention\), "):
         model.new_paged_cache(8)
     assert tiny(0).new_paged_cache(8, block_size=4, window=6).window == 6  # kwargs win
-    sinking = with_pattern(window=4, sinks=2)  # only its middle layer slides: no window
-    assert sinking.new_paged_cache(8).window is None
+    sinking = with_pattern(window=4, sinks=2)  # only its middle layer slides: two pools
+    pools = sinking.new_paged_cache(8).caches
+    assert sorted((c.window or 0, c.sinks, c.n_layers) for c in pools) == [(0, 0, 2), (4, 2, 1)]
+    assert sinking.new_paged_cache(8, window=None).n_layers == 3  # one pool, every token
     every = tiny_transformer(0, lambda c, i: Attention(i, 54, 9, 3, 6, window=4, sinks=2))
     assert (every.new_paged_cache(8).window, every.new_paged_cache(8).sinks) == (4, 2)
     assert every.new_paged_cache(8, window=8).sinks == 2  # the model's sinks kept

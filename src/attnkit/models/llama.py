@@ -380,14 +380,17 @@ class Transformer(nn.Module):
             cache.add_sequence()
         return cache
 
-    def new_paged_cache(self, num_blocks: int, block_size: int = 16, **kwargs) -> PagedCache:
-        """An empty `PagedCache` of `num_blocks` blocks for this model (the continuous-batching
-        scheduler's), its dtype and device the model's. When every layer slides with one
-        window (and sinks), the cache gets that window too, and so gives back the blocks
-        behind it; a model mixing windowed and global layers keeps every token (its windowed
-        layers still read only their window). Keyword arguments go to `PagedCache` (a
-        `window` given keeps the model's sinks unless `sinks` is given too; `window=None`
-        drops them)."""
+    def new_paged_cache(self, num_blocks: int, block_size: int = 16, **kwargs) -> KVCache:
+        """An empty paged cache for this model (the continuous-batching scheduler's), its
+        dtype and device the model's: a `PagedCache` of `num_blocks` blocks. When every
+        layer slides with one window (and sinks), the cache gets that window too, and so
+        gives back the blocks behind it. A model mixing windowed and global layers gets a
+        `LayeredCache` of one such pool per kind of layer, each of `num_blocks` blocks of
+        its own layers (the bytes of one pool of `num_blocks` over every layer): its
+        windowed layers' pool gives back blocks, the global layers' keeps every token.
+        Keyword arguments go to each `PagedCache`; a `window` given makes one pool of that
+        window for every layer (keeping the model's sinks unless `sinks` is given too;
+        `window=None` drops them)."""
         layers = [block.attn for block in self.blocks]
         if not all(isinstance(a, Attention) and not a.cross for a in layers):
             cross = [" (cross)" if getattr(a, "cross", False) else "" for a in layers]
@@ -399,17 +402,27 @@ class Transformer(nn.Module):
         heads = {(a.n_kv_heads, a.head_dim) for a in layers}
         if len(heads) != 1:
             raise ValueError(f"new_paged_cache needs one K/V shape in every layer, got {heads}")
-        windows = {(a.window, a.sinks) for a in layers}
-        window, sinks = windows.pop() if len(windows) == 1 else (None, 0)
-        if kwargs.get("window", window) is None:  # no window: no sinks either
-            sinks = 0
-        p = next(self.parameters())
-        options = {"dtype": p.dtype, "device": p.device, "window": window, "sinks": sinks}
         kv_heads, head_dim = heads.pop()
-        return PagedCache(
-            len(layers), kv_heads, head_dim, num_blocks=num_blocks, block_size=block_size,
-            **{**options, **kwargs},
-        )  # fmt: skip
+        groups: dict[tuple[int | None, int], list[int]] = {}
+        for i, attn in enumerate(layers):
+            groups.setdefault((attn.window, attn.sinks), []).append(i)
+        if "window" in kwargs or len(groups) == 1:
+            window, sinks = next(iter(groups)) if len(groups) == 1 else (None, 0)
+            groups = {(window, sinks): list(range(len(layers)))}
+        p = next(self.parameters())
+
+        def pool(n_layers: int, window: int | None, sinks: int) -> PagedCache:
+            options = {"dtype": p.dtype, "device": p.device, "window": window, "sinks": sinks}
+            options |= kwargs
+            if options["window"] is None:  # no window: no sinks either
+                options["sinks"] = kwargs.get("sinks", 0)
+            return PagedCache(
+                n_layers, kv_heads, head_dim, num_blocks=num_blocks, block_size=block_size,
+                **options,
+            )  # fmt: skip
+
+        caches = [(ids, pool(len(ids), *seen)) for seen, ids in groups.items()]
+        return caches[0][1] if len(caches) == 1 else LayeredCache(caches)
 
     def forward(
         self,
