@@ -162,7 +162,7 @@ class PagedCache(KVCache):
         if prompt:
             bs, keys = self.block_size, self._prompt_keys(prompt)
             reused = self._reusable_blocks(keys)
-            gap = range(0) if self.window is None else self._window_gap(reused * bs)
+            gap = self._window_gap(reused * bs)
             for i, key in enumerate(keys[:reused]):
                 if i in gap:
                     state.blocks.append(GIVEN_BACK)
@@ -198,7 +198,7 @@ class PagedCache(KVCache):
         # missing[i]: blocks among the first i that are not indexed
         missing = list(accumulate((self.pool.lookup(key) is None for key in keys), initial=0))
         for n in range(len(keys), 0, -1):
-            gap = range(0) if self.window is None else self._window_gap(n * self.block_size)
+            gap = self._window_gap(n * self.block_size)
             seen = [(0, n)] if not gap else [(0, gap.start), (gap.stop, n)]
             if all(missing[end] == missing[start] for start, end in seen):
                 return n
@@ -206,7 +206,9 @@ class PagedCache(KVCache):
 
     def _window_gap(self, position: int) -> range:
         """The blocks wholly between the sinks and the window of the token at `position`:
-        no token from there on sees them (a cache with a window)."""
+        no token from there on sees them (none without a window)."""
+        if self.window is None:
+            return range(0)
         bs = self.block_size
         return range(-(-self.sinks // bs), (position - self.window + 1) // bs)
 
@@ -225,7 +227,8 @@ class PagedCache(KVCache):
         state = self._seqs[seq]
         if self.window is not None:
             bs, first = self.block_size, max(0, length - self.window + 1)
-            lost = [i * bs for i in range(first // bs, -(-length // bs)) if state.blocks[i] < 0]
+            needed = range(first // bs, -(-length // bs))
+            lost = [i * bs for i in needed if state.blocks[i] == GIVEN_BACK]
             if lost:
                 raise ValueError(
                     f"cannot truncate sequence {seq} to length={length}: its next token would "
