@@ -114,11 +114,9 @@ def plain_paged_decode(
         return None
     if window is None:
         window = 0  # the kernel's "no window"
-        if sinks != 0:
-            return None
-    elif not (type(window) is int and 1 <= window < 2**63 and type(sinks) is int):
+    elif not (type(window) is int and 1 <= window < 2**63):
         return None
-    if not (type(sinks) is int and 0 <= sinks < 2**63):
+    if not (type(sinks) is int and 0 <= sinks < 2**63) or (sinks and not window):
         return None
     module, scale = short_way_kernel(q), kernel_scale(scale)
     if module is None or scale is None:
@@ -188,9 +186,9 @@ def cpp_decode(
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     module = module or require_kernel()
-    splits, sinks = num_splits or 0, sinks if window else 0
+    splits = num_splits or 0
     out_lse = module.decode(
         q, k, v, block_table, lengths, float(scale), splits, *scales, heads_before_tokens,
-        window or 0, sinks,
+        window or 0, sinks,  # window 0: every key (sinks are then ignored)
     )  # fmt: skip
     return tuple(out_lse)

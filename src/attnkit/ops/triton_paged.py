@@ -277,7 +277,7 @@ def triton_paged_decode(
         per_split,
         splits,
         window or 0,
-        sinks if window else 0,
+        sinks,  # read only by the sinks' split, launched only beside a window
         GROUP=h // kv_heads,
         BLOCK_G=max(16, triton.next_power_of_2(h // kv_heads)),
         BLOCK_N=block_n,
