@@ -443,6 +443,16 @@ def test_a_converted_mla_model_decodes_through_the_stack(latent_calls):
     assert (got.double() - want).abs().max().item() < 1e-4
 
 
+def test_an_mla_stack_asked_for_a_window_says_it_attends_every_key(latent_calls):
+    model = to_mla(tiny_transformer(5), 7, rope_dim=4, calibration=torch.arange(40).view(1, -1))
+    _, cache = decode(model.float(), "contiguous", steps=1)
+    stack = model._stacked_decode._stack
+    assert isinstance(stack, LatentDecodeStack)
+    x = torch.zeros(len(PROMPTS), 1, model.config.hidden_size)
+    with pytest.raises(ValueError, match=r"attends every key, got window=\(4, 0\)"):
+        stack(x, cache.decode_storage(), None, None, window=(4, 0))
+
+
 def test_mla_layers_the_stack_does_not_serve_run_block_by_block(latent_calls):
     with_query_latent = mla_model(q_rank=8).float()
     naive = mla_model().float()
