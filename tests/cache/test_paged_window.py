@@ -19,9 +19,10 @@ from test_paged import HEAD_DIM, KV_HEADS, LAYERS, V_DIM, check_pool, expected, 
 import attnkit
 from attn_testing import tiny_transformer
 from attnkit.cache import CacheFull
+from attnkit.cache.base import KVCache
 from attnkit.cache.layered import LayeredCache
 from attnkit.cache.paged import GIVEN_BACK, PagedCache
-from attnkit.ops.masks import sinks, sliding_window, strided
+from attnkit.ops.masks import sinks, sliding_window, strided, window_and_sinks
 
 
 def make(num_blocks, block_size, window, n_sinks=0, seed=0):
@@ -254,6 +255,58 @@ def test_attention_sees_the_window(cache_window, pattern, seen, n_new):
             assert (got[b : b + 1] - want).abs().max().item() <= 1e-12
 
 
+@pytest.mark.parametrize(
+    ("cache_window", "pattern", "seen"),
+    [
+        ((6, 0), None, sliding_window(6)),
+        ((6, 2), None, sliding_window(6) | sinks(2)),
+        ((6, 0), sliding_window(4), sliding_window(4)),
+        ((6, 4), sliding_window(6) | sinks(1), sliding_window(6) | sinks(1)),
+        ((None, 0), sliding_window(5) | sinks(2), sliding_window(5) | sinks(2)),  # layer's
+        ((None, 0), sliding_window(8), sliding_window(8)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("n_new", [2, 7])
+def test_a_chunk_gathers_only_the_blocks_its_window_sees(
+    monkeypatch, cache_window, pattern, seen, n_new
+):
+    """Sequences at one position, a step of several tokens (a prefill chunk): attention
+    reads the sinks' and the window's blocks only, at an offset that keeps the window's
+    distances, and answers as over the whole history."""
+    import attnkit.cache.paged as paged
+
+    keys_read = []
+
+    def spy(q, k, v, mask=None, **kwargs):
+        keys_read.append(k.shape[2])
+        return attnkit.attention(q, k, v, mask, **kwargs)
+
+    monkeypatch.setattr(paged, "attention", spy)
+    gen = torch.Generator().manual_seed(n_new)
+    cache, tokens, bs = make(80, 3, *cache_window, seed=3), {}, 3
+    seqs = [cache.add_sequence() for _ in range(3)]
+    length = 25
+    for seq in seqs:
+        tokens[seq] = torch.randint(0, 50, (length + n_new,), generator=gen).tolist()
+    for start in range(0, length, 5):
+        run_step(cache, seqs, tokens, min(5, length - start))
+    cache.prepare(seqs, n_new)
+    for layer in range(LAYERS):
+        kv = [model_kv(tokens[s], length, length + n_new, layer) for s in seqs]
+        k_new, v_new = (torch.stack(t) for t in zip(*kv, strict=True))
+        q = torch.randn(3, 2 * KV_HEADS, n_new, HEAD_DIM, generator=gen, dtype=torch.float64)
+        got = cache.attend(layer, q, k_new, v_new, pattern)
+        for b, seq in enumerate(seqs):
+            k, v = model_kv(tokens[seq], 0, len(tokens[seq]), layer)
+            want = attnkit.attention(q[b : b + 1], k[None], v[None], seen, backend="reference")
+            assert (got[b : b + 1] - want).abs().max().item() <= 1e-12
+    window, n_sinks = window_and_sinks(seen)
+    first_block = (length - window + 1) // bs  # holds the first query's oldest key
+    sink_blocks = -(-n_sinks // bs)
+    assert keys_read == [sink_blocks * bs + length + n_new - first_block * bs] * LAYERS
+
+
 def test_a_step_that_does_not_fit_changes_nothing_and_counts_what_the_window_passes():
     cache, tokens = make(5, 2, window=4), {}
     a = cache.add_sequence()
@@ -348,9 +401,23 @@ def test_a_layered_cache_reuses_the_prefix_every_group_holds():
     check_pool(full)
 
 
-def test_in_a_layered_cache_full_attention_layers_see_the_window():
-    # LayeredCache attends through update() + layer_mask(), not the cache's attend: the
-    # mask must still hide the given-back blocks (their slots read block 0).
+@pytest.mark.parametrize("route", ["group's attend", "views and layer_mask"])
+def test_in_a_layered_cache_full_attention_layers_see_the_window(monkeypatch, route):
+    # A LayeredCache hands attention to its group's own `attend` (a paged pool decodes in
+    # place); through the protocol's update() + layer_mask() instead, the mask must still
+    # hide the given-back blocks (their slots read block 0).
+    import attnkit.cache.paged as paged
+
+    decoded, real = [], paged.paged_decode
+
+    def counted(*args, **kwargs):
+        decoded.append(1)
+        return real(*args, **kwargs)
+
+    if route == "views and layer_mask":
+        monkeypatch.setattr(LayeredCache, "attend", KVCache.attend)
+    else:
+        monkeypatch.setattr(paged, "paged_decode", counted)
     model, windowed = tiny_transformer(0), tiny_transformer(0, sliding_window=4)
     ids = torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(1))
     c = model.config
@@ -366,6 +433,7 @@ def test_in_a_layered_cache_full_attention_layers_see_the_window():
         want = windowed(ids)
     assert inner.block_table(0).count(GIVEN_BACK) == 10
     assert (torch.cat(steps, 1) - want).abs().max() < 1e-12
+    assert len(decoded) == (0 if route == "views and layer_mask" else 14 * c.num_hidden_layers)
 
 
 def test_a_rollback_of_the_last_step_always_works_and_further_back_says_why():

@@ -12,6 +12,7 @@ from attnkit.cache.window import SlidingWindowCache
 from attnkit.layers.attention import Attention
 from attnkit.masks import sinks, sliding_window
 from attnkit.models.llama import Transformer
+from attnkit.ops.masks import window_and_sinks
 from models.test_llama import tiny
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -67,6 +68,64 @@ def test_decoding_equals_full_attention_with_the_window_mask(window, n_sinks, ch
     assert (got - windowed(q, k, v, window, n_sinks)).abs().max() < 1e-12
     kept = cache.kept_positions(seqs[0]).tolist()
     assert kept == sorted({*range(min(n_sinks, 30)), *range(30 - window + 1, 30)})
+
+
+@pytest.mark.parametrize(
+    ("pattern", "seen"),
+    [
+        (None, (7, 2)),  # the cache's window over full attention (StreamingLLM)
+        (sliding_window(7) | sinks(2), (7, 2)),  # the layer's, as the cache's
+        (sliding_window(4) | sinks(1), (4, 1)),  # narrower: the ring holds what it needs
+        (sliding_window(3), (3, 0)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("chunks", [[10, 4, 6, 10], [3, 10, 1, 9, 7]], ids=str)
+def test_attend_reads_the_keys_in_position_order_with_the_window_as_a_pattern(
+    monkeypatch, pattern, seen, chunks
+):
+    """Through `attend`, a step whose sequences start together reads sinks then window
+    gathered in position order, the window a pattern at an offset (no dense mask), and
+    answers as attention over the whole history; a ragged step still answers right."""
+    import attnkit.cache.window as window_module
+
+    calls = []
+
+    def spy(q, k, v, mask=None, **kwargs):
+        calls.append((k.shape[2], kwargs.get("q_offset"), mask))
+        return attnkit.attention(q, k, v, mask, **kwargs)
+
+    monkeypatch.setattr(window_module, "attention", spy)
+    gen = torch.Generator().manual_seed(len(chunks))
+    window, n_sinks = seen
+    q, k, v = draw(gen, 2, 31)
+    cache = new_cache(7, 2, max_seqs=3)
+    seqs = [cache.add_sequence(), cache.add_sequence()]
+    start, outs = 0, []
+    for n in chunks:
+        cache.prepare(seqs, n)
+        part = slice(start, start + n)
+        outs.append(cache.attend(0, q[:, :, part], k[:, :, part], v[:, :, part], pattern))
+        first = max(2, start - 7 + 1)  # the cache's: sinks 0, 1, then its window
+        keys = start + n if first <= 2 else 2 + start + n - first
+        assert calls[-1][:2] == (keys, start if first <= 2 else start - first + 2)
+        assert window_and_sinks(calls[-1][2]) == seen
+        start += n
+    want = windowed(q[:, :, :30], k[:, :, :30], v[:, :, :30], window, n_sinks)
+    assert (torch.cat(outs, dim=2) - want).abs().max() < 1e-12
+    # a ragged step (with a third sequence, 3 tokens in): the slots' dense mask
+    q3, k3, v3 = draw(gen, 1, 4)
+    third = cache.add_sequence()
+    cache.prepare([third], 3)
+    cache.attend(0, q3[:, :, :3], k3[:, :, :3], v3[:, :, :3], pattern)
+    cache.prepare([seqs[0], third], 1)
+    new = [torch.cat((t[:1, :, 30:], t3[:, :, 3:])) for t, t3 in ((q, q3), (k, k3), (v, v3))]
+    calls.clear()
+    got = cache.attend(0, *new, pattern)
+    assert not calls  # not through the ordered keys
+    for row, (q_all, k_all, v_all) in enumerate(((q[:1], k[:1], v[:1]), (q3, k3, v3))):
+        want = windowed(q_all, k_all, v_all, window, n_sinks)[:, :, -1:]
+        assert (got[row : row + 1] - want).abs().max() < 1e-12
 
 
 def test_nbytes_is_the_fixed_ring_and_does_not_grow_with_length():

@@ -115,6 +115,14 @@ class LayeredCache(KVCache):
         cache, local = self._layer(layer)
         return cache.update(local, k, v)
 
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, pattern: Mask | None, backend="auto"
+    ) -> Tensor:
+        """The layer's group attends its own way (a paged pool in place at decode, a ring
+        over its keys in position order), not through views and a dense mask."""
+        cache, local = self._layer(layer)
+        return cache.attend(local, q, k, v, pattern, backend)
+
     def record_queries(self, layer: int, q: Tensor) -> None:
         cache, local = self._layer(layer)
         if cache.wants_queries:

@@ -22,6 +22,7 @@ from torch import Tensor
 from attnkit._checks import check_positive_int
 from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.block_pool import BlockPool, chain_hash
+from attnkit.ops.attention import attention
 from attnkit.ops.decode_block import KVStorage
 from attnkit.ops.masks import Mask, sinks, sliding_window, window_and_sinks
 from attnkit.ops.paged_decode import check_window, choose_paged_backend, paged_decode
@@ -121,6 +122,7 @@ class PagedCache(KVCache):
         # K/V: a step abandoned half-way must not leave lookups pointing at garbage.
         self._pending: list[tuple[int, bytes]] = []
         self._layers_written: set[int] = set()
+        self._spans: tuple[CacheStep | None, dict] = (None, {})  # see _window_span
 
     # -- accounting ---------------------------------------------------------------------
     @property
@@ -209,8 +211,7 @@ class PagedCache(KVCache):
         no token from there on sees them (none without a window)."""
         if self.window is None:
             return range(0)
-        bs = self.block_size
-        return range(-(-self.sinks // bs), (position - self.window + 1) // bs)
+        return _blocks_between(position, self.window, self.sinks, self.block_size)
 
     def fork(self, seq: int) -> int:
         parent = self._seqs[self._known(seq)]
@@ -315,14 +316,25 @@ class PagedCache(KVCache):
         """At decode (one new token per sequence, no pattern or a sliding window with or
         without sinks, `auto`), attention reads the pool in place through the block tables
         (`paged_decode`: the C++ kernel on CPU, Triton on CUDA; a window's tokens only)
-        instead of gathering every cached byte into views first."""
+        instead of gathering every cached byte into views first. A windowed layer's step
+        of several tokens per sequence at one position (a prefill chunk) gathers only the
+        blocks its window and sinks see (`_window_span`)."""
         narrowed, seen = self._seen_by(pattern)
         step = self.step
         plain = narrowed is None or seen is not None
         fits = isinstance(step, PagedStep) and step.n_new == 1 and plain
         kernel = choose_paged_backend(q, self.k_pool, self.v_pool) if fits else "torch"
         if backend != "auto" or kernel == "torch" or q.shape[2] != 1:
-            return super().attend(layer, q, k, v, pattern, backend)  # layer_mask narrows it
+            span = self._window_span(seen) if seen is not None else None
+            if span is None:
+                return super().attend(layer, q, k, v, pattern, backend)  # layer_mask narrows it
+            self._write(layer, k, v)
+            blocks, n_keys, q_offset = span
+            k_all, v_all = (
+                pool[layer][step.block_table[:, blocks]].flatten(1, 2)[:, :n_keys].transpose(1, 2)
+                for pool in (self.k_pool, self.v_pool)
+            )
+            return attention(q, k_all, v_all, narrowed, backend=backend, q_offset=q_offset)
         self._write(layer, k, v)
         lengths = step.start + 1
         window, sinks = seen or (None, 0)
@@ -338,6 +350,31 @@ class PagedCache(KVCache):
             check=False,  # the tables are valid by construction
         )
         return out.unsqueeze(2)
+
+    def _window_span(self, seen: tuple[int, int]) -> tuple[Tensor, int, int] | None:
+        """For a step of several tokens per sequence, all starting at one position, whose
+        layers see a window `seen` = (window, sinks) that has passed whole blocks: the
+        table columns of the blocks its queries see (the sinks' and the window's), how many
+        keys they hold, and the query offset that keeps the window's distances over them
+        (the blocks between left out); worked out once per step and window. A long
+        prefill's chunks then gather about `window + n_new` tokens, not the whole history.
+        None otherwise (the whole table is gathered)."""
+        step = self.step
+        if self._spans[0] is not step:
+            self._spans = (step, {})
+        spans = self._spans[1]
+        if seen not in spans:
+            spans[seen] = None
+            if isinstance(step, PagedStep) and bool((step.start == step.start[0]).all()):
+                start, bs = int(step.start[0]), self.block_size
+                gap = _blocks_between(start, *seen, bs)
+                if gap:
+                    n_blocks = step.block_table.shape[1]
+                    columns = [*range(gap.start), *range(gap.stop, n_blocks)]
+                    skipped = len(gap) * bs
+                    blocks = torch.tensor(columns, device=step.block_table.device)
+                    spans[seen] = (blocks, step.kv_len - skipped, start - skipped)
+        return spans[seen]
 
     def layer_mask(self, layer: int, pattern: Mask | None = None) -> Mask | None:
         """The step's mask for `layer`'s `pattern`, narrowed to this cache's window (if it
@@ -480,6 +517,12 @@ class PagedCache(KVCache):
         # The step's block indices for `seq` may now point at released blocks: forbid updates.
         if self.step is not None and seq in self.step.seq_ids:
             self.step, self._pending = None, []
+
+
+def _blocks_between(position: int, window: int, sinks: int, block_size: int) -> range:
+    """The blocks wholly between the first `sinks` tokens and the `window` of the token at
+    `position`: that token, and every one after it, sees none of their keys."""
+    return range(-(-sinks // block_size), (position - window + 1) // block_size)
 
 
 def _is_integer(dtype: torch.dtype) -> bool:
