@@ -23,7 +23,9 @@ from attnkit.cache import (
     SlidingWindowCache,
     StreamingLLMCache,
 )
+from attnkit.cache.eviction import H2OCache
 from attnkit.cache.latent import LatentCache
+from attnkit.cache.layered import LayeredCache
 from attnkit.cache.paged import PagedCache
 from attnkit.layers.latent import LatentAttention
 from attnkit.models.convert.mla import to_mla
@@ -67,12 +69,14 @@ def new_cache(model, kind: str):
         cache = StreamingLLMCache(*shape, budget=5, sinks=2, max_seqs=3, dtype=dtype, **RING_SLACK)
     elif kind == "full":  # every key, whatever the layers' window
         cache = ContiguousCache(*shape, max_seqs=3, dtype=dtype)
+    elif kind == "paged-layered":  # a pool per kind of layer (mixed windowed and global)
+        cache = model.new_paged_cache(24, 4, seed=1)
     else:  # "paged"; "paged-window" and "paged-sinks" give back blocks behind their window
         window = {"paged-window": dict(window=4), "paged-sinks": dict(window=4, sinks=2)}
         cache = PagedCache(
             *shape, num_blocks=24, block_size=4, dtype=dtype, seed=1, **window.get(kind, {})
         )
-    if kind in ("window", "sinks", "full") or kind.startswith("paged"):
+    if kind in ("window", "sinks", "full") or kind.startswith("paged"):  # empty: fill them
         for _ in PROMPTS:
             cache.add_sequence()
     return cache
@@ -154,6 +158,51 @@ def test_windows_over_full_and_paged_caches_match_the_float64_model(kind, overri
     if kind.startswith("paged-"):  # 9 + 6 tokens in blocks of 4, a window of 4: 2 given
         given_back = 1 if kind == "paged-sinks" else 2  # back, but not the sinks' block
         assert cache.block_table(cache.sequences[1]).count(-1) == given_back
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged-layered"])  # ring + K/V; two pools
+@pytest.mark.parametrize(
+    ("layer_types", "runs"),
+    [
+        (("sliding_attention", "full_attention", "sliding_attention"), 3),
+        (("sliding_attention", "sliding_attention", "full_attention"), 2),
+    ],
+    ids=["alternating", "two-then-one"],
+)
+def test_a_model_mixing_windowed_and_global_layers_runs_a_call_per_run_of_layers(
+    kind, layer_types, runs, stack_calls
+):
+    # A LayeredCache lends a storage per group: one stack call per run of consecutive
+    # layers of one group, each run over its own storage and window.
+    overrides = {"sliding_window": 3, "layer_types": layer_types}
+    want, _ = decode(tiny_transformer(19, **overrides), kind)
+    stack_calls.clear()
+    got, cache = decode(tiny_transformer(19, **overrides).float(), kind)
+    assert isinstance(cache, LayeredCache)
+    assert stack_calls == [len(PROMPTS)] * (STEPS * runs)
+    plain, _ = decode(block_by_block(tiny_transformer(19, **overrides).float()), kind)
+    err, plain_err = ((t.double() - want).abs().max().item() for t in (got, plain))
+    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+
+
+@pytest.mark.parametrize("middle", ["contiguous", "h2o"])
+def test_a_layered_cache_with_a_group_that_lends_no_storage_runs_block_by_block(
+    middle, stack_calls
+):
+    model = tiny_transformer(19).float()
+    c = model.config
+    shape = (c.num_key_value_heads, c.head_dim)
+    if middle == "h2o":  # needs each step's attention weights: lends no storage
+        group = H2OCache(1, *shape, budget=6, recent=2, max_seqs=3)
+    else:
+        group = ContiguousCache(1, *shape, max_seqs=3)
+    cache = LayeredCache([([0, 2], ContiguousCache(2, *shape, max_seqs=3)), ([1], group)])
+    for n in PROMPTS:
+        model(torch.arange(n).view(1, -1), cache=cache, seq_ids=[cache.add_sequence()])
+    stack_calls.clear()
+    with torch.no_grad():
+        model(torch.zeros(len(PROMPTS), 1, dtype=torch.long), cache=cache)
+    assert stack_calls == ([] if middle == "h2o" else [len(PROMPTS)] * 3)
 
 
 @pytest.mark.parametrize(("paged", "ring"), [("paged-window", "window"), ("paged-sinks", "sinks")])
@@ -446,7 +495,7 @@ def test_a_converted_mla_model_decodes_through_the_stack(latent_calls):
 def test_an_mla_stack_asked_for_a_window_says_it_attends_every_key(latent_calls):
     model = to_mla(tiny_transformer(5), 7, rope_dim=4, calibration=torch.arange(40).view(1, -1))
     _, cache = decode(model.float(), "contiguous", steps=1)
-    stack = model._stacked_decode._stack
+    stack = model._stacked_decode._plan.whole
     assert isinstance(stack, LatentDecodeStack)
     x = torch.zeros(len(PROMPTS), 1, model.config.hidden_size)
     with pytest.raises(ValueError, match=r"attends every key, got window=\(4, 0\)"):

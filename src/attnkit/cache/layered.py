@@ -52,7 +52,8 @@ class LayeredCache(KVCache):
     def n_layers(self) -> int:
         return len(self._route)
 
-    def _layer(self, layer: int) -> tuple[KVCache, int]:
+    def route(self, layer: int) -> tuple[KVCache, int]:
+        """The group cache holding model layer `layer`, and its index there."""
         if layer not in self._route:
             raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
         return self._route[layer]
@@ -112,7 +113,7 @@ class LayeredCache(KVCache):
         return self.step
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        cache, local = self._layer(layer)
+        cache, local = self.route(layer)
         return cache.update(local, k, v)
 
     def attend(
@@ -120,20 +121,26 @@ class LayeredCache(KVCache):
     ) -> Tensor:
         """The layer's group attends its own way (a paged pool in place at decode, a ring
         over its keys in position order), not through views and a dense mask."""
-        cache, local = self._layer(layer)
+        cache, local = self.route(layer)
         return cache.attend(local, q, k, v, pattern, backend)
 
+    def stored_every_layer(self) -> None:
+        """A one-call decode step wrote every group's layers (through each group's
+        `decode_storage`; the `LayeredCache` itself lends none)."""
+        for cache in self.caches:
+            cache.stored_every_layer()
+
     def record_queries(self, layer: int, q: Tensor) -> None:
-        cache, local = self._layer(layer)
+        cache, local = self.route(layer)
         if cache.wants_queries:
             cache.record_queries(local, q)
 
     def key_positions(self, layer: int) -> Tensor | None:
-        cache, local = self._layer(layer)
+        cache, local = self.route(layer)
         return cache.key_positions(local)
 
     def layer_mask(self, layer: int, pattern: Mask | None = None) -> Mask | None:
-        cache, local = self._layer(layer)
+        cache, local = self.route(layer)
         return cache.layer_mask(local, pattern)
 
     def truncate(self, seq: int, length: int) -> None:

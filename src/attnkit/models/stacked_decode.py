@@ -14,6 +14,11 @@ blocks (`LatentAttention` without a query latent, in `auto` or `absorbed` mode w
 `LatentCache`'s storage, in absorbed mode. Anything else returns None and the blocks run
 one by one, as before, with the same results up to float32 rounding.
 
+A model mixing windowed and global layers (as Gemma 2 and gpt-oss do) keeps a `LayeredCache` of a
+cache per kind of layer; each group lends its own storage, and the step runs one call per
+run of consecutive layers that share a storage and a window (alternating layers: one call
+a layer, still in C++ from end to end). Each run's stack is built on first use and kept.
+
 The stack holds packed copies of the weights, so it is built once and rebuilt whenever
 something it depends on changes: a module or parameter replaced, a parameter written in
 place (its version; inference tensors keep none, as `skinny_linear.packed_weight` says),
@@ -31,9 +36,16 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.cache.latent import LatentCache
+from attnkit.cache.layered import LayeredCache
 from attnkit.layers.attention import Attention
 from attnkit.layers.latent import LatentAttention
-from attnkit.ops.decode_block import DecodeStack, LatentDecodeStack, LatentShape
+from attnkit.ops.decode_block import (
+    BlockWeights,
+    DecodeStack,
+    KVStorage,
+    LatentDecodeStack,
+    LatentShape,
+)
 from attnkit.ops.skinny_linear import MAX_ROWS
 from attnkit.ops.transforms import transform_active
 
@@ -42,13 +54,14 @@ Stack = DecodeStack | LatentDecodeStack
 
 class StackedDecode:
     """Runs a model's decode steps through a `DecodeStack` (or, for MLA blocks, a
-    `LatentDecodeStack`) when they qualify (see module)."""
+    `LatentDecodeStack`) when they qualify (see module). A `LayeredCache` (windowed and
+    global layers in pools of their own) lends one storage per group: the layers then run
+    in one call per run of consecutive layers of one group."""
 
     def __init__(self, block_type: type[nn.Module]) -> None:
         self.block_type = block_type  # the only block class whose forward the stack knows
         self._fingerprint: tuple | None = None
-        self._stack: Stack | None = None
-        self._window: tuple[int, int] | None = None  # the layers' (window, sinks), if any
+        self._plan: _Plan | None = None
         # The parameters (ids in the fingerprint) and their data at build time: holding the
         # data keeps its address from being reused by a tensor that replaced it (`p.data =`).
         self._kept: list[Tensor] = []
@@ -77,26 +90,135 @@ class StackedDecode:
             return None
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return None
-        storage = cache.decode_storage()
-        if storage is None:
+        groups = _storage_groups(cache, len(blocks))
+        if groups is None:
             return None
         fingerprint = _fingerprint(blocks, self.block_type, ctx.interleaved)
         if fingerprint is None:
             return None
         if fingerprint != self._fingerprint:
-            self._stack, self._window = _build(blocks, x, ctx)
+            self._plan = _Plan.build(blocks, x, ctx)
             self._fingerprint = fingerprint
             self._kept = [t for p in blocks.parameters() for t in (p, p.data)]
-        if self._stack is None or not self._stack.serves(storage):
+        runs = self._plan.runs(groups, isinstance(cache, LatentCache)) if self._plan else None
+        if runs is None:
             return None
-        if isinstance(self._stack, LatentDecodeStack) != isinstance(cache, LatentCache):
-            return None  # a cache of the other kind with matching widths: the layers say why
-        if not _holds_the_window_of(storage, self._window):
-            return None
-        window = self._window or _window_of(storage)  # full-attention layers see the storage's
-        out = self._stack(x, storage, *ctx.angles_by_row(x.shape[0], 1), window=window)
+        angles = ctx.angles_by_row(x.shape[0], 1)
+        for stack, storage, window in runs:
+            x = stack(x, storage, *angles, window=window)
         cache.stored_every_layer()
-        return out
+        return x
+
+
+class _Plan:
+    """What a model's blocks can run as: one stack of every block, or (GQA blocks) the
+    blocks' weights and windows, from which a stack of any run of consecutive layers is
+    built once, when a cache first asks for that run."""
+
+    def __init__(
+        self, whole: Stack | None, layers: list[tuple[BlockWeights, tuple | None]], shape: tuple
+    ) -> None:
+        # whole: an MLA stack; layers: each GQA block's weights and (window, sinks) or None;
+        # shape: (heads, kv_heads, head_dim, intermediate, interleaved) of every GQA block
+        self.whole, self.layers, self.shape = whole, layers, shape
+        self._stacks: dict[tuple[int, int], DecodeStack | None] = {}
+
+    @classmethod
+    def build(cls, blocks: nn.ModuleList, x: Tensor, ctx) -> _Plan | None:
+        """None when some block or layer does not qualify."""
+        if len(blocks) and isinstance(blocks[0]._modules["attn"], LatentAttention):
+            stack = _build_latent(blocks, x, ctx)
+            return None if stack is None else cls(stack, [], ())
+        layers, shapes = [], set()
+        for i, block in enumerate(blocks):
+            w = block._decode_weights(x, ctx)
+            attn = block.attn
+            sparse = attn.pattern is not None and attn.window is None  # a pattern of its own
+            if w is None or sparse or attn.backend != "auto" or attn.layer_idx != i:
+                return None
+            layers.append((w, None if attn.window is None else (attn.window, attn.sinks)))
+            shapes.add((attn.n_heads, attn.n_kv_heads, attn.head_dim, w.mlp[0].shape[0]))
+        if len(shapes) != 1:
+            return None
+        return cls(None, layers, (*shapes.pop(), ctx.interleaved))
+
+    def runs(self, groups: list[tuple[int, int, KVStorage]], latent_cache: bool):
+        """`(stack, storage, window)` per run of consecutive layers that share a storage
+        (`groups`: first layer, stop, storage) and a window, or None when one cannot be
+        served (the step then runs block by block)."""
+        if self.whole is not None:  # MLA: one stack, over a LatentCache's one storage
+            (_, _, storage), *more = groups
+            if more or not latent_cache or not self.whole.serves(storage):
+                return None
+            return [(self.whole, storage, None)]
+        if latent_cache:
+            return None  # a cache of the other kind with matching widths: the layers say why
+        runs = []
+        for first, stop, storage in groups:
+            for lo, hi in _same_window(self.layers, first, stop):
+                stack = self._stack(lo, hi)
+                part = _layers_of(storage, lo - first, hi - first)
+                window = self.layers[lo][1]
+                if not (stack.serves(part) and _holds_the_window_of(part, window)):
+                    return None
+                runs.append((stack, part, window or _window_of(part)))
+        return runs
+
+    def _stack(self, lo: int, hi: int) -> DecodeStack:
+        if (lo, hi) not in self._stacks:
+            heads, kv_heads, head_dim, intermediate, interleaved = self.shape
+            weights = [w for w, _ in self.layers[lo:hi]]
+            self._stacks[lo, hi] = DecodeStack(
+                weights, (heads, kv_heads), head_dim, intermediate, interleaved
+            )
+        return self._stacks[lo, hi]
+
+
+def _storage_groups(cache, n_layers: int) -> list[tuple[int, int, KVStorage]] | None:
+    """The cache's decode storage as (first layer, stop, storage of those layers) covering
+    the model's layers: one for a plain cache, one per run of consecutive layers of one
+    group for a `LayeredCache` (consecutive in its group's storage too); None when some
+    cache lends none or holds another number of layers."""
+    if not isinstance(cache, LayeredCache):
+        storage = cache.decode_storage()
+        if storage is None or storage.k.shape[0] != n_layers:
+            return None
+        return [(0, n_layers, storage)]
+    if cache.n_layers != n_layers:
+        return None
+    storages = {}
+    for group in cache.caches:
+        storage = storages[id(group)] = group.decode_storage()
+        if storage is None or storage.k.shape[0] != group.n_layers:
+            return None
+    runs: list[list] = []  # [first, stop, storage, its first layer in the storage]
+    for layer in range(n_layers):
+        group, local = cache.route(layer)
+        storage = storages[id(group)]
+        last = runs[-1] if runs else None
+        if last and last[2] is storage and local == last[3] + layer - last[0]:
+            last[1] = layer + 1
+        else:
+            runs.append([layer, layer + 1, storage, local])
+    return [(first, stop, _layers_of(storage, local, local + stop - first))
+            for first, stop, storage, local in runs]  # fmt: skip
+
+
+def _layers_of(storage: KVStorage, lo: int, hi: int) -> KVStorage:
+    """`storage` of its layers `lo .. hi - 1` only (views)."""
+    scales = None if storage.scales is None else tuple(t[lo:hi] for t in storage.scales)
+    return storage._replace(k=storage.k[lo:hi], v=storage.v[lo:hi], scales=scales)
+
+
+def _same_window(layers: list[tuple], first: int, stop: int) -> list[tuple[int, int]]:
+    """Layers `first .. stop - 1` split into runs of consecutive layers of one window."""
+    runs: list[list[int]] = []
+    for layer in range(first, stop):
+        if runs and layers[layer][1] == layers[runs[-1][0]][1]:
+            runs[-1][1] = layer + 1
+        else:
+            runs.append([layer, layer + 1])
+    return [(lo, hi) for lo, hi in runs]
 
 
 def _holds_the_window_of(storage, layers: tuple[int, int] | None) -> bool:
@@ -114,28 +236,6 @@ def _holds_the_window_of(storage, layers: tuple[int, int] | None) -> bool:
 
 def _window_of(storage) -> tuple[int, int] | None:
     return None if storage.window is None else (storage.window, storage.sinks)
-
-
-def _build(blocks: nn.ModuleList, x: Tensor, ctx) -> tuple[Stack | None, tuple | None]:
-    """A stack of `blocks`' weights and the layers' (window, sinks) (None: full attention),
-    or None when some block or layer does not qualify."""
-    if len(blocks) and isinstance(blocks[0]._modules["attn"], LatentAttention):
-        return _build_latent(blocks, x, ctx), None
-    weights, shapes = [], set()
-    for i, block in enumerate(blocks):
-        w = block._decode_weights(x, ctx)
-        attn = block.attn
-        sparse = attn.pattern is not None and attn.window is None  # a pattern of its own
-        if w is None or sparse or attn.backend != "auto" or attn.layer_idx != i:
-            return None, None
-        weights.append(w)
-        window = None if attn.window is None else (attn.window, attn.sinks)
-        shapes.add((attn.n_heads, attn.n_kv_heads, attn.head_dim, w.mlp[0].shape[0], window))
-    if len(shapes) != 1:
-        return None, None
-    heads, kv_heads, head_dim, intermediate, window = shapes.pop()
-    stack = DecodeStack(weights, (heads, kv_heads), head_dim, intermediate, ctx.interleaved)
-    return stack, window
 
 
 def _build_latent(blocks: nn.ModuleList, x: Tensor, ctx) -> LatentDecodeStack | None:
