@@ -146,6 +146,33 @@ def test_short_prompts_prefill_together_as_right_padded_rows():
     assert scheduler.cache.num_free_blocks == 100  # the padded slots came back too
 
 
+@pytest.mark.parametrize("num_blocks", [100, 9], ids=["roomy", "tight"])
+def test_a_mixed_model_prefills_short_prompts_together_in_both_pools(num_blocks):
+    """A LayeredCache of pools of one block size batches short prompts as one pool does
+    (the padded rows fit the fuller pool, or the prompts go one at a time); past the
+    window of 5 the windowed pool gives back blocks, and the padding still comes back."""
+    model = tiny_model(20, sliding_window=5, layer_types=("sliding_attention", "full_attention"))
+    gen = torch.Generator().manual_seed(20)
+    lengths = [7, 8, 9, 8, 2, 3, 3, 16]
+    requests = [(torch.randint(1, 27, (n,), generator=gen).tolist(), 5) for n in lengths]
+    cache = model.new_paged_cache(num_blocks, block_size=4, seed=0)
+    assert cache.block_size == 4
+    scheduler = Scheduler(model, cache)
+    shapes = record_forwards(model)
+    handles = [scheduler.add(prompt, n) for prompt, n in requests]
+    scheduler.run()
+    prefills = [shape for shape in shapes if shape[1] > 1]
+    # a preempted request is prefilled again, unless its cached prefix left one token
+    preempted = sum(r.preemptions for r in handles)
+    assert len(requests) <= sum(b for b, _ in prefills) <= len(requests) + preempted
+    assert (preempted > 0) == (num_blocks == 9)
+    assert ((4, 9) in prefills) == (num_blocks == 100)  # rows 7-9 long, padded to 9
+    for (prompt, n), request in zip(requests, handles, strict=True):
+        assert request.finish_reason == "length"
+        assert request.token_ids == alone(model, prompt, n)
+    assert [c.num_free_blocks for c in cache.caches] == [num_blocks] * 2
+
+
 def test_padded_rows_that_do_not_fit_fall_back_to_one_prompt_at_a_time():
     model = tiny_model(17)
     gen = torch.Generator().manual_seed(17)

@@ -47,6 +47,11 @@ class LayeredCache(KVCache):
         self.exact_in_pieces = all(cache.exact_in_pieces for cache in self.caches)
         limits = [c.max_step_tokens for c in self.caches if c.max_step_tokens is not None]
         self.max_step_tokens = min(limits) if limits else None
+        sizes = {getattr(cache, "block_size", None) for cache in self.caches}
+        if len(sizes) == 1 and None not in sizes:
+            # paged groups of one block size: a sequence takes its blocks in each of them
+            # alike (the scheduler batches prefills by this; a windowed group may need fewer)
+            self.block_size = sizes.pop()
 
     @property
     def n_layers(self) -> int:
@@ -174,6 +179,11 @@ class LayeredCache(KVCache):
         for cache in self.caches:
             cache.free(seq)
         del self._lengths[seq]
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Of paged groups: the blocks a step may take in the fullest of them."""
+        return min(cache.num_free_blocks for cache in self.caches)
 
     @property
     def nbytes(self) -> int:

@@ -173,7 +173,8 @@ class Scheduler:
         """Prefill `group` (the head of the queue) in batched forwards of right-padded rows
         of similar length, then admit them; False, with the cache as it was, when the pool
         cannot hold the padded rows (the one-at-a-time path then waits or errors). Needs a
-        paged cache: `block_size`, `truncate` and `num_free_blocks`.
+        paged cache (or a `LayeredCache` of pools of one block size): `block_size`,
+        `truncate` and `num_free_blocks`.
 
         One forward of many short prompts runs its matmuls at a far better rate than one per
         prompt (20-200 tokens each). Causal attention keeps the padding after a row's last
@@ -223,8 +224,8 @@ class Scheduler:
         for batch in batches:
             width = max(len(rows[i]) for i in batch)
             for i in batch:
-                held = len(self.cache.block_table(seqs[i]))
-                needed += -(-(self.cache.length(seqs[i]) + width) // bs) - held
+                length = self.cache.length(seqs[i])  # in ceil(length / bs) blocks
+                needed += -(-(length + width) // bs) - -(-length // bs)
         return needed
 
     def _forward(self, requests, token_rows, seq_ids=None, last_only=False):
