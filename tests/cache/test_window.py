@@ -232,6 +232,27 @@ def test_truncate_past_the_buffer_raises_and_changes_nothing():
     assert cache.length(short) == 0 and cache.kept_positions(short).numel() == 0
 
 
+def test_a_rollback_in_two_hops_is_refused_where_one_hop_is():
+    # The ring holds the positions last written, up to the longest length reached: a
+    # rollback in steps must not reach a key a later position overwrote (it used to pass,
+    # and the next query silently missed that key).
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = draw(gen, 1, 8)
+    cache = new_cache(4, 0, max_new=2)  # ring of 5 slots
+    seq = cache.add_sequence()
+    decode(cache, [seq], q, k, v, [1] * 6)  # position 5 took position 0's slot
+    with pytest.raises(ValueError, match="needs the key at position 0, which the ring no"):
+        cache.truncate(seq, 3)
+    cache.truncate(seq, 5)
+    with pytest.raises(ValueError, match="needs the key at position 0, which the ring no"):
+        cache.truncate(seq, 3)
+    cache.truncate(seq, 4)  # needs positions 1-3, still there
+    got = decode(cache, [seq], q, k, v, [2], start=4)
+    assert (
+        got - windowed(q[:, :, :6], k[:, :, :6], v[:, :, :6], 4, 0)[:, :, 4:]
+    ).abs().max() < 1e-12
+
+
 def test_fork_copies_the_ring_and_free_gives_a_clean_slot():
     gen = torch.Generator().manual_seed(6)
     window, n_sinks = 3, 1

@@ -220,21 +220,25 @@ class SlidingWindowCache(ContiguousCache):
     def truncate(self, seq: int, length: int) -> None:
         """Roll `seq` back to `length` tokens, if the keys its next query needs are still here.
 
-        The ring keeps the last `ring` positions; rolling back by at most `max_new_per_step`
-        tokens (or any amount before the ring first wraps) always works.
+        The ring keeps the last `ring` positions written; rolling back by at most
+        `max_new_per_step` tokens from the longest length reached (or any amount before the
+        ring first wraps) always works.
         """
         self._check_truncate(seq, length)
         current = self._lengths[seq]
-        oldest_needed = max(self.sinks, length - self.window + 1)
-        oldest_stored = max(self.sinks, current - self.ring)
-        if oldest_needed < length and oldest_needed < oldest_stored:
+        stored = self.slot_positions[self._slot[seq]]
+        # Asked of the slots themselves, not of `current`: after an earlier rollback the
+        # ring may hold positions up to a longer length than the sequence now has.
+        oldest = min(length, max(self.sinks, length - self.window + 1))
+        needed = torch.arange(oldest, length, device=stored.device)
+        lost = needed[stored[self._ring_slot(needed)] != needed]
+        if len(lost):
             raise ValueError(
                 f"cannot truncate sequence {seq} from {current} to {length} tokens: the next "
-                f"query needs the key at position {oldest_needed}, but the ring now starts at "
-                f"position {oldest_stored}; a window cache can roll back at most "
-                f"max_new_per_step={self.max_new_per_step} tokens"
+                f"query needs the key at position {int(lost[0])}, which the ring no longer "
+                f"holds (a later position overwrote it); a window cache can roll back at most "
+                f"max_new_per_step={self.max_new_per_step} tokens behind its longest length"
             )
-        stored = self.slot_positions[self._slot[seq]]
         stored[stored >= length] = -1
         self._lengths[seq] = length
 
