@@ -25,7 +25,7 @@ from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.block_pool import BlockPool, chain_hash
 from attnkit.ops.attention import attention
 from attnkit.ops.decode_block import KVStorage
-from attnkit.ops.masks import Mask, sinks, sliding_window, window_and_sinks
+from attnkit.ops.masks import Mask, sinks, sliding_window, window_and_sinks, window_within
 from attnkit.ops.paged_decode import check_window, choose_paged_backend, paged_decode
 
 GIVEN_BACK = -1  # a block table entry whose block a windowed cache gave back
@@ -430,7 +430,7 @@ class PagedCache(KVCache):
             return pattern, seen
         if pattern is None:
             return self._window_mask(), (self.window, self.sinks)
-        if seen is not None and seen[0] <= self.window and seen[1] <= self.sinks:
+        if window_within(seen, self.window, self.sinks):
             return pattern, seen
         return pattern & self._window_mask(), None
 

@@ -18,7 +18,14 @@ from attnkit.cache.base import CacheStep
 from attnkit.cache.contiguous import ContiguousCache
 from attnkit.ops.attention import attention
 from attnkit.ops.decode_block import KVStorage
-from attnkit.ops.masks import Mask, from_tensor, sinks, sliding_window, window_and_sinks
+from attnkit.ops.masks import (
+    Mask,
+    from_tensor,
+    sinks,
+    sliding_window,
+    window_and_sinks,
+    window_within,
+)
 
 
 class SlidingWindowCache(ContiguousCache):
@@ -142,10 +149,9 @@ class SlidingWindowCache(ContiguousCache):
         if pattern is None:
             window = sliding_window(self.window)
             return window | sinks(self.sinks) if self.sinks else window
-        seen = window_and_sinks(pattern)
-        if seen is not None and seen[0] <= self.window and seen[1] <= self.sinks:
-            return pattern
-        return None
+        return (
+            pattern if window_within(window_and_sinks(pattern), self.window, self.sinks) else None
+        )
 
     def _ordered_step(self) -> tuple[Tensor, int] | None:
         """For a step whose sequences all start at one position: the ring slots of the keys

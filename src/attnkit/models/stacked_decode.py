@@ -46,6 +46,7 @@ from attnkit.ops.decode_block import (
     LatentDecodeStack,
     LatentShape,
 )
+from attnkit.ops.masks import window_within
 from attnkit.ops.skinny_linear import MAX_ROWS
 from attnkit.ops.transforms import transform_active
 
@@ -231,7 +232,7 @@ def _holds_the_window_of(storage, layers: tuple[int, int] | None) -> bool:
     """
     if layers is None or storage.window is None:
         return True
-    return layers[0] <= storage.window and layers[1] <= storage.sinks
+    return window_within(layers, storage.window, storage.sinks)
 
 
 def _window_of(storage) -> tuple[int, int] | None:

@@ -140,3 +140,10 @@ def window_and_sinks(mask: Mask | None) -> tuple[int, int] | None:
         if len(window) == 1 and len(sink) == 1:
             return window[0].size, sink[0].n
     return None
+
+
+def window_within(seen: tuple[int, int] | None, window: int, n_sinks: int) -> bool:
+    """Whether a layer seeing `seen` = (window, sinks) (as `window_and_sinks` gives; None
+    for any other mask) sees nothing outside `sliding_window(window) | sinks(n_sinks)`:
+    a cache keeping that window holds every key such a layer needs."""
+    return seen is not None and seen[0] <= window and seen[1] <= n_sinks
