@@ -205,6 +205,20 @@ def test_a_layered_cache_with_a_group_that_lends_no_storage_runs_block_by_block(
     assert stack_calls == ([] if middle == "h2o" else [len(PROMPTS)] * 3)
 
 
+def test_a_latent_group_of_matching_widths_is_never_written_by_the_gqa_stack(stack_calls):
+    # One KV head of 6 dims against a latent of 6 plus a RoPE key of 6: the storages'
+    # shapes match, but the layers must say the cache is of the other kind, not decode.
+    model = tiny_transformer(3, num_key_value_heads=1).float()
+    cache = LayeredCache(
+        [([0, 2], ContiguousCache(2, 1, 6, max_seqs=2)), ([1], LatentCache(1, 6, 6, max_seqs=2))]
+    )
+    for _ in range(2):
+        cache.add_sequence()
+    with torch.no_grad(), pytest.raises(ValueError, match="latent must have shape"):
+        model(torch.tensor([[3], [4]]), cache=cache)
+    assert not stack_calls
+
+
 @pytest.mark.parametrize(("paged", "ring"), [("paged-window", "window"), ("paged-sinks", "sinks")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_a_paged_cache_with_a_window_equals_the_ring_buffer(paged, ring, dtype):

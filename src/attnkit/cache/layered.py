@@ -182,7 +182,8 @@ class LayeredCache(KVCache):
 
     @property
     def num_free_blocks(self) -> int:
-        """Of paged groups: the blocks a step may take in the fullest of them."""
+        """The blocks a step may take in the fullest group (every group must be paged:
+        `block_size` is set only then, and the scheduler asks only then)."""
         return min(cache.num_free_blocks for cache in self.caches)
 
     @property

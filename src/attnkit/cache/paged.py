@@ -353,11 +353,13 @@ class PagedCache(KVCache):
         return out.unsqueeze(2)
 
     def _window_span(self, seen: tuple[int, int]) -> tuple[Tensor, int, int] | None:
-        """For a step of several tokens per sequence, all starting at one position, whose
-        layers see a window `seen` = (window, sinks) that has passed whole blocks: the
-        table columns of the blocks its queries see (the sinks' and the window's), how many
-        keys they hold, and the query offset that keeps the window's distances over them
-        (the blocks between left out); worked out once per step and window. A long
+        """For a step whose sequences all start at one position (a prefill chunk; or a
+        decode step the paged kernel does not take: another backend asked for, or none
+        built) and whose layers see a window `seen` = (window, sinks) that has passed
+        whole blocks: the table columns of the blocks its queries see (the sinks' and the
+        window's), how many keys they hold, and the query offset that keeps the window's
+        distances over them (the blocks between left out); worked out once per step and
+        window. A long
         prefill's chunks then gather about `window + n_new` tokens, not the whole history.
         None otherwise (the whole table is gathered)."""
         step = self.step

@@ -101,7 +101,8 @@ class StackedDecode:
             self._plan = _Plan.build(blocks, x, ctx)
             self._fingerprint = fingerprint
             self._kept = [t for p in blocks.parameters() for t in (p, p.data)]
-        runs = self._plan.runs(groups, isinstance(cache, LatentCache)) if self._plan else None
+        latent = any(isinstance(c, LatentCache) for c in getattr(cache, "caches", [cache]))
+        runs = self._plan.runs(groups, latent) if self._plan else None
         if runs is None:
             return None
         angles = ctx.angles_by_row(x.shape[0], 1)
@@ -146,7 +147,9 @@ class _Plan:
     def runs(self, groups: list[tuple[int, int, KVStorage]], latent_cache: bool):
         """`(stack, storage, window)` per run of consecutive layers that share a storage
         (`groups`: first layer, stop, storage) and a window, or None when one cannot be
-        served (the step then runs block by block)."""
+        served (the step then runs block by block). `latent_cache`: the cache, or one of
+        its groups, is a `LatentCache` (whose storage a GQA stack must never write, even
+        where its widths happen to match)."""
         if self.whole is not None:  # MLA: one stack, over a LatentCache's one storage
             (_, _, storage), *more = groups
             if more or not latent_cache or not self.whole.serves(storage):
