@@ -218,6 +218,21 @@ def test_a_request_larger_than_the_whole_cache_finishes_with_an_error():
     assert small.finish_reason == "length" and small.token_ids == alone(model, [1, 2, 3], 4)
 
 
+def test_a_request_that_outgrows_the_whole_cache_ends_with_an_error_not_a_loop():
+    # 14 prompt tokens fit 4 blocks of 4, and 2 new tokens; the 17th token does not fit even
+    # alone. Preempted and recomputed it would fail again forever (it used to).
+    model = tiny_model(14)
+    scheduler = Scheduler(model, paged_for(model, num_blocks=4, block_size=4))
+    request = scheduler.add(list(range(1, 15)), 6)
+    for _ in range(20):
+        if not (scheduler.waiting or scheduler.running):
+            break
+        scheduler.step()
+    assert request.finish_reason == "error" and "outgrew the whole cache" in request.error
+    assert request.token_ids == alone(model, list(range(1, 15)), 6)[:2]
+    assert request.preemptions == 0 and scheduler.cache.num_free_blocks == 4
+
+
 def test_stop_tokens_finish_a_request_early():
     model = tiny_model(15)
     prompt = [4, 5, 6]

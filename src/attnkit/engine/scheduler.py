@@ -6,7 +6,8 @@ one prefill chunk go together, in right-padded batches of similar length), then 
 token for every running request in a single batched forward. When the cache runs out of
 blocks, the newest running request is preempted: its blocks are freed and it waits to be
 recomputed from its prompt plus what it has generated, so greedy outputs never change.
-A request that could not fit even in an empty cache finishes with an error.
+A request that could not fit even in an empty cache finishes with an error, as does one
+that grows past the whole cache while running alone.
 """
 
 from __future__ import annotations
@@ -110,8 +111,11 @@ class Scheduler:
             try:
                 logits = self._forward(decoding, [[r._next] for r in decoding])
                 break
-            except CacheFull:
-                self._preempt(self.running[-1])  # the newest request gives its blocks back
+            except CacheFull as full:
+                if len(self.running) == 1:  # alone in the cache and still out of room:
+                    self._outgrown(self.running[0], full)  # it can never grow here
+                else:
+                    self._preempt(self.running[-1])  # the newest request gives its blocks back
                 decoding = [r for r in self.running if r._next is not None]
         else:
             return
@@ -247,6 +251,14 @@ class Scheduler:
         request.finish_reason, request._next = reason, None
         self.cache.free(request._seq)
         self.running.remove(request)
+
+    def _outgrown(self, request: Request, full: CacheFull) -> None:
+        """`request` needs more blocks than the whole cache has: it ends with an error,
+        keeping what it generated (preempted and recomputed, it would fail again, forever)."""
+        self._finish(request, "error")
+        request.error = (
+            f"request outgrew the whole cache after {len(request.token_ids)} new tokens: {full}"
+        )
 
     def _preempt(self, request: Request) -> None:
         self.cache.free(request._seq)
