@@ -65,6 +65,12 @@ class CacheStep:
         """(batch, n_new) absolute positions of the new tokens (RoPE uses them)."""
         return self.start.unsqueeze(1) + torch.arange(self.n_new, device=self.start.device)
 
+    @cached_property
+    def common_start(self) -> int | None:
+        """The position every sequence of the step starts at; None for a ragged step."""
+        first = int(self.start[0])
+        return first if bool((self.start == first).all()) else None
+
     @property
     def batch(self) -> int:
         return len(self.seq_ids)

@@ -25,7 +25,7 @@ from attnkit.cache.base import CacheFull, CacheStep, KVCache, causal_step_mask
 from attnkit.cache.block_pool import BlockPool, chain_hash
 from attnkit.ops.attention import attention
 from attnkit.ops.decode_block import KVStorage
-from attnkit.ops.masks import Mask, sinks, sliding_window, window_and_sinks, window_within
+from attnkit.ops.masks import Mask, window_and_sinks, window_and_sinks_mask, window_within
 from attnkit.ops.paged_decode import check_window, choose_paged_backend, paged_decode
 
 GIVEN_BACK = -1  # a block table entry whose block a windowed cache gave back
@@ -359,17 +359,16 @@ class PagedCache(KVCache):
         whole blocks: the table columns of the blocks its queries see (the sinks' and the
         window's), how many keys they hold, and the query offset that keeps the window's
         distances over them (the blocks between left out); worked out once per step and
-        window. A long
-        prefill's chunks then gather about `window + n_new` tokens, not the whole history.
-        None otherwise (the whole table is gathered)."""
+        window. A long prefill's chunks then gather about `window + n_new` tokens, not the
+        whole history. None otherwise (the whole table is gathered)."""
         step = self.step
         if self._spans[0] is not step:
             self._spans = (step, {})
         spans = self._spans[1]
         if seen not in spans:
             spans[seen] = None
-            if isinstance(step, PagedStep) and bool((step.start == step.start[0]).all()):
-                start, bs = int(step.start[0]), self.block_size
+            start, bs = step.common_start, self.block_size
+            if isinstance(step, PagedStep) and start is not None:
                 gap = _blocks_between(start, *seen, bs)
                 if gap:
                     n_blocks = step.block_table.shape[1]
@@ -437,8 +436,7 @@ class PagedCache(KVCache):
         return pattern & self._window_mask(), None
 
     def _window_mask(self) -> Mask:
-        window = sliding_window(self.window)
-        return window | sinks(self.sinks) if self.sinks else window
+        return window_and_sinks_mask(self.window, self.sinks)
 
     def _passed_by_windows(self, seq_ids) -> dict[int, list[int]]:
         """Per sequence, the blocks it still holds that lie wholly between its sinks and the

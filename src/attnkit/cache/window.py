@@ -21,9 +21,8 @@ from attnkit.ops.decode_block import KVStorage
 from attnkit.ops.masks import (
     Mask,
     from_tensor,
-    sinks,
-    sliding_window,
     window_and_sinks,
+    window_and_sinks_mask,
     window_within,
 )
 
@@ -147,8 +146,7 @@ class SlidingWindowCache(ContiguousCache):
         window where it has none, its own where it lies within the cache's (the ring holds
         what it needs); None for any other pattern."""
         if pattern is None:
-            window = sliding_window(self.window)
-            return window | sinks(self.sinks) if self.sinks else window
+            return window_and_sinks_mask(self.window, self.sinks)
         return (
             pattern if window_within(window_and_sinks(pattern), self.window, self.sinks) else None
         )
@@ -161,9 +159,8 @@ class SlidingWindowCache(ContiguousCache):
         step = self.step
         if self._ordered is not None and self._ordered[0] is step:
             return self._ordered[1]
-        ordered = None
-        if bool((step.start == step.start[0]).all()):
-            start = int(step.start[0])
+        ordered, start = None, step.common_start
+        if start is not None:
             first = max(0, start - self.window + 1)  # the first query's oldest window key
             if first <= self.sinks:  # no gap: every position so far
                 positions, q_offset = torch.arange(start + step.n_new), start

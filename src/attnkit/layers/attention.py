@@ -15,7 +15,7 @@ from attnkit.cache.window import SlidingWindowCache
 from attnkit.layers.projection import Linear, project
 from attnkit.layers.rope import apply_rotary, rotation_phasors
 from attnkit.ops.attention import attention
-from attnkit.ops.masks import Mask, padding, sinks, sliding_window
+from attnkit.ops.masks import Mask, padding, window_and_sinks_mask
 
 
 @dataclass(frozen=True)
@@ -243,4 +243,4 @@ def layer_pattern(window: int | None, n_sinks: int, pattern: Mask | None) -> Mas
     if pattern is not None:
         raise ValueError(f"give window={window} or pattern={pattern!r}, not both")
     check_positive_int("window", window)
-    return sliding_window(window) | sinks(n_sinks) if n_sinks else sliding_window(window)
+    return window_and_sinks_mask(window, n_sinks)

@@ -14,10 +14,11 @@ blocks (`LatentAttention` without a query latent, in `auto` or `absorbed` mode w
 `LatentCache`'s storage, in absorbed mode. Anything else returns None and the blocks run
 one by one, as before, with the same results up to float32 rounding.
 
-A model mixing windowed and global layers (as Gemma 2 and gpt-oss do) keeps a `LayeredCache` of a
-cache per kind of layer; each group lends its own storage, and the step runs one call per
-run of consecutive layers that share a storage and a window (alternating layers: one call
-a layer, still in C++ from end to end). Each run's stack is built on first use and kept.
+A model mixing windowed and global layers (as Gemma 2 and gpt-oss do) keeps a
+`LayeredCache` of a cache per kind of layer; each group lends its own storage, and the step
+runs one call per run of consecutive layers that share a storage and a window (alternating
+layers: one call a layer, still in C++ from end to end). Each run's stack is built on first
+use and kept.
 
 The stack holds packed copies of the weights, so it is built once and rebuilt whenever
 something it depends on changes: a module or parameter replaced, a parameter written in
@@ -123,7 +124,7 @@ class _Plan:
         # whole: an MLA stack; layers: each GQA block's weights and (window, sinks) or None;
         # shape: (heads, kv_heads, head_dim, intermediate, interleaved) of every GQA block
         self.whole, self.layers, self.shape = whole, layers, shape
-        self._stacks: dict[tuple[int, int], DecodeStack | None] = {}
+        self._stacks: dict[tuple[int, int], DecodeStack] = {}
 
     @classmethod
     def build(cls, blocks: nn.ModuleList, x: Tensor, ctx) -> _Plan | None:

@@ -31,6 +31,7 @@ from attnkit.ops.masks.positional import (
     sliding_window,
     strided,
     window_and_sinks,
+    window_and_sinks_mask,
     window_within,
 )
 from attnkit.ops.masks.tensors import (
@@ -60,5 +61,6 @@ __all__ = [
     "split_block_sparse",
     "strided",
     "window_and_sinks",
+    "window_and_sinks_mask",
     "window_within",
 ]

@@ -142,6 +142,12 @@ def window_and_sinks(mask: Mask | None) -> tuple[int, int] | None:
     return None
 
 
+def window_and_sinks_mask(window: int, n_sinks: int = 0) -> Mask:
+    """`sliding_window(window) | sinks(n_sinks)`, or the window alone without sinks (the
+    inverse of `window_and_sinks`)."""
+    return sliding_window(window) | sinks(n_sinks) if n_sinks else sliding_window(window)
+
+
 def window_within(seen: tuple[int, int] | None, window: int, n_sinks: int) -> bool:
     """Whether a layer seeing `seen` = (window, sinks) (as `window_and_sinks` gives; None
     for any other mask) sees nothing outside `sliding_window(window) | sinks(n_sinks)`:
