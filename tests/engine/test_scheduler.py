@@ -1,6 +1,7 @@
 """Continuous batching: every request's greedy output equals its output alone, under
-preemption, prefix sharing, chunked and batched prefill and batching; a request too large
-errors."""
+preemption, prefix sharing, chunked and batched prefill and batching, in paged pools and in
+caches of per-sequence slots (contiguous K/V, rings, MLA latents, linear attention's state);
+a request too large errors."""
 
 from __future__ import annotations
 
@@ -8,9 +9,22 @@ import pytest
 import torch
 from test_generate import DigitTokenizer, tiny_model
 
+from attnkit.cache import (
+    ContiguousCache,
+    H2OCache,
+    LatentCache,
+    LayeredCache,
+    LinearStateCache,
+    QuantizedCache,
+    SlidingWindowCache,
+    StreamingLLMCache,
+)
 from attnkit.cache.paged import PagedCache
 from attnkit.engine import generate
 from attnkit.engine.scheduler import Scheduler
+from attnkit.layers.latent import LatentAttention
+from attnkit.layers.linear import LinearAttention
+from attnkit.models.llama import Transformer
 
 
 def paged_for(model, num_blocks: int, block_size: int = 4) -> PagedCache:
@@ -220,7 +234,8 @@ def test_a_request_larger_than_the_whole_cache_finishes_with_an_error():
 
 def test_a_request_that_outgrows_the_whole_cache_ends_with_an_error_not_a_loop():
     # 14 prompt tokens fit 4 blocks of 4, and 2 new tokens; the 17th token does not fit even
-    # alone. Preempted and recomputed it would fail again forever (it used to).
+    # alone. Preempted and recomputed it would fail again forever (it used to). It keeps the
+    # 3 tokens it generated: 2 stored, and the one sampled from all 16.
     model = tiny_model(14)
     scheduler = Scheduler(model, paged_for(model, num_blocks=4, block_size=4))
     request = scheduler.add(list(range(1, 15)), 6)
@@ -229,8 +244,154 @@ def test_a_request_that_outgrows_the_whole_cache_ends_with_an_error_not_a_loop()
             break
         scheduler.step()
     assert request.finish_reason == "error" and "outgrew the whole cache" in request.error
-    assert request.token_ids == alone(model, list(range(1, 15)), 6)[:2]
+    assert request.token_ids == alone(model, list(range(1, 15)), 6)[:3]
     assert request.preemptions == 0 and scheduler.cache.num_free_blocks == 4
+
+
+def with_attention(seed: int, layer):
+    """`tiny_model(seed)`'s config with attention layers `layer(config, i)`, in float64."""
+    torch.manual_seed(seed)
+    return Transformer(tiny_model().config, attention=layer).double().eval()
+
+
+def slot_model(kind: str):
+    """A tiny model whose `new_cache` gives a cache of per-sequence slots of `kind`."""
+    if kind == "ring":
+        return tiny_model(22, sliding_window=5)
+    if kind == "latent":
+        return with_attention(
+            23,
+            lambda c, i: LatentAttention(
+                i, c.hidden_size, 6, kv_rank=8, rope_dim=4, nope_dim=4, v_head_dim=6
+            ),
+        )
+    if kind == "linear":
+        return with_attention(24, lambda c, i: LinearAttention(i, c.hidden_size, 6, 2, 6))
+    if kind == "layered":  # a ring for the windowed layer, K/V for the global one
+        return tiny_model(29, sliding_window=5, layer_types=("sliding_attention", "full_attention"))
+    return tiny_model(21)
+
+
+SLOT_CACHES = {
+    "contiguous": ContiguousCache,
+    "ring": SlidingWindowCache,
+    "latent": LatentCache,
+    "linear": LinearStateCache,
+    "layered": LayeredCache,
+}
+
+
+@pytest.mark.parametrize("kind", list(SLOT_CACHES))
+def test_caches_of_sequence_slots_serve_each_request_as_alone(kind):
+    """12 requests, at most 8 at once, through a cache of 3 slots: the rest wait for a slot
+    (they used to crash the scheduler with CacheFull; a LayeredCache's groups then fell out
+    of step, having used up different numbers of sequence ids). Short prompts go together
+    in right-padded rows where `truncate` takes the padding back (every kind but linear
+    attention's running sums); prompts and answers run past the ring's window of 5."""
+    model = slot_model(kind)
+    cache = model.new_cache(0, max_seqs=3)
+    assert type(cache) is SLOT_CACHES[kind]
+    requests = workload(25)
+    scheduler = Scheduler(model, cache, max_batch=8)
+    shapes = record_forwards(model)
+    handles = [scheduler.add(prompt, n) for prompt, n in requests]
+    scheduler.run()
+    assert max(b for b, _ in shapes) == 3  # never more at once than the slots
+    batched_prefill = max(b for b, n in shapes if n > 1) > 1  # padded rows, taken back after
+    assert batched_prefill == (kind != "linear")
+    for (prompt, n), request in zip(requests, handles, strict=True):
+        assert request.finish_reason == "length" and request.preemptions == 0
+        assert request.token_ids == alone(model, prompt, n)
+    assert max(len(p) + n for p, n in requests) > 2 * 5
+    assert not cache.sequences  # every slot came back
+
+
+def test_a_ring_prefills_together_only_rows_that_fit_one_of_its_steps():
+    """A ring of `max_new_per_step=4` takes a longer row in steps; padding over more than
+    its last step could not always be taken back, so 6-token prompts go alone."""
+    model = tiny_model(28, sliding_window=5)
+    cache = model.new_cache(0, max_seqs=4, max_new_per_step=4)
+    requests = [([1, 2, 3], 3), ([4, 5, 6, 7], 3), ([8, 9, 1, 2, 3, 4], 3), ([5, 6, 7, 8, 9, 1], 3)]
+    scheduler = Scheduler(model, cache, prefill_chunk=16)
+    shapes = record_forwards(model)
+    handles = [scheduler.add(prompt, n) for prompt, n in requests]
+    scheduler.run()
+    assert [shape for shape in shapes if shape[1] > 1] == [(2, 4), (1, 6), (1, 6)]
+    for (prompt, n), request in zip(requests, handles, strict=True):
+        assert request.token_ids == alone(model, prompt, n)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "latent"])
+def test_a_request_past_max_len_ends_with_an_error_while_the_others_go_on(kind):
+    """A cache of max_len 12: the request that reaches 12 tokens ends with an error and
+    keeps what it generated; no other request is preempted to make room (none would), and
+    one whose prompt alone is longer ends at once, not when the cache empties."""
+    model = slot_model(kind)
+    cache = model.new_cache(0, max_seqs=4, max_len=12)
+    scheduler = Scheduler(model, cache)
+    short = [scheduler.add([3, 4, 5], 6), scheduler.add([6, 7], 8)]
+    long = scheduler.add([1, 2, 3, 4, 5, 6, 7, 8], 10)
+    huge = scheduler.add(list(range(1, 14)), 2)
+    scheduler.step()
+    assert huge.finish_reason == "error" and "does not fit" in huge.error
+    assert "max_len is 12" in huge.error and len(scheduler.running) == 3
+    scheduler.run()
+    assert long.finish_reason == "error" and "outgrew" in long.error
+    # 8 prompt tokens + 4 fed back = 12 positions, and the 5th sampled from them all
+    assert long.token_ids == alone(model, [1, 2, 3, 4, 5, 6, 7, 8], 10)[:5]
+    assert "room for one sequence after 5 new tokens" in long.error
+    for request, prompt in zip(short, ([3, 4, 5], [6, 7]), strict=True):
+        assert request.finish_reason == "length" and request.preemptions == 0
+        assert request.token_ids == alone(model, prompt, request.max_new_tokens)
+    assert not cache.sequences
+
+
+def test_a_prompt_past_max_len_among_short_ones_ends_and_the_rest_prefill_together():
+    """Its row fails the batched prefill (the limit is found only there): it ends with an
+    error, and the short prompts go together again rather than one at a time."""
+    model = tiny_model(30)
+    cache = model.new_cache(0, max_seqs=16, max_len=12)
+    scheduler = Scheduler(model, cache)
+    shapes = record_forwards(model)
+    short = [scheduler.add([i + 1, 2, 3], 2) for i in range(8)]
+    long = scheduler.add(list(range(1, 14)), 2)
+    scheduler.step()
+    assert long.finish_reason == "error" and "does not fit" in long.error
+    prefills = [shape for shape in shapes if shape[1] > 1]
+    assert prefills[-1] == (8, 3) and all(b == 8 for b, _ in prefills) and len(prefills) <= 2
+    scheduler.run()
+    for request in short:
+        assert request.token_ids == alone(model, request.prompt_ids, 2)
+
+
+@pytest.mark.parametrize(
+    ("cache_type", "undoes"),
+    [
+        (PagedCache, True),
+        (ContiguousCache, True),
+        (LatentCache, True),
+        (SlidingWindowCache, True),
+        (QuantizedCache, False),  # its error statistics would count the padding
+        (H2OCache, False),  # padded queries would add to the attention mass it evicts by
+        (StreamingLLMCache, True),  # a configuration of the ring
+        (LinearStateCache, False),  # a running sum cannot forget tokens
+    ],
+)
+def test_which_caches_take_padding_back(cache_type, undoes):
+    """Only the caches whose `truncate` leaves what was never written get batched padded
+    prefill; a subclass does not inherit the claim."""
+    assert cache_type.undoes_last_step is undoes
+
+
+def test_slots_taken_outside_the_scheduler_end_requests_with_an_error():
+    """`new_cache(2)` holds two sequences of its own: with both slots in use and nothing
+    running, a request cannot ever start; it ends with an error naming the slots."""
+    model = tiny_model(27)
+    scheduler = Scheduler(model, model.new_cache(2))
+    request = scheduler.add([1, 2, 3], 4)
+    scheduler.run()
+    assert request.finish_reason == "error"
+    assert "all 2 sequence slots are in use" in request.error and request.token_ids == []
 
 
 def test_stop_tokens_finish_a_request_early():

@@ -43,11 +43,18 @@ def _eagerly(method, *args, **kwargs):
 
 
 class CacheFull(RuntimeError):
-    """Not enough cache capacity for the request; nothing was changed."""
+    """Not enough cache capacity for the request; nothing was changed.
 
-    def __init__(self, message: str, *, needed: int = 0, available: int = 0) -> None:
+    `per_sequence`: the limit is each sequence's own (a cache's `max_len`, `available`
+    positions): freeing other sequences makes no room, unlike a pool's blocks or a cache's
+    sequence slots.
+    """
+
+    def __init__(
+        self, message: str, *, needed: int = 0, available: int = 0, per_sequence: bool = False
+    ) -> None:
         super().__init__(message)
-        self.needed, self.available = needed, available
+        self.needed, self.available, self.per_sequence = needed, available, per_sequence
 
 
 @dataclass(frozen=True)
@@ -141,10 +148,15 @@ class KVCache:
     # (`Transformer.forward` splits long prefills on CPU). Each class says so itself (see
     # __init_subclass__): a subclass that evicts or rounds differently must not inherit it.
     exact_in_pieces: bool = False
+    # True where `truncate` can take back any token of the last step, leaving the cache as if
+    # it had never been written: the scheduler then prefills short prompts together in
+    # right-padded rows, and cuts the padding off. Each class says so itself, as above.
+    undoes_last_step: bool = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         cls.exact_in_pieces = cls.__dict__.get("exact_in_pieces", False)
+        cls.undoes_last_step = cls.__dict__.get("undoes_last_step", False)
 
     def __init__(self) -> None:
         self._lengths: dict[int, int] = {}
@@ -159,10 +171,19 @@ class KVCache:
         with already cached blocks; `length(seq)` then says how many tokens were reused.
         """
         seq = self._next_id
+        self._claim(seq)  # CacheFull uses up no id: a LayeredCache's groups stay in step
         self._next_id += 1
-        self._claim(seq)
         self._lengths[seq] = 0
         return seq
+
+    def _withdraw(self, seq: int) -> None:
+        """Free `seq`, the sequence added last, and hand its id out again: what an
+        all-or-nothing add across caches (`LayeredCache`) does with the groups that took a
+        sequence when a later one could not."""
+        if seq != self._next_id - 1:
+            raise RuntimeError(f"sequence {seq} is not the one added last ({self._next_id - 1})")
+        self.free(seq)
+        self._next_id = seq
 
     def reusable_length(self, token_ids) -> int:
         """How many tokens `add_sequence(token_ids)` would start from, changing nothing:

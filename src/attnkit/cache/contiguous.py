@@ -44,6 +44,7 @@ class ContiguousCache(KVCache):
     """
 
     exact_in_pieces = True  # every token's K/V kept as written
+    undoes_last_step = True  # a truncated token is only a length: its slot is rewritten
 
     def __init__(
         self,
@@ -237,6 +238,7 @@ class ContiguousCache(KVCache):
                 f"a sequence needs {needed} positions but max_len is {self.max_len}",
                 needed=needed,
                 available=self.max_len,
+                per_sequence=True,
             )
         capacity = max(needed, 2 * self.capacity)
         for name in ("k", "v"):

@@ -35,6 +35,8 @@ class StreamingLLMCache(SlidingWindowCache):
     `budget + max_new_per_step` tokens per sequence (room for a step's new tokens).
     """
 
+    undoes_last_step = True  # a configuration of the ring, rolled back as it is
+
     def __init__(
         self, n_layers: int, kv_heads: int, head_dim: int, *, budget: int, sinks: int = 4, **kwargs
     ) -> None:

@@ -20,6 +20,8 @@ class LatentCache(ContiguousCache):
     it stores `kv_rank + rope_heads * rope_dim` values (DeepSeek-V2: 512 + 64).
     """
 
+    undoes_last_step = True  # as `ContiguousCache`: a truncated token is only a length
+
     def __init__(
         self,
         n_layers: int,

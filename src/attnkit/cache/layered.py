@@ -45,6 +45,7 @@ class LayeredCache(KVCache):
         self.caches = [cache for _, cache in groups]
         self.wants_queries = any(cache.wants_queries for cache in self.caches)
         self.exact_in_pieces = all(cache.exact_in_pieces for cache in self.caches)
+        self.undoes_last_step = all(cache.undoes_last_step for cache in self.caches)
         limits = [c.max_step_tokens for c in self.caches if c.max_step_tokens is not None]
         self.max_step_tokens = min(limits) if limits else None
         sizes = {getattr(cache, "block_size", None) for cache in self.caches}
@@ -73,10 +74,11 @@ class LayeredCache(KVCache):
                 if cache.add_sequence(prompt) != seq:
                     raise RuntimeError(f"group caches fell out of step at sequence {seq}")
                 added.append(cache)
-        except CacheFull:
+        except CacheFull:  # all or nothing, the id included: the groups stay in step
             for cache in added:
-                cache.free(seq)
+                cache._withdraw(seq)
             del self._lengths[seq]
+            self._next_id = seq
             raise
         reused = {cache.length(seq) for cache in self.caches}
         if len(reused) != 1:  # `reusable_length` and `add_sequence` disagree somewhere

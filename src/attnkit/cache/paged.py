@@ -76,6 +76,7 @@ class PagedCache(KVCache):
     """
 
     exact_in_pieces = True  # every token's K/V kept as written
+    undoes_last_step = True  # its blocks go back to the pool (a window's gap is behind it)
 
     def __init__(
         self,

@@ -43,6 +43,10 @@ class SlidingWindowCache(ContiguousCache):
     int64 table of positions; `nbytes` counts all three and does not depend on length.
     """
 
+    # A step writes at most `max_new_per_step` tokens, so it overwrites only keys older
+    # than the window of its first token: taking any of them back leaves what is needed.
+    undoes_last_step = True
+
     def __init__(
         self,
         n_layers: int,

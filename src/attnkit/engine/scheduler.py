@@ -1,13 +1,14 @@
-"""Continuous batching over a paged KV cache (Orca / vLLM style, small enough to read).
+"""Continuous batching over a KV cache (Orca / vLLM style, small enough to read).
 
 Requests join and leave between steps. Each step first admits waiting requests (FIFO) and
-prefills them, reusing any block-aligned prefix the cache already holds (prompts that fit
-one prefill chunk go together, in right-padded batches of similar length), then decodes one
-token for every running request in a single batched forward. When the cache runs out of
-blocks, the newest running request is preempted: its blocks are freed and it waits to be
-recomputed from its prompt plus what it has generated, so greedy outputs never change.
-A request that could not fit even in an empty cache finishes with an error, as does one
-that grows past the whole cache while running alone.
+prefills them, reusing any block-aligned prefix a paged cache already holds (prompts that
+fit one prefill chunk go together, in right-padded batches of similar length), then decodes
+one token for every running request in a single batched forward. When the cache runs out
+of blocks, the newest running request is preempted: its blocks are freed and it waits to be
+recomputed from its prompt plus what it has generated, so greedy outputs never change; a
+cache out of sequence slots makes waiting requests wait. A request that could not fit even
+in an empty cache finishes with an error, as does one that grows past the whole cache while
+running alone, or past a cache's length limit per sequence (`max_len`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ class Request:
 
 
 class Scheduler:
-    """Run many requests through one model and one PagedCache, batching their decode steps."""
+    """Run many requests through one model and one cache, batching their decode steps.
+
+    Any cache the model takes serves: a `PagedCache` (`model.new_paged_cache`) shares
+    prompt prefixes and holds each request's tokens only; a cache of per-sequence slots
+    (`model.new_cache(0, max_seqs=..)`: contiguous K/V, MLA latents, ring buffers, linear
+    attention's state) takes as many requests at once as it has free slots, the rest wait.
+    """
 
     def __init__(self, model, cache, *, max_batch: int = 32, prefill_chunk: int = 512) -> None:
         check_positive_int("max_batch", max_batch)
@@ -112,7 +119,11 @@ class Scheduler:
                 logits = self._forward(decoding, [[r._next] for r in decoding])
                 break
             except CacheFull as full:
-                if len(self.running) == 1:  # alone in the cache and still out of room:
+                at_limit = self._at_their_limit(decoding, full)
+                if at_limit:  # freeing other requests' room would not help them
+                    for request in at_limit:
+                        self._outgrown(request, full)
+                elif len(self.running) == 1:  # alone in the cache and still out of room:
                     self._outgrown(self.running[0], full)  # it can never grow here
                 else:
                     self._preempt(self.running[-1])  # the newest request gives its blocks back
@@ -130,42 +141,51 @@ class Scheduler:
             if len(group) > 1 and self._prefill_together(group):
                 continue
             request = self.waiting[0]
-            context = request.context
-            seq = self.cache.add_sequence(token_ids=context)
-            reused = self.cache.length(seq)
             try:
-                logits = None
-                for start in range(reused, len(context), self.prefill_chunk):
-                    chunk = context[start : start + self.prefill_chunk]
-                    logits = self._forward([request], [chunk], seq_ids=[seq], last_only=True)
+                seq, reused, logits = self._prefill_alone(request)
             except CacheFull as full:
-                self.cache.free(seq)
-                if not self.running:  # even an otherwise empty cache cannot hold it
-                    self.waiting.popleft()
-                    request.finish_reason, request.error = "error", f"request does not fit: {full}"
-                    continue
-                return  # wait for running requests to finish and free their blocks
+                if self.running and not full.per_sequence:
+                    return  # wait for running requests to finish and give their room back
+                self.waiting.popleft()  # even an otherwise empty cache cannot hold it
+                request.finish_reason, request.error = "error", f"request does not fit: {full}"
+                continue
             self.waiting.popleft()
             request._seq, request.reused_tokens = seq, request.reused_tokens + reused
             self.running.append(request)
             self._choose_next(request, logits[0, -1])
 
+    def _prefill_alone(self, request: Request) -> tuple[int, int, Tensor]:
+        """Add `request`'s sequence and prefill its context in chunks: its sequence id, the
+        tokens reused from the cache, the last logits. On `CacheFull` (no sequence slot, no
+        block, past `max_len`) the cache is left as it was."""
+        context = request.context
+        seq = self.cache.add_sequence(token_ids=context)
+        reused = self.cache.length(seq)
+        try:
+            logits = None
+            for start in range(reused, len(context), self.prefill_chunk):
+                chunk = context[start : start + self.prefill_chunk]
+                logits = self._forward([request], [chunk], seq_ids=[seq], last_only=True)
+        except CacheFull:
+            self.cache.free(seq)
+            raise
+        return seq, reused, logits
+
     def _short_prompts(self) -> list[Request]:
         """The waiting requests at the head of the queue that may join the running batch
-        and whose whole context fits one prefill chunk."""
-        block = getattr(self.cache, "block_size", None)
-        if block is None:  # not a paged cache: padding could not be given back
+        and whose whole context fits one prefill chunk (and one cache step: the padding is
+        taken back from the last step)."""
+        if not getattr(self.cache, "undoes_last_step", False):  # padding could not be cut off
             return []
+        block = getattr(self.cache, "block_size", None)  # paged: prompts may share blocks
+        widest = min(self.prefill_chunk, self.cache.max_step_tokens or self.prefill_chunk)
         group, first_blocks = [], set()
         for request in self.waiting:
             context = request.context
-            if (
-                len(self.running) + len(group) == self.max_batch
-                or len(context) > self.prefill_chunk
-            ):
+            if len(self.running) + len(group) == self.max_batch or len(context) > widest:
                 break
             # a prompt that starts like one in the group waits for its blocks to be indexed
-            first = tuple(context[:block]) if len(context) > block else None
+            first = tuple(context[:block]) if block is not None and len(context) > block else None
             if first in first_blocks:
                 break
             if first is not None:
@@ -175,10 +195,13 @@ class Scheduler:
 
     def _prefill_together(self, group: list[Request]) -> bool:
         """Prefill `group` (the head of the queue) in batched forwards of right-padded rows
-        of similar length, then admit them; False, with the cache as it was, when the pool
-        cannot hold the padded rows (the one-at-a-time path then waits or errors). Needs a
-        paged cache (or a `LayeredCache` of pools of one block size): `block_size`,
-        `truncate` and `num_free_blocks`.
+        of similar length, then admit them (as many as the cache has sequence slots for);
+        False, with the cache as it was, when fewer than two fit or the cache cannot hold
+        the padded rows (the one-at-a-time path then waits or errors); True too where a
+        request of the group can never fit (past a limit per sequence) and was ended.
+        Needs a cache whose `truncate` takes back the padding (`undoes_last_step`); a paged
+        one (or a `LayeredCache` of pools of one block size) is checked for blocks up front
+        (`block_size`, `num_free_blocks`).
 
         One forward of many short prompts runs its matmuls at a far better rate than one per
         prompt (20-200 tokens each). Causal attention keeps the padding after a row's last
@@ -187,15 +210,22 @@ class Scheduler:
         seqs, rows = [], []
         for request in group:
             context = request.context
-            seq = self.cache.add_sequence(token_ids=context)
+            try:
+                seq = self.cache.add_sequence(token_ids=context)
+            except CacheFull:  # no sequence slot left: the rest of the group waits
+                break
             seqs.append(seq)
             rows.append(context[self.cache.length(seq) :])
+        group = group[: len(seqs)]
         batches = _similar_lengths(rows, self.prefill_chunk)
         logits: list[Tensor | None] = [None] * len(group)
         try:
-            needed, free = self._blocks_for_padded(seqs, rows, batches), self.cache.num_free_blocks
-            if needed > free:  # checked up front: no forward is run to be thrown away
-                raise CacheFull("the padded rows do not fit", needed=needed, available=free)
+            if len(group) < 2:
+                raise CacheFull("fewer than two sequence slots are free", needed=2)
+            if getattr(self.cache, "block_size", None) is not None:  # checked up front: no
+                needed = self._blocks_for_padded(seqs, rows, batches)  # forward thrown away
+                if needed > (free := self.cache.num_free_blocks):
+                    raise CacheFull("the padded rows do not fit", needed=needed, available=free)
             for batch in batches:
                 width = max(len(rows[i]) for i in batch)
                 padded = [rows[i] + [rows[i][-1]] * (width - len(rows[i])) for i in batch]
@@ -211,7 +241,7 @@ class Scheduler:
             for seq in seqs:
                 self.cache.free(seq)
             if isinstance(error, CacheFull):
-                return False
+                return self._refuse_too_long(group, error)
             raise
         for request, seq, row, new in zip(group, seqs, logits, rows, strict=True):
             self.waiting.popleft()
@@ -238,12 +268,14 @@ class Scheduler:
         return self.model(ids, cache=self.cache, seq_ids=seq_ids, last_only=last_only)
 
     def _choose_next(self, request: Request, logits_row) -> None:
-        """Sample the next token, or finish the request (stop token / length)."""
-        if len(request.token_ids) >= request.max_new_tokens:
-            return self._finish(request, "length")
+        """Sample the next token: it finishes the request (a stop token; the last token
+        wanted, kept without a forward of its own) or is fed at the next step."""
         token = int(next_tokens(logits_row.unsqueeze(0), request.sampling, request._generator))
         if token in request.stop_token_ids:
             return self._finish(request, "stop_token")
+        if len(request.token_ids) + 1 >= request.max_new_tokens:
+            request.token_ids.append(token)
+            return self._finish(request, "length")
         request._next = token
         return None
 
@@ -252,13 +284,33 @@ class Scheduler:
         self.cache.free(request._seq)
         self.running.remove(request)
 
+    def _at_their_limit(self, decoding: list[Request], full: CacheFull) -> list[Request]:
+        """The requests a step could not grow because each reached the cache's limit per
+        sequence (`max_len`); none where the limit is shared (blocks, slots)."""
+        if not full.per_sequence:
+            return []
+        return [r for r in decoding if self.cache.length(r._seq) + 1 > full.available]
+
+    def _refuse_too_long(self, group: list[Request], full: CacheFull) -> bool:
+        """After a batched prefill of `group` failed on `full`: end the requests whose
+        context is past a limit per sequence (no wait gives them room), so that the others
+        go on together; whether there were any."""
+        if not full.per_sequence:
+            return False
+        too_long = [r for r in group if len(r.context) > full.available]
+        for request in too_long:
+            self.waiting.remove(request)
+            request.finish_reason, request.error = "error", f"request does not fit: {full}"
+        return bool(too_long)
+
     def _outgrown(self, request: Request, full: CacheFull) -> None:
-        """`request` needs more blocks than the whole cache has: it ends with an error,
-        keeping what it generated (preempted and recomputed, it would fail again, forever)."""
+        """`request` needs more room than the whole cache has (or than it gives one
+        sequence): it ends with an error, keeping what it generated, the token it sampled
+        last included (preempted and recomputed, it would fail again, forever)."""
+        request.token_ids.append(request._next)  # sampled from a whole context: it stands
         self._finish(request, "error")
-        request.error = (
-            f"request outgrew the whole cache after {len(request.token_ids)} new tokens: {full}"
-        )
+        where = "its cache's room for one sequence" if full.per_sequence else "the whole cache"
+        request.error = f"request outgrew {where} after {len(request.token_ids)} new tokens: {full}"
 
     def _preempt(self, request: Request) -> None:
         self.cache.free(request._seq)
