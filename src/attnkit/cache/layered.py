@@ -67,7 +67,7 @@ class LayeredCache(KVCache):
     # -- sequences: every group holds the same ids, created and ended together ------------
     def add_sequence(self, token_ids=None) -> int:
         prompt = self._common_prefix_prompt(token_ids)
-        seq = super().add_sequence()
+        seq = self._next_id  # every group hands this id out next; taken once they all have
         added: list[KVCache] = []
         try:
             for cache in self.caches:
@@ -77,9 +77,8 @@ class LayeredCache(KVCache):
         except CacheFull:  # all or nothing, the id included: the groups stay in step
             for cache in added:
                 cache._withdraw(seq)
-            del self._lengths[seq]
-            self._next_id = seq
             raise
+        super().add_sequence()  # takes `seq`
         reused = {cache.length(seq) for cache in self.caches}
         if len(reused) != 1:  # `reusable_length` and `add_sequence` disagree somewhere
             raise RuntimeError(f"groups reused {sorted(reused)} tokens of sequence {seq}")

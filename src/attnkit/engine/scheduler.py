@@ -146,8 +146,7 @@ class Scheduler:
             except CacheFull as full:
                 if self.running and not full.per_sequence:
                     return  # wait for running requests to finish and give their room back
-                self.waiting.popleft()  # even an otherwise empty cache cannot hold it
-                request.finish_reason, request.error = "error", f"request does not fit: {full}"
+                self._refuse(request, full)  # even an otherwise empty cache cannot hold it
                 continue
             self.waiting.popleft()
             request._seq, request.reused_tokens = seq, request.reused_tokens + reused
@@ -299,9 +298,13 @@ class Scheduler:
             return False
         too_long = [r for r in group if len(r.context) > full.available]
         for request in too_long:
-            self.waiting.remove(request)
-            request.finish_reason, request.error = "error", f"request does not fit: {full}"
+            self._refuse(request, full)
         return bool(too_long)
+
+    def _refuse(self, request: Request, full: CacheFull) -> None:
+        """End waiting `request` with an error: the cache can never hold it."""
+        self.waiting.remove(request)
+        request.finish_reason, request.error = "error", f"request does not fit: {full}"
 
     def _outgrown(self, request: Request, full: CacheFull) -> None:
         """`request` needs more room than the whole cache has (or than it gives one
